@@ -1,0 +1,1 @@
+"""tasklane's domain: entities, value objects, repository interfaces and errors (stdlib only)."""

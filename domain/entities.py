@@ -1,0 +1,226 @@
+"""Domain entities: plain dataclasses with behaviour. No database, no framework.
+
+Every status change goes through `Task._move_to`, which consults the one transition table in
+`TaskStatus`. Timestamps are passed in (`at=`): the database clock is the only clock tasklane
+trusts, so callers hand the entity the time they got from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+from domain.exceptions import AttemptsExhaustedError, InvalidInputError, InvalidTransitionError
+from domain.payload import JsonValue
+from domain.value_objects import AttemptOutcome, TaskStatus
+
+DEFAULT_QUEUE = "tasklane"
+
+
+@dataclass(slots=True)
+class Task:
+    conversation_id: UUID
+    agent_id: str
+    input: JsonValue = field(default_factory=dict)
+    id: UUID = field(default_factory=uuid4)
+    parent_task_id: UUID | None = None
+    status: TaskStatus = TaskStatus.PENDING
+    output: JsonValue = None
+    error: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 0
+    max_attempts: int | None = None
+    run_after: datetime | None = None
+    worker_id: str | None = None
+    lease_expires_at: datetime | None = None
+    idempotency_key: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    updated_at: datetime | None = None
+    # Lifecycle bookkeeping beyond the seed's fields:
+    queue: str = DEFAULT_QUEUE
+    runs: int = 0  # handler runs ever started; the current run's number is its fencing token
+    step: int = 0  # how many times the task resumed after waiting for subtasks
+    version: int = 1  # bumped by every write; optimistic concurrency for `update`
+
+    def __post_init__(self) -> None:
+        if not self.agent_id or not self.agent_id.strip():
+            raise InvalidInputError("agent_id must be a non-empty string")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise InvalidInputError(f"max_attempts must be at least 1, got {self.max_attempts}")
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def attempts_left(self) -> bool:
+        return self.max_attempts is None or self.attempts < self.max_attempts
+
+    # -- behaviour -------------------------------------------------------------------------------
+
+    def start(self, *, worker_id: str, lease_expires_at: datetime, at: datetime) -> None:
+        """A worker claimed the task: one more attempt, a new run (fencing token) and a lease."""
+        if not self.attempts_left:
+            assert self.max_attempts is not None
+            raise AttemptsExhaustedError(self.id, self.attempts, self.max_attempts)
+        self._move_to(TaskStatus.RUNNING, at)
+        self.attempts += 1
+        self.runs += 1
+        self.worker_id = worker_id
+        self.lease_expires_at = lease_expires_at
+        self.started_at = at
+
+    def complete(self, output: JsonValue, *, at: datetime) -> None:
+        self._move_to(TaskStatus.COMPLETED, at)
+        self.output = output
+        self.error = None
+        self._finish(at)
+
+    def fail(self, error: str, *, at: datetime) -> None:
+        self._move_to(TaskStatus.FAILED, at)
+        self.error = error
+        self._finish(at)
+
+    def wait(self, *, at: datetime) -> None:
+        """The handler spawned subtasks and waits for all of them to finish."""
+        self._move_to(TaskStatus.WAITING, at)
+        self.lease_expires_at = None
+
+    def resume(self, *, at: datetime) -> None:
+        """All subtasks finished: the handler runs again for its next step, with fresh attempts."""
+        self._require(TaskStatus.WAITING, TaskStatus.PENDING, "only a waiting task resumes")
+        self._move_to(TaskStatus.PENDING, at)
+        self.attempts = 0
+        self.step += 1
+        self.run_after = at
+
+    def cancel(self, *, at: datetime) -> None:
+        self._move_to(TaskStatus.CANCELLED, at)
+        self._finish(at)
+
+    def retry(self, *, at: datetime, run_after: datetime | None = None) -> None:
+        """Run again: a handler's retry (from running) or an operator's retry (from failed).
+
+        An operator's retry starts the current step over with fresh attempts; a handler's retry
+        keeps the attempts it has used.
+        """
+        operator_retry = self.status is TaskStatus.FAILED
+        self._move_to(TaskStatus.PENDING, at)
+        if operator_retry:
+            self.attempts = 0
+            self.error = None
+            self.completed_at = None
+        self.run_after = run_after or at
+        self.lease_expires_at = None
+
+    def release(self, *, at: datetime) -> None:
+        """Graceful shutdown handed the task back: its attempt is given back."""
+        self._require(TaskStatus.RUNNING, TaskStatus.PENDING, "only a running task is released")
+        self._move_to(TaskStatus.PENDING, at)
+        self.attempts = max(0, self.attempts - 1)
+        self.run_after = at
+        self.lease_expires_at = None
+
+    def expire_lease(self, *, at: datetime) -> None:
+        """The lease ran out (worker killed, loop blocked): retry, or fail if attempts are spent."""
+        if self.attempts_left:
+            self.retry(at=at)
+        else:
+            self.fail(f"lease expired after {self.attempts} attempt(s); attempts exhausted", at=at)
+
+    def _require(self, expected: TaskStatus, target: TaskStatus, reason: str) -> None:
+        if self.status is not expected:
+            raise InvalidTransitionError(self.status.value, target.value, self.id, reason)
+
+    def _move_to(self, target: TaskStatus, at: datetime) -> None:
+        self.status.check_transition(target, self.id)
+        self.status = target
+        self.updated_at = at
+
+    def _finish(self, at: datetime) -> None:
+        self.completed_at = at
+        self.lease_expires_at = None
+
+
+@dataclass(slots=True)
+class Conversation:
+    user_id: str
+    title: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    id: UUID = field(default_factory=uuid4)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not self.user_id or not self.user_id.strip():
+            raise InvalidInputError("user_id must be a non-empty string")
+
+
+@dataclass(slots=True)
+class ConversationWithTasks:
+    conversation: Conversation
+    tasks: list[Task]
+
+
+@dataclass(slots=True)
+class Agent:
+    id: str
+    description: str | None = None
+    max_attempts: int | None = None  # the decorator's default, used when a task sets none
+    timeout_seconds: float | None = None
+    last_seen_at: datetime | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not self.id or not self.id.strip():
+            raise InvalidInputError("agent id must be a non-empty string")
+
+
+@dataclass(slots=True, frozen=True)
+class TaskAttempt:
+    """One handler run of a task, as an operator reads it in the history."""
+
+    task_id: UUID
+    run: int
+    attempt: int
+    worker_id: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: AttemptOutcome | None
+    error: str | None
+
+
+@dataclass(slots=True, frozen=True)
+class WorkerInfo:
+    """A registered worker process (the `workers` table)."""
+
+    id: str
+    hostname: str
+    pid: int
+    queue: str
+    agents: tuple[str, ...]
+    started_at: datetime
+    last_seen_at: datetime
+
+
+@dataclass(slots=True, frozen=True)
+class Doorbell:
+    """A request to run a pending task: what the arq job carries is only the task id.
+
+    Its job id names the run it is for, so a doorbell re-sent while the first is still queued is
+    absorbed by Redis, while the doorbell for a later run (after a retry or a resume) is not.
+    """
+
+    task_id: UUID
+    runs: int  # runs the task has had so far; this doorbell is for run `runs + 1`
+
+    @property
+    def job_id(self) -> str:
+        return f"{self.task_id}:{self.runs + 1}"

@@ -1,0 +1,49 @@
+"""JSON payloads (task input, output and metadata) and the rules PostgreSQL's jsonb imposes.
+
+Checked before anything is written so that a bad payload gets a clear error naming what is wrong
+instead of a driver error from deep inside asyncpg.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from domain.exceptions import InvalidInputError
+
+# A JSON value as Python holds it: dict, list, str, int, float, bool or None.
+JsonValue = Any
+
+DEFAULT_MAX_INPUT_BYTES = 256 * 1024
+
+# jsonb cannot hold U+0000. In the JSON text it appears as \u0000 preceded by an even number of
+# backslashes (an odd number means the backslash itself was escaped: the literal text "\u0000").
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def encode_json(value: JsonValue, *, what: str, max_bytes: int | None = None) -> str:
+    """Serialise `value` to the JSON text stored in a jsonb column, or raise InvalidInputError."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except RecursionError:
+        raise InvalidInputError(f"{what} is nested too deeply to be stored as JSON") from None
+    except ValueError as exc:  # NaN / Infinity
+        raise InvalidInputError(f"{what} is not valid JSON: {exc}") from None
+    except TypeError as exc:
+        raise InvalidInputError(f"{what} is not JSON-serialisable: {exc}") from None
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError(
+            f"{what} contains a string that is not valid Unicode (a lone surrogate)"
+        ) from None
+    if _NUL_ESCAPE.search(text):
+        raise InvalidInputError(f"{what} contains a NUL character (\\u0000), which jsonb rejects")
+    if max_bytes is not None and size > max_bytes:
+        raise InvalidInputError(f"{what} is {size} bytes, over the limit of {max_bytes} bytes")
+    return text
+
+
+def decode_json(text: str | None) -> JsonValue:
+    return None if text is None else json.loads(text)

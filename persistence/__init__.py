@@ -1,0 +1,1 @@
+"""tasklane's persistence: ORM models, repositories, unit of work and lifecycle statements."""

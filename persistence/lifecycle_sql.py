@@ -1,0 +1,406 @@
+"""The lifecycle as SQL: every step one guarded statement.
+
+Each status change here is generated from the transition table in `TaskStatus`: the `WHERE status
+IN (…)` guard of a statement moving tasks to X is `TaskStatus.sources_of(X)` (narrowed where the
+step itself needs a narrower source, e.g. a claim only takes pending tasks). Run-scoped writes
+(heartbeat, finish) are fenced by `runs = :run`: a run that lost its claim changes nothing.
+
+All times come from the database clock (`now()`). `make_interval(secs => …)` turns seconds from
+Python into intervals.
+"""
+
+from __future__ import annotations
+
+from domain.value_objects import (
+    FINISHED_STATUSES,
+    UNFINISHED_STATUSES,
+    AttemptOutcome,
+    TaskStatus,
+)
+from persistence.sql import Sql
+
+
+def _statuses(statuses: frozenset[TaskStatus] | tuple[TaskStatus, ...]) -> str:
+    ordered = [s for s in TaskStatus if s in statuses]
+    return "(" + ", ".join(f"'{s.value}'" for s in ordered) + ")"
+
+
+def _guard(target: TaskStatus, *, only: TaskStatus | None = None) -> str:
+    """`IN (…)` of the statuses allowed to move to `target` (optionally narrowed to `only`)."""
+    sources = TaskStatus.sources_of(target)
+    if only is not None:
+        if only not in sources:
+            raise AssertionError(f"{only} → {target} is not in the transition table")
+        sources = (only,)
+    return _statuses(sources)
+
+
+PENDING, RUNNING, WAITING = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.WAITING
+COMPLETED, FAILED, CANCELLED = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
+UNFINISHED = _statuses(UNFINISHED_STATUSES)
+FINISHED = _statuses(FINISHED_STATUSES)
+
+# A task's max_attempts: its own, else its agent's registered default, else the worker's default.
+_MAX_ATTEMPTS = (
+    "COALESCE(t.max_attempts, (SELECT a.max_attempts FROM agents AS a WHERE a.id = t.agent_id),"
+    " :default_max_attempts)"
+)
+
+# Exponential backoff with ±25 % jitter, evaluated in the database for set-based rescues.
+_BACKOFF_SECONDS = (
+    "LEAST(CAST(:retry_max_seconds AS float8),"
+    " CAST(:retry_base_seconds AS float8) * power(2, GREATEST(t.attempts - 1, 0)))"
+    " * (0.75 + random() * 0.5)"
+)
+
+TASK_COLUMNS = (
+    "id, conversation_id, parent_task_id, agent_id, queue, status, input, output, error,"
+    " metadata, attempts, max_attempts, run_after, worker_id, lease_expires_at,"
+    " idempotency_key, runs, step, version, created_at, started_at, completed_at, updated_at"
+)
+
+# --- insert ------------------------------------------------------------------------------------
+
+_INSERT_HEAD = """
+INSERT INTO tasks (id, conversation_id, parent_task_id, agent_id, queue, input, metadata,
+                   max_attempts, run_after, idempotency_key, dispatch_after)
+SELECT u.id, u.conversation_id, u.parent_task_id, u.agent_id, u.queue,
+       CAST(u.input AS jsonb), CAST(u.metadata AS jsonb), u.max_attempts,
+       COALESCE(u.run_after, now()), u.idempotency_key,
+       now() + make_interval(secs => u.dispatch_delay)
+FROM unnest(CAST(:ids AS uuid[]), CAST(:conversation_ids AS uuid[]),
+            CAST(:parent_ids AS uuid[]), CAST(:agent_ids AS text[]), CAST(:queues AS text[]),
+            CAST(:inputs AS text[]), CAST(:metadatas AS text[]), CAST(:max_attempts AS int[]),
+            CAST(:run_afters AS timestamptz[]), CAST(:idempotency_keys AS text[]),
+            CAST(:dispatch_delays AS float8[]))
+     AS u(id, conversation_id, parent_task_id, agent_id, queue, input, metadata, max_attempts,
+          run_after, idempotency_key, dispatch_delay)
+"""
+INSERT_TASKS = Sql(_INSERT_HEAD + f"RETURNING {TASK_COLUMNS}")
+# Producers' idempotent variant: a taken key inserts nothing; the caller reads the existing row.
+INSERT_TASKS_SKIP_TAKEN_KEYS = Sql(
+    _INSERT_HEAD + f"ON CONFLICT (idempotency_key) DO NOTHING RETURNING {TASK_COLUMNS}"
+)
+
+# --- claim -------------------------------------------------------------------------------------
+
+# Locks are taken in id order so that two workers claiming overlapping batches cannot deadlock.
+CLAIM = Sql(f"""
+WITH candidates AS (
+    SELECT t.id FROM tasks AS t
+    WHERE t.id = ANY(CAST(:ids AS uuid[]))
+      AND t.status IN {_guard(RUNNING, only=PENDING)}
+      AND t.run_after <= now()
+    ORDER BY t.id
+    FOR UPDATE
+), claimed AS (
+    UPDATE tasks AS t
+    SET status = '{RUNNING}',
+        attempts = t.attempts + 1,
+        runs = t.runs + 1,
+        max_attempts = {_MAX_ATTEMPTS},
+        worker_id = :worker_id,
+        started_at = now(),
+        lease_expires_at = now() + make_interval(secs => :lease_seconds),
+        version = t.version + 1,
+        updated_at = now()
+    FROM candidates AS c
+    WHERE t.id = c.id
+      AND t.status IN {_guard(RUNNING, only=PENDING)}
+      AND t.attempts < {_MAX_ATTEMPTS}
+    RETURNING t.*
+), history AS (
+    INSERT INTO task_attempts (task_id, run, attempt, worker_id, started_at)
+    SELECT id, runs, attempts, worker_id, started_at FROM claimed
+)
+SELECT {TASK_COLUMNS} FROM claimed
+""")
+
+# Why a doorbell claimed nothing: read once, only on a miss, for the log line.
+EXPLAIN_MISS = Sql("""
+SELECT status, runs, attempts, max_attempts,
+       EXTRACT(EPOCH FROM run_after - now()) AS due_in_seconds
+FROM tasks WHERE id = :id
+""")
+
+# --- heartbeat ---------------------------------------------------------------------------------
+
+# Rows another transaction holds (a cancel, a rescue) are skipped rather than waited for: the
+# lease has two more heartbeats of slack, and waiting in arbitrary order could deadlock.
+HEARTBEAT = Sql(f"""
+WITH held AS (
+    SELECT h.id, h.run FROM unnest(CAST(:ids AS uuid[]), CAST(:runs AS int[])) AS h(id, run)
+), mine AS (
+    SELECT t.id FROM tasks AS t JOIN held AS h ON t.id = h.id AND t.runs = h.run
+    WHERE t.status = '{RUNNING}'
+    ORDER BY t.id
+    FOR UPDATE OF t SKIP LOCKED
+), extended AS (
+    UPDATE tasks AS t SET lease_expires_at = now() + make_interval(secs => :lease_seconds)
+    FROM mine WHERE t.id = mine.id
+    RETURNING t.id
+)
+SELECT h.id,
+       EXISTS (SELECT 1 FROM tasks AS t
+               WHERE t.id = h.id AND t.runs = h.run AND t.status = '{RUNNING}') AS ours
+FROM held AS h
+""")
+
+# --- finish (fenced by the run number) ---------------------------------------------------------
+
+# Roots complete in batches; this also serves one child inside its parent-locked transaction.
+COMPLETE = Sql(f"""
+WITH done AS (
+    UPDATE tasks AS t
+    SET status = '{COMPLETED}', output = CAST(f.output AS jsonb), error = NULL,
+        completed_at = now(), lease_expires_at = NULL,
+        version = t.version + 1, updated_at = now()
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:runs AS int[]), CAST(:outputs AS text[]))
+         AS f(id, run, output)
+    WHERE t.id = f.id AND t.runs = f.run AND t.status IN {_guard(COMPLETED)}
+    RETURNING t.id, t.runs, t.parent_task_id
+), history AS (
+    UPDATE task_attempts AS a SET finished_at = now(), outcome = '{AttemptOutcome.COMPLETED}'
+    FROM done WHERE a.task_id = done.id AND a.run = done.runs
+)
+SELECT id, parent_task_id FROM done
+""")
+
+FAIL = Sql(f"""
+WITH done AS (
+    UPDATE tasks AS t
+    SET status = '{FAILED}', error = :error, completed_at = now(), lease_expires_at = NULL,
+        version = t.version + 1, updated_at = now()
+    WHERE t.id = :id AND t.runs = :run AND t.status IN {_guard(FAILED)}
+    RETURNING t.id, t.runs, t.parent_task_id
+), history AS (
+    UPDATE task_attempts AS a
+    SET finished_at = now(), outcome = '{AttemptOutcome.FAILED}', error = :error
+    FROM done WHERE a.task_id = done.id AND a.run = done.runs
+)
+SELECT id, parent_task_id FROM done
+""")
+
+# The reconciler sends the doorbell once the backoff has passed (dispatch_after = run_after).
+RETRY_LATER = Sql(f"""
+WITH done AS (
+    UPDATE tasks AS t
+    SET status = '{PENDING}', error = :error,
+        run_after = now() + make_interval(secs => :delay_seconds),
+        dispatch_after = now(),
+        lease_expires_at = NULL, version = t.version + 1, updated_at = now()
+    WHERE t.id = :id AND t.runs = :run AND t.status IN {_guard(PENDING, only=RUNNING)}
+      AND t.attempts < COALESCE(t.max_attempts, t.attempts + 1)
+    RETURNING t.id, t.runs
+), history AS (
+    UPDATE task_attempts AS a
+    SET finished_at = now(), outcome = '{AttemptOutcome.RETRY}', error = :error
+    FROM done WHERE a.task_id = done.id AND a.run = done.runs
+)
+SELECT id, runs FROM done
+""")
+
+# Graceful shutdown: back to pending, the attempt given back, due at once.
+RELEASE = Sql(f"""
+WITH done AS (
+    UPDATE tasks AS t
+    SET status = '{PENDING}', attempts = GREATEST(t.attempts - 1, 0), run_after = now(),
+        dispatch_after = now(), lease_expires_at = NULL,
+        version = t.version + 1, updated_at = now()
+    WHERE t.id = :id AND t.runs = :run AND t.status IN {_guard(PENDING, only=RUNNING)}
+    RETURNING t.id, t.runs
+), history AS (
+    UPDATE task_attempts AS a SET finished_at = now(), outcome = '{AttemptOutcome.RELEASED}'
+    FROM done WHERE a.task_id = done.id AND a.run = done.runs
+)
+SELECT id, runs FROM done
+""")
+
+WAIT = Sql(f"""
+WITH done AS (
+    UPDATE tasks AS t
+    SET status = '{WAITING}', lease_expires_at = NULL, version = t.version + 1, updated_at = now()
+    WHERE t.id = :id AND t.runs = :run AND t.status IN {_guard(WAITING)}
+    RETURNING t.id, t.runs, t.conversation_id, t.queue
+), history AS (
+    UPDATE task_attempts AS a SET finished_at = now(), outcome = '{AttemptOutcome.WAITING}'
+    FROM done WHERE a.task_id = done.id AND a.run = done.runs
+)
+SELECT id, runs, conversation_id, queue FROM done
+""")
+
+# --- subtasks ----------------------------------------------------------------------------------
+
+# Taken before any child of this parent changes to a final state: parent first, then the child.
+LOCK_TASK = Sql("SELECT id, status, parent_task_id FROM tasks WHERE id = :id FOR UPDATE")
+
+# Resume a waiting parent whose children have all finished. Run after the child's change, in the
+# same transaction that holds the parent's lock, so siblings finishing at once serialise here and
+# exactly one of them sees "no unfinished child left".
+RESUME_IF_DONE = Sql(f"""
+UPDATE tasks AS p
+SET status = '{PENDING}', attempts = 0, step = p.step + 1, run_after = now(),
+    dispatch_after = now() + make_interval(secs => :dispatch_delay),
+    version = p.version + 1, updated_at = now()
+WHERE p.id = :id AND p.status IN {_guard(PENDING, only=WAITING)}
+  AND NOT EXISTS (SELECT 1 FROM tasks AS c
+                  WHERE c.parent_task_id = p.id AND c.status IN {UNFINISHED})
+RETURNING p.id, p.runs
+""")
+
+# Safety net for the reconciler: waiting parents whose children all finished but which nobody
+# resumed (children changed by hand in SQL, a crash between two transactions).
+STRANDED_WAITING = Sql(f"""
+SELECT p.id FROM tasks AS p
+WHERE p.status = '{WAITING}'
+  AND p.updated_at < now() - make_interval(secs => :min_age_seconds)
+  AND NOT EXISTS (SELECT 1 FROM tasks AS c
+                  WHERE c.parent_task_id = p.id AND c.status IN {UNFINISHED})
+ORDER BY p.updated_at
+LIMIT :limit
+""")
+
+CHILDREN = Sql(f"""
+SELECT {TASK_COLUMNS} FROM tasks WHERE parent_task_id = :id ORDER BY created_at, id
+""")
+
+PARENT_OF = Sql("SELECT id, parent_task_id FROM tasks WHERE id = :id")
+
+# --- cancel ------------------------------------------------------------------------------------
+
+# The task and its descendants, locked ancestors first (depth, then id): the same order every
+# other parent-then-child transaction uses. CYCLE guards against parent loops made by hand.
+LOCK_SUBTREE = Sql("""
+WITH RECURSIVE tree(id, depth) AS (
+    SELECT id, 0 FROM tasks WHERE id = :id
+    UNION ALL
+    SELECT c.id, tree.depth + 1 FROM tasks AS c JOIN tree ON c.parent_task_id = tree.id
+) CYCLE id SET is_cycle USING path
+SELECT t.id, t.status FROM tasks AS t JOIN tree ON t.id = tree.id
+WHERE NOT tree.is_cycle
+ORDER BY tree.depth, t.id
+FOR UPDATE OF t
+""")
+
+CANCEL_MANY = Sql(f"""
+WITH done AS (
+    UPDATE tasks AS t
+    SET status = '{CANCELLED}', completed_at = now(), lease_expires_at = NULL,
+        error = COALESCE(t.error,
+                         CASE WHEN t.id = CAST(:root_id AS uuid) THEN 'cancelled'
+                              ELSE 'cancelled with ancestor '
+                                   || CAST(CAST(:root_id AS uuid) AS text) END),
+        version = t.version + 1, updated_at = now()
+    WHERE t.id = ANY(CAST(:ids AS uuid[])) AND t.status IN {_guard(CANCELLED)}
+    RETURNING t.id, t.runs
+), history AS (
+    UPDATE task_attempts AS a SET finished_at = now(), outcome = '{AttemptOutcome.CANCELLED}'
+    FROM done WHERE a.task_id = done.id AND a.run = done.runs AND a.outcome IS NULL
+)
+SELECT id FROM done
+""")
+
+# --- operator retry ----------------------------------------------------------------------------
+
+OPERATOR_RETRY = Sql(f"""
+UPDATE tasks AS t
+SET status = '{PENDING}', attempts = 0, error = NULL, output = NULL, completed_at = NULL,
+    run_after = now(), dispatch_after = now() + make_interval(secs => :dispatch_delay),
+    version = t.version + 1, updated_at = now()
+WHERE t.id = :id AND t.status IN {_guard(PENDING, only=FAILED)}
+RETURNING {TASK_COLUMNS}
+""")
+
+# --- reconciler: rescue and dispatch -----------------------------------------------------------
+
+_HAS_ATTEMPTS_LEFT = "t.attempts < COALESCE(t.max_attempts, t.attempts + 1)"
+_RESCUED_STATUS = f"CASE WHEN {_HAS_ATTEMPTS_LEFT} THEN '{PENDING}' ELSE '{FAILED}' END"
+_LEASE_ERROR = "'lease expired on worker ' || COALESCE(t.worker_id, '?')"
+
+# Running tasks whose lease ran out go back to pending (after a backoff) or, with their attempts
+# spent, to failed. Root tasks in one statement; children one by one, under their parent's lock.
+RESCUE_ROOTS = Sql(f"""
+WITH expired AS (
+    SELECT t.id FROM tasks AS t
+    WHERE t.status = '{RUNNING}' AND t.lease_expires_at < now() AND t.parent_task_id IS NULL
+    ORDER BY t.lease_expires_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+), rescued AS (
+    UPDATE tasks AS t
+    SET status = {_RESCUED_STATUS},
+        error = {_LEASE_ERROR},
+        run_after = now() + make_interval(secs => {_BACKOFF_SECONDS}),
+        dispatch_after = now(),
+        completed_at = CASE WHEN {_HAS_ATTEMPTS_LEFT} THEN NULL ELSE now() END,
+        lease_expires_at = NULL, version = t.version + 1, updated_at = now()
+    FROM expired WHERE t.id = expired.id
+    RETURNING t.id, t.runs, t.status, t.worker_id
+), history AS (
+    UPDATE task_attempts AS a
+    SET finished_at = now(), outcome = '{AttemptOutcome.LOST}',
+        error = 'lease expired on worker ' || COALESCE(r.worker_id, '?')
+    FROM rescued AS r WHERE a.task_id = r.id AND a.run = r.runs AND a.outcome IS NULL
+)
+SELECT id, runs, status FROM rescued
+""")
+
+EXPIRED_CHILDREN = Sql(f"""
+SELECT id, runs, parent_task_id FROM tasks
+WHERE status = '{RUNNING}' AND lease_expires_at < now() AND parent_task_id IS NOT NULL
+ORDER BY lease_expires_at
+LIMIT :limit
+""")
+
+RESCUE_ONE = Sql(f"""
+WITH rescued AS (
+    UPDATE tasks AS t
+    SET status = {_RESCUED_STATUS},
+        error = {_LEASE_ERROR},
+        run_after = now() + make_interval(secs => {_BACKOFF_SECONDS}),
+        dispatch_after = now(),
+        completed_at = CASE WHEN {_HAS_ATTEMPTS_LEFT} THEN NULL ELSE now() END,
+        lease_expires_at = NULL, version = t.version + 1, updated_at = now()
+    WHERE t.id = :id AND t.runs = :run AND t.status = '{RUNNING}' AND t.lease_expires_at < now()
+    RETURNING t.id, t.runs, t.status, t.worker_id
+), history AS (
+    UPDATE task_attempts AS a
+    SET finished_at = now(), outcome = '{AttemptOutcome.LOST}',
+        error = 'lease expired on worker ' || COALESCE(r.worker_id, '?')
+    FROM rescued AS r WHERE a.task_id = r.id AND a.run = r.runs AND a.outcome IS NULL
+)
+SELECT id, runs, status FROM rescued
+""")
+
+# Due pending tasks of a queue that have no live doorbell: never dispatched (plain SQL insert),
+# dispatched too long ago (Redis lost it, a producer died after commit) or waiting out a backoff.
+DISPATCH_DUE = Sql(f"""
+WITH due AS (
+    SELECT t.id FROM tasks AS t
+    WHERE t.status = '{PENDING}' AND t.queue = :queue
+      AND greatest(t.run_after, t.dispatch_after) <= now()
+    ORDER BY greatest(t.run_after, t.dispatch_after)
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks AS t SET dispatch_after = now() + make_interval(secs => :redispatch_seconds)
+FROM due WHERE t.id = due.id
+RETURNING t.id, t.runs
+""")
+
+# --- workers -----------------------------------------------------------------------------------
+
+TOUCH_WORKER = Sql("""
+INSERT INTO workers (id, hostname, pid, queue, agents, started_at, last_seen_at)
+VALUES (:id, :hostname, :pid, :queue, CAST(:agents AS text[]), now(), now())
+ON CONFLICT (id) DO UPDATE SET last_seen_at = now()
+""")
+
+FORGET_WORKER = Sql("DELETE FROM workers WHERE id = :id")
+
+# Rows of workers not seen for a day are history nobody reads.
+FORGET_OLD_WORKERS = Sql(
+    "DELETE FROM workers WHERE last_seen_at < now() - make_interval(days => 1)"
+)
+
+DATABASE_NOW = Sql("SELECT now() AS now")

@@ -1,0 +1,17 @@
+"""ORM models. Importing this package registers every table on `Base.metadata`."""
+
+from persistence.models.agent_model import AgentModel
+from persistence.models.base import Base
+from persistence.models.conversation_model import ConversationModel
+from persistence.models.task_attempt_model import TaskAttemptModel
+from persistence.models.task_model import TaskModel
+from persistence.models.worker_model import WorkerModel
+
+__all__ = [
+    "AgentModel",
+    "Base",
+    "ConversationModel",
+    "TaskAttemptModel",
+    "TaskModel",
+    "WorkerModel",
+]

@@ -1,0 +1,136 @@
+"""Engine, session factory and the unit of work.
+
+Transactions belong to the caller: repositories flush, the unit of work commits. Leaving
+`async with uow:` without `await uow.commit()` rolls back. Work that must only happen once the
+data is durable (sending doorbells to Redis) is registered with `uow.after_commit(...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from persistence.repository_factory import RepositoryFactory
+
+log = logging.getLogger(__name__)
+
+AfterCommit = Callable[[], Awaitable[Any]]
+
+
+def database_url(url: str | URL, *, driver: str = "postgresql+asyncpg") -> URL:
+    """Parse a database URL and force the async driver (plain `postgresql://` is accepted)."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    if not parsed.drivername.startswith("postgresql"):
+        raise ValueError(f"not a PostgreSQL URL: {parsed.render_as_string(hide_password=True)}")
+    return parsed.set(drivername=driver)
+
+
+def create_engine(
+    url: str | URL,
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 5,
+    statement_cache: bool = True,
+    application_name: str = "tasklane",
+    echo: bool = False,
+) -> AsyncEngine:
+    """An asyncpg engine with a bounded, pre-pinged pool.
+
+    `statement_cache=False` disables asyncpg's prepared statement cache, which PgBouncer in
+    transaction pooling mode requires.
+    """
+    connect_args: dict[str, Any] = {"server_settings": {"application_name": application_name}}
+    if not statement_cache:
+        connect_args["statement_cache_size"] = 0
+        connect_args["prepared_statement_cache_size"] = 0
+    return create_async_engine(
+        database_url(url),
+        echo=echo,
+        hide_parameters=True,  # task input may hold secrets; never put it in error messages
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=30,
+        connect_args=connect_args,
+    )
+
+
+def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+
+
+class UnitOfWork:
+    """One session, one transaction, the repositories bound to it.
+
+    ```
+    async with UnitOfWork(session_factory) as uow:
+        task = await uow.tasks.create(task)
+        uow.after_commit(lambda: dispatcher.dispatch([task]))
+        await uow.commit()
+    ```
+    """
+
+    def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
+        self._session_factory = session_factory
+        self._session: AsyncSession | None = None
+        self._after_commit: list[AfterCommit] = []
+
+    @property
+    def session(self) -> AsyncSession:
+        if self._session is None:
+            raise RuntimeError("the unit of work is not open; use `async with uow:`")
+        return self._session
+
+    async def __aenter__(self) -> Self:
+        self._session = self._session_factory()
+        self._after_commit = []
+        repos = RepositoryFactory(self._session)
+        self.tasks = repos.create_task_repository()
+        self.conversations = repos.create_conversation_repository()
+        self.agents = repos.create_agent_repository()
+        self.workers = repos.create_worker_repository()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        session = self.session
+        try:
+            if session.in_transaction():
+                await session.rollback()
+        finally:
+            await session.close()
+            self._session = None
+
+    def after_commit(self, callback: AfterCommit) -> None:
+        """Run `callback` once this unit of work has committed (never if it rolls back)."""
+        self._after_commit.append(callback)
+
+    async def commit(self) -> None:
+        await self.session.commit()
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            try:
+                await callback()
+            except Exception:
+                # The data is committed; the reconciler repairs whatever the callback failed to do.
+                log.warning(
+                    "after-commit callback failed; the reconciler will catch up", exc_info=True
+                )
+
+    async def rollback(self) -> None:
+        self._after_commit = []
+        await self.session.rollback()

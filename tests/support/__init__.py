@@ -1,0 +1,1 @@
+"""Helpers shared by the test suites: throwaway databases, Redis, worker processes."""

@@ -1,0 +1,75 @@
+"""Throwaway PostgreSQL databases: one migrated template per test session, one copy per test.
+
+Names start with `tasklane_test_` so a crashed run's leftovers are easy to recognise and drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import asyncpg
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import make_url
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SERVER_URL = os.environ.get(
+    "TASKLANE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def url_for(database: str, server_url: str = SERVER_URL) -> str:
+    """An asyncpg-flavoured SQLAlchemy URL for `database` on the test server."""
+    url = make_url(server_url).set(drivername="postgresql+asyncpg", database=database)
+    return url.render_as_string(hide_password=False)
+
+
+def plain_url_for(database: str, server_url: str = SERVER_URL) -> str:
+    """A libpq-style URL (for asyncpg.connect and psql)."""
+    url = make_url(server_url).set(drivername="postgresql", database=database)
+    return url.render_as_string(hide_password=False)
+
+
+def unique_name(prefix: str = "tasklane_test") -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+async def _admin(sql: str, server_url: str = SERVER_URL) -> None:
+    conn = await asyncpg.connect(plain_url_for("postgres", server_url))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def create_database(
+    name: str, *, template: str | None = None, server_url: str = SERVER_URL
+) -> None:
+    clause = f' TEMPLATE "{template}" STRATEGY FILE_COPY' if template else ""
+    await _admin(f'CREATE DATABASE "{name}"{clause}', server_url)
+
+
+async def drop_database(name: str, server_url: str = SERVER_URL) -> None:
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', server_url)
+
+
+def alembic_config(url: str) -> Config:
+    config = Config(os.path.join(ROOT, "alembic.ini"))
+    config.set_main_option("script_location", os.path.join(ROOT, "migrations"))
+    config.attributes["url"] = url
+    config.attributes["skip_logging_setup"] = True
+    return config
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Run `alembic upgrade` (it starts its own event loop, so call it outside one)."""
+    command.upgrade(alembic_config(url), revision)
+
+
+def create_migrated_template(server_url: str = SERVER_URL) -> str:
+    name = unique_name("tasklane_test_tpl")
+    asyncio.run(create_database(name, server_url=server_url))
+    migrate(url_for(name, server_url))
+    return name

@@ -1,0 +1,1 @@
+"""tasklane worker: arq jobs, agents, producer client, reconciler and CLI."""
