@@ -7,7 +7,7 @@ whose docstring says "in a transaction" issue several statements that must commi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -182,6 +182,18 @@ async def resume_if_done(
     return Doorbell(_uuid(rows[0]["id"]), rows[0]["runs"]) if rows else None
 
 
+async def insert_children(
+    ex: Executor, children: Sequence[Task], *, dispatch_delay: float
+) -> list[Doorbell]:
+    """Insert spawned subtasks; returns the doorbells to ring once the transaction commits.
+
+    A child scheduled for later (`run_after` set) is left to the reconciler, which rings it
+    once it is due."""
+    delays = [0.0 if child.run_after is not None else dispatch_delay for child in children]
+    inserted = await insert_tasks(ex, children, dispatch_delays=delays)
+    return [Doorbell(t.id, t.runs) for t, d in zip(inserted, delays, strict=True) if d]
+
+
 async def wait_for_children(
     ex: Executor,
     task_id: UUID,
@@ -192,18 +204,9 @@ async def wait_for_children(
 ) -> list[Doorbell] | None:
     """In a transaction: running → waiting and the children inserted; `None` if the run had lost
     its claim (then nothing is written). With no children the task resumes at once."""
-    rows = await ex.fetch(q.WAIT, id=task_id, run=run)
-    if not rows:
+    if not await ex.fetch(q.WAIT, id=task_id, run=run):
         return None
-    parent = rows[0]
-    for child in children:
-        child.parent_task_id = task_id
-        child.conversation_id = _uuid(parent["conversation_id"])
-        child.queue = parent["queue"]
-    # A child scheduled for later is left to the reconciler, which rings it once it is due.
-    delays = [0.0 if child.run_after is not None else dispatch_delay for child in children]
-    inserted = await insert_tasks(ex, children, dispatch_delays=delays)
-    doorbells = [Doorbell(t.id, t.runs) for t, d in zip(inserted, delays, strict=True) if d]
+    doorbells = await insert_children(ex, children, dispatch_delay=dispatch_delay)
     if not children:
         resumed = await resume_if_done(ex, task_id, dispatch_delay=dispatch_delay)
         doorbells.extend([resumed] if resumed else [])
@@ -307,13 +310,25 @@ def _rescued(row: Row) -> Rescued:
 
 
 async def dispatch_due(
-    ex: Executor, *, queue: str, limit: int, redispatch_seconds: float
+    ex: Executor,
+    *,
+    queue: str,
+    limit: int,
+    redispatch_seconds: float,
+    ring: Callable[[list[Doorbell]], Awaitable[None]],
 ) -> list[Doorbell]:
-    """Mark up to `limit` due pending tasks of `queue` as dispatched; the caller rings them."""
-    rows = await ex.fetch(
-        q.DISPATCH_DUE, queue=queue, limit=limit, redispatch_seconds=float(redispatch_seconds)
-    )
-    return [Doorbell(_uuid(row["id"]), row["runs"]) for row in rows]
+    """In a transaction: ring the doorbells of up to `limit` due pending tasks of `queue` and
+    mark them dispatched. If `ring` fails nothing is marked, and the next tick tries again."""
+    rows = await ex.fetch(q.DUE_FOR_DISPATCH, queue=queue, limit=limit)
+    doorbells = [Doorbell(_uuid(row["id"]), row["runs"]) for row in rows]
+    if doorbells:
+        await ring(doorbells)
+        await ex.execute(
+            q.MARK_DISPATCHED,
+            ids=[d.task_id for d in doorbells],
+            redispatch_seconds=float(redispatch_seconds),
+        )
+    return doorbells
 
 
 # -- workers ------------------------------------------------------------------------------------

@@ -221,12 +221,12 @@ WITH done AS (
     UPDATE tasks AS t
     SET status = '{WAITING}', lease_expires_at = NULL, version = t.version + 1, updated_at = now()
     WHERE t.id = :id AND t.runs = :run AND t.status IN {_guard(WAITING)}
-    RETURNING t.id, t.runs, t.conversation_id, t.queue
+    RETURNING t.id, t.runs
 ), history AS (
     UPDATE task_attempts AS a SET finished_at = now(), outcome = '{AttemptOutcome.WAITING}'
     FROM done WHERE a.task_id = done.id AND a.run = done.runs
 )
-SELECT id, runs, conversation_id, queue FROM done
+SELECT id FROM done
 """)
 
 # --- subtasks ----------------------------------------------------------------------------------
@@ -286,10 +286,8 @@ CANCEL_MANY = Sql(f"""
 WITH done AS (
     UPDATE tasks AS t
     SET status = '{CANCELLED}', completed_at = now(), lease_expires_at = NULL,
-        error = COALESCE(t.error,
-                         CASE WHEN t.id = CAST(:root_id AS uuid) THEN 'cancelled'
-                              ELSE 'cancelled with ancestor '
-                                   || CAST(CAST(:root_id AS uuid) AS text) END),
+        error = CASE WHEN t.id = CAST(:root_id AS uuid) THEN 'cancelled'
+                     ELSE 'cancelled with ancestor ' || CAST(CAST(:root_id AS uuid) AS text) END,
         version = t.version + 1, updated_at = now()
     WHERE t.id = ANY(CAST(:ids AS uuid[])) AND t.status IN {_guard(CANCELLED)}
     RETURNING t.id, t.runs
@@ -374,18 +372,19 @@ SELECT id, runs, status FROM rescued
 
 # Due pending tasks of a queue that have no live doorbell: never dispatched (plain SQL insert),
 # dispatched too long ago (Redis lost it, a producer died after commit) or waiting out a backoff.
-DISPATCH_DUE = Sql(f"""
-WITH due AS (
-    SELECT t.id FROM tasks AS t
-    WHERE t.status = '{PENDING}' AND t.queue = :queue
-      AND greatest(t.run_after, t.dispatch_after) <= now()
-    ORDER BY greatest(t.run_after, t.dispatch_after)
-    LIMIT :limit
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE tasks AS t SET dispatch_after = now() + make_interval(secs => :redispatch_seconds)
-FROM due WHERE t.id = due.id
-RETURNING t.id, t.runs
+# Locked (skipping rows others hold) until the doorbells are in Redis and the rows are marked.
+DUE_FOR_DISPATCH = Sql(f"""
+SELECT t.id, t.runs FROM tasks AS t
+WHERE t.status = '{PENDING}' AND t.queue = :queue
+  AND greatest(t.run_after, t.dispatch_after) <= now()
+ORDER BY greatest(t.run_after, t.dispatch_after)
+LIMIT :limit
+FOR UPDATE SKIP LOCKED
+""")
+
+MARK_DISPATCHED = Sql("""
+UPDATE tasks SET dispatch_after = now() + make_interval(secs => :redispatch_seconds)
+WHERE id = ANY(CAST(:ids AS uuid[]))
 """)
 
 # --- workers -----------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ class SessionExecutor:
 
 
 class ConnectionExecutor:
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
         self.conn = conn
 
     async def fetch(self, stmt: Sql, **params: Any) -> Sequence[Row]:

@@ -75,7 +75,7 @@ class BaseRepository(Generic[TModel, TEntity]):
     async def _create(self, model: TModel) -> TModel:
         self.session.add(model)
         try:
-            await self.session.flush([model])
+            await self.session.flush()
         except SQLAlchemyError as exc:
             self.session.expunge(model)
             translate(exc, self.entity_name)
@@ -83,7 +83,7 @@ class BaseRepository(Generic[TModel, TEntity]):
 
     async def _update(self, model: TModel) -> TModel:
         try:
-            await self.session.flush([model])
+            await self.session.flush()
         except SQLAlchemyError as exc:
             translate(exc, self.entity_name)
         return model

@@ -47,11 +47,13 @@ _UPDATABLE = (
 )
 
 
+# (column name, attribute name) of every mapped column: `metadata` lives in `metadata_`.
+_COLUMN_ATTRS = [(p.columns[0].name, p.key) for p in TaskModel.__mapper__.column_attrs]
+
+
 def _model_row(model: TaskModel) -> dict[str, Any]:
     """The ORM model as a row keyed by column name, for the shared row → entity mapper."""
-    row = {c.name: getattr(model, c.key) for c in TaskModel.__mapper__.column_attrs}
-    row["metadata"] = model.metadata_
-    return row
+    return {column: getattr(model, attr) for column, attr in _COLUMN_ATTRS}
 
 
 class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):

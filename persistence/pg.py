@@ -1,0 +1,64 @@
+"""A plain asyncpg pool for the worker's hot path, decoding like SQLAlchemy's connections do.
+
+Both kinds of connection hand jsonb values over as Python objects and take them as JSON text,
+so the statements in `persistence.lifecycle` behave the same on either.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import URL
+
+from persistence.session import database_url
+
+
+def _encode_jsonb(text: str) -> bytes:
+    return b"\x01" + text.encode()  # binary jsonb is a version byte followed by the text
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return json.loads(data[1:])
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
+        schema="pg_catalog",
+        format="binary",
+    )
+
+
+def dsn(url: str | URL) -> str:
+    """A libpq-style DSN (asyncpg's) from a SQLAlchemy-style URL."""
+    return database_url(url, driver="postgresql").render_as_string(hide_password=False)
+
+
+async def create_pool(
+    url: str | URL,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    statement_cache: bool = True,
+    application_name: str = "tasklane",
+) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn(url),
+        min_size=min(min_size, max_size),
+        max_size=max_size,
+        init=_init_connection,
+        statement_cache_size=100 if statement_cache else 0,
+        server_settings={"application_name": application_name},
+        # A connection that died under us (pg_terminate_backend, a restart) is replaced.
+        max_inactive_connection_lifetime=300,
+    )
+
+
+async def connect(url: str | URL, *, statement_cache: bool = True) -> asyncpg.Connection:
+    conn = await asyncpg.connect(dsn(url), statement_cache_size=100 if statement_cache else 0)
+    await _init_connection(conn)
+    return conn

@@ -1,0 +1,170 @@
+"""The public API for writing agents: `@agent`, `TaskContext`, `Retry`, `PermanentError`.
+
+```python
+from worker.agents import agent, TaskContext
+
+@agent("echo", timeout=30, max_attempts=3)
+async def echo(ctx: TaskContext) -> dict:
+    ctx.log.info("echoing")
+    return {"echo": ctx.input}
+```
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeAlias
+from uuid import UUID
+
+from domain.entities import Task
+from domain.exceptions import InvalidInputError
+from domain.payload import JsonValue
+
+Handler: TypeAlias = Callable[["TaskContext"], Awaitable[Any]]
+
+
+class Retry(Exception):
+    """Raised by a handler: run me again after `after` seconds (default: the backoff)."""
+
+    def __init__(self, after: float | None = None, reason: str | None = None) -> None:
+        if after is not None and not after >= 0:
+            raise ValueError(f"Retry(after=…) must be ≥ 0 seconds, got {after!r}")
+        self.after = after
+        self.reason = reason
+        super().__init__(reason or "retry requested")
+
+
+class PermanentError(Exception):
+    """Raised by a handler: this task can never succeed; fail it now, without retrying."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    id: str
+    handler: Handler
+    timeout: float | None = None  # None: TASKLANE_TASK_TIMEOUT
+    max_attempts: int | None = None  # None: TASKLANE_MAX_ATTEMPTS
+    description: str | None = None
+
+
+_registry: dict[str, AgentSpec] = {}
+
+
+def agent(
+    agent_id: str,
+    *,
+    timeout: float | None = None,
+    max_attempts: int | None = None,
+    description: str | None = None,
+) -> Callable[[Handler], Handler]:
+    """Register an async handler for `agent_id` when its module is imported."""
+    if not isinstance(agent_id, str) or not agent_id.strip():
+        raise ValueError("@agent needs a non-empty agent id")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"@agent({agent_id!r}): timeout must be > 0 seconds, got {timeout!r}")
+    if max_attempts is not None and max_attempts < 1:
+        raise ValueError(f"@agent({agent_id!r}): max_attempts must be ≥ 1, got {max_attempts!r}")
+
+    def register(handler: Handler) -> Handler:
+        if not inspect.iscoroutinefunction(handler):
+            raise TypeError(f"@agent({agent_id!r}): {handler.__qualname__} must be `async def`")
+        existing = _registry.get(agent_id)
+        if existing is not None and existing.handler is not handler:
+            where = f"{existing.handler.__module__}.{existing.handler.__qualname__}"
+            raise ValueError(f"agent {agent_id!r} is already registered by {where}")
+        doc = description or (inspect.getdoc(handler) or "").split("\n")[0] or None
+        _registry[agent_id] = AgentSpec(agent_id, handler, timeout, max_attempts, doc)
+        return handler
+
+    return register
+
+
+def load_agents(modules: Iterable[str]) -> dict[str, AgentSpec]:
+    """Import the handler modules and return the agents registered so far, by id."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ImportError(
+                f"cannot import agent module {module!r} (TASKLANE_AGENTS): {exc}"
+            ) from exc
+    return dict(_registry)
+
+
+class WaitForSubtasks:
+    """What `ctx.wait_for_subtasks()` returns: tells the worker to park the task."""
+
+    __slots__ = ()
+
+
+_WAIT = WaitForSubtasks()
+
+SubtaskLoader = Callable[[UUID], Awaitable[list[Task]]]
+
+
+class TaskContext:
+    """What a handler gets: the task, its input, a logger, and the subtask operations."""
+
+    def __init__(self, task: Task, *, log: Any, load_subtasks: SubtaskLoader) -> None:
+        self.task = task
+        self.log = log
+        self._load_subtasks = load_subtasks
+        self._spawned: list[Task] = []
+
+    @property
+    def input(self) -> JsonValue:
+        return self.task.input
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first run of the current step, 2 on its first retry…"""
+        return self.task.attempts
+
+    @property
+    def step(self) -> int:
+        """0 on the first run; +1 each time the task resumes after its subtasks finished."""
+        return self.task.step
+
+    @property
+    def spawned(self) -> list[Task]:
+        return list(self._spawned)
+
+    async def spawn(
+        self,
+        agent_id: str,
+        input: JsonValue,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        max_attempts: int | None = None,
+        run_after: datetime | None = None,
+    ) -> Task:
+        """Create a subtask of this task (same conversation). It is written when the handler
+        returns: together with the parent's wait (`return ctx.wait_for_subtasks()`) or with its
+        completion (fire-and-forget). If the handler raises, no subtask is created."""
+        if run_after is not None and run_after.tzinfo is None:
+            raise InvalidInputError("run_after must be timezone-aware")
+        child = Task(
+            conversation_id=self.task.conversation_id,
+            agent_id=agent_id,
+            input=input,
+            parent_task_id=self.task.id,
+            metadata=dict(metadata or {}),
+            max_attempts=max_attempts,
+            run_after=run_after,
+            queue=self.task.queue,
+        )
+        self._spawned.append(child)
+        return child
+
+    def wait_for_subtasks(self) -> WaitForSubtasks:
+        """`return ctx.wait_for_subtasks()`: the task waits until every subtask has finished,
+        then its handler runs again (with `ctx.step` one higher)."""
+        return _WAIT
+
+    async def subtasks(self) -> list[Task]:
+        """This task's subtasks as they are now, in creation order (status, output, error)."""
+        return await self._load_subtasks(self.task.id)

@@ -1,0 +1,345 @@
+"""The producer API: submit tasks, wait for them, cancel and retry them.
+
+```python
+async with TaskClient.from_env() as client:
+    conv = await client.create_conversation(user_id="u1", title="demo")
+    task = await client.submit("echo", {"x": 1}, conversation_id=conv.id)
+    done = await client.wait(task.id, timeout=10)
+```
+
+A submit is one insert in Postgres, then one pipelined write to Redis after the commit. If the
+doorbell cannot be rung (Redis away, the process dies right after commit), the task is still
+committed and the reconciler rings it later: a committed task always runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+from uuid import UUID
+
+import structlog
+from redis.asyncio import Redis
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from domain.entities import Conversation, Doorbell, Task, TaskAttempt
+from domain.exceptions import EntityNotFoundError, IdempotencyConflictError, InvalidInputError
+from domain.interfaces import CancelResult, RetryResult
+from domain.payload import JsonValue
+from persistence.repositories import TaskRepository
+from persistence.session import UnitOfWork, create_engine, create_session_factory
+from worker.config import Settings
+from worker.dispatch import Dispatcher
+from worker.redis_conn import create_redis
+
+SUBMIT_BATCH = 1000
+# Producers give Redis about half a second; after that the reconciler rings the doorbell.
+PRODUCER_REDIS_RETRIES = 3
+_SESSION_DOORBELLS = "tasklane_doorbells"
+
+log = structlog.get_logger("tasklane.client")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One task to submit with `submit_many`."""
+
+    agent_id: str
+    input: JsonValue
+    conversation_id: UUID
+    idempotency_key: str | None = None
+    metadata: dict[str, Any] | None = None
+    max_attempts: int | None = None
+    run_after: datetime | None = None
+    parent_task_id: UUID | None = None
+
+
+@dataclass(slots=True)
+class _Inserted:
+    tasks: list[Task]
+    doorbells: list[Doorbell] = field(default_factory=list)
+
+
+def parse_task_id(value: UUID | str) -> UUID:
+    if isinstance(value, UUID):
+        return value
+    try:
+        return UUID(str(value).strip())
+    except ValueError:
+        raise InvalidInputError(f"not a task id (expected a UUID): {value!r:.80}") from None
+
+
+class TaskClient:
+    def __init__(self, *, settings: Settings, engine: AsyncEngine, redis: Redis) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.session_factory = create_session_factory(engine)
+        self.redis = redis
+        self.dispatcher = Dispatcher(redis, settings.queue)
+        self._background: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> TaskClient:
+        """Configured from DATABASE_URL, REDIS_URL, TASKLANE_QUEUE… (`overrides` win)."""
+        return cls.from_settings(Settings.from_env(**overrides))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TaskClient:
+        engine = create_engine(
+            settings.database_url,
+            pool_size=max(1, min(5, settings.db_pool_size)),
+            max_overflow=5,
+            statement_cache=settings.db_statement_cache,
+            application_name="tasklane-client",
+        )
+        redis = create_redis(settings.redis_url, retries=PRODUCER_REDIS_RETRIES)
+        return cls(settings=settings, engine=engine, redis=redis)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.redis.aclose()
+        await self.engine.dispose()
+
+    # -- conversations ------------------------------------------------------------------------
+
+    async def create_conversation(
+        self, *, user_id: str, title: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> Conversation:
+        conversation = Conversation(user_id=user_id, title=title, metadata=dict(metadata or {}))
+        async with UnitOfWork(self.session_factory) as uow:
+            created = await uow.conversations.create(conversation)
+            await uow.commit()
+        return created
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        agent_id: str,
+        input: JsonValue,
+        *,
+        conversation_id: UUID | str,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        max_attempts: int | None = None,
+        run_after: datetime | None = None,
+        parent_task_id: UUID | str | None = None,
+        session: AsyncSession | None = None,
+    ) -> Task:
+        """Create one task and dispatch it once it is committed.
+
+        With `session`, the task is written in the caller's transaction and dispatched only if
+        and when that transaction commits. The same `idempotency_key` returns the existing task;
+        the same key with another agent, input or conversation raises
+        `IdempotencyConflictError`.
+        """
+        spec = TaskSpec(
+            agent_id=agent_id,
+            input=input,
+            conversation_id=parse_task_id(conversation_id),
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+            max_attempts=max_attempts,
+            run_after=run_after,
+            parent_task_id=parse_task_id(parent_task_id) if parent_task_id else None,
+        )
+        task = self._build(spec)
+        if session is not None:
+            inserted = await self._insert(TaskRepository(session), [task])
+            self._ring_after_commit(session, inserted.doorbells)
+            return inserted.tasks[0]
+        async with UnitOfWork(self.session_factory) as uow:
+            inserted = await self._insert(uow.tasks, [task])
+            await uow.commit()
+        await self._ring(inserted.doorbells)
+        return inserted.tasks[0]
+
+    async def submit_many(self, specs: Sequence[TaskSpec]) -> list[Task]:
+        """Create many tasks: one insert and one Redis round trip per batch of 1000. Every spec
+        is validated before anything is written; each batch commits on its own."""
+        tasks = [self._build(spec) for spec in specs]
+        created: list[Task] = []
+        for start in range(0, len(tasks), SUBMIT_BATCH):
+            async with UnitOfWork(self.session_factory) as uow:
+                inserted = await self._insert(uow.tasks, tasks[start : start + SUBMIT_BATCH])
+                await uow.commit()
+            await self._ring(inserted.doorbells)
+            created.extend(inserted.tasks)
+        return created
+
+    def _build(self, spec: TaskSpec) -> Task:
+        if not isinstance(spec.agent_id, str):
+            raise InvalidInputError(f"agent_id must be a string, got {spec.agent_id!r:.80}")
+        if spec.run_after is not None and spec.run_after.tzinfo is None:
+            raise InvalidInputError("run_after must be timezone-aware (e.g. datetime.now(UTC))")
+        key = spec.idempotency_key
+        if key is not None and (not isinstance(key, str) or not key.strip()):
+            raise InvalidInputError("idempotency_key must be a non-empty string")
+        if spec.metadata is not None and not isinstance(spec.metadata, dict):
+            raise InvalidInputError("metadata must be a JSON object (a dict)")
+        return Task(
+            conversation_id=spec.conversation_id,
+            agent_id=spec.agent_id,
+            input=spec.input,
+            parent_task_id=spec.parent_task_id,
+            metadata=dict(spec.metadata or {}),
+            max_attempts=spec.max_attempts,
+            run_after=spec.run_after,
+            idempotency_key=key,
+            queue=self.settings.queue,
+        )
+
+    async def _insert(self, repo: TaskRepository, tasks: list[Task]) -> _Inserted:
+        # A task scheduled for later is dispatched by the reconciler once due; any other is
+        # rung right after commit, and the reconciler leaves it alone for a redispatch period.
+        delays = [
+            0.0 if t.run_after is not None else self.settings.redispatch_seconds for t in tasks
+        ]
+        inserted = await repo.create_many(
+            tasks,
+            dispatch_delays=delays,
+            skip_taken_keys=any(t.idempotency_key for t in tasks),
+            max_input_bytes=self.settings.max_input_bytes,
+        )
+        new = {t.id: t for t in inserted}
+        taken = [t for t in tasks if t.id not in new]
+        existing = await repo.get_many_by_idempotency_keys(
+            [t.idempotency_key for t in taken if t.idempotency_key]
+        )
+        result: list[Task] = []
+        for task in tasks:
+            if task.id in new:
+                result.append(new[task.id])
+                continue
+            assert task.idempotency_key is not None
+            found = existing.get(task.idempotency_key)
+            if found is None:  # deleted between our insert and our read
+                raise EntityNotFoundError("Task", f"idempotency_key={task.idempotency_key!r}")
+            if (found.agent_id, found.input, found.conversation_id) != (
+                task.agent_id,
+                task.input,
+                task.conversation_id,
+            ):
+                raise IdempotencyConflictError(task.idempotency_key, found.id)
+            result.append(found)
+        doorbells = [
+            Doorbell(t.id, t.runs) for t, d in zip(tasks, delays, strict=True) if d and t.id in new
+        ]
+        return _Inserted(result, doorbells)
+
+    # -- dispatching --------------------------------------------------------------------------
+
+    async def _ring(self, doorbells: list[Doorbell]) -> None:
+        try:
+            await self.dispatcher.ring(doorbells)
+        except Exception as exc:
+            # Committed all the same: the reconciler rings them after TASKLANE_REDISPATCH_SECONDS.
+            log.warning("dispatch.deferred_to_reconciler", error=repr(exc), tasks=len(doorbells))
+
+    def _ring_after_commit(self, session: AsyncSession, doorbells: list[Doorbell]) -> None:
+        """Ring once the caller's transaction commits; forget them if it rolls back."""
+        sync_session = session.sync_session
+        hook = sync_session.info.get(_SESSION_DOORBELLS)
+        if hook is None:
+            hook = sync_session.info[_SESSION_DOORBELLS] = _AfterCommit(self, sync_session)
+        hook.doorbells.extend(doorbells)
+
+    def _ring_later(self, doorbells: list[Doorbell]) -> None:
+        task = asyncio.get_running_loop().create_task(self._ring(doorbells))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- reading and operating ----------------------------------------------------------------
+
+    async def get(self, task_id: UUID | str) -> Task:
+        tid = parse_task_id(task_id)
+        async with UnitOfWork(self.session_factory) as uow:
+            task = await uow.tasks.get_by_id(tid)
+        if task is None:
+            raise EntityNotFoundError("Task", tid)
+        return task
+
+    async def wait(self, task_id: UUID | str, timeout: float = 30.0) -> Task:  # noqa: ASYNC109
+        """Poll until the task is finished (completed, failed or cancelled); `TimeoutError` if it
+        is not within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            task = await self.get(task_id)
+            if task.is_finished:
+                return task
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"task {task.id} is still {task.status} after {timeout:g}s")
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, 0.5)
+
+    async def cancel(self, task_id: UUID | str) -> CancelResult:
+        """Cancel the task and its unfinished subtasks. A finished task is left as it is
+        (`result.changed` is False)."""
+        tid = parse_task_id(task_id)
+        async with UnitOfWork(self.session_factory) as uow:
+            result = await uow.tasks.cancel(tid, dispatch_delay=self.settings.redispatch_seconds)
+            await uow.commit()
+        await self._ring(result.doorbells)
+        return result
+
+    async def retry(self, task_id: UUID | str) -> RetryResult:
+        """Run a failed task again with fresh attempts. Any other task is left as it is
+        (`result.retried` is False)."""
+        tid = parse_task_id(task_id)
+        async with UnitOfWork(self.session_factory) as uow:
+            result = await uow.tasks.retry(tid, dispatch_delay=self.settings.redispatch_seconds)
+            await uow.commit()
+        await self._ring(result.doorbells)
+        return result
+
+    async def subtasks(self, task_id: UUID | str) -> list[Task]:
+        async with UnitOfWork(self.session_factory) as uow:
+            return await uow.tasks.get_subtasks(parse_task_id(task_id))
+
+    async def attempts(self, task_id: UUID | str) -> list[TaskAttempt]:
+        async with UnitOfWork(self.session_factory) as uow:
+            return await uow.tasks.list_attempts(parse_task_id(task_id))
+
+
+class _AfterCommit:
+    """Doorbells waiting for a caller's transaction, and the session hooks that settle them."""
+
+    def __init__(self, client: TaskClient, sync_session: Any) -> None:
+        self.client = client
+        self.sync_session = sync_session
+        self.doorbells: list[Doorbell] = []
+        event.listen(sync_session, "after_commit", self.committed)
+        event.listen(sync_session, "after_rollback", self.rolled_back)
+
+    def committed(self, _: Any) -> None:
+        self._detach()
+        if self.doorbells:
+            self.client._ring_later(self.doorbells)
+
+    def rolled_back(self, _: Any) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        self.sync_session.info.pop(_SESSION_DOORBELLS, None)
+        event.remove(self.sync_session, "after_commit", self.committed)
+        event.remove(self.sync_session, "after_rollback", self.rolled_back)
