@@ -106,7 +106,7 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-# -- parsing -----------------------------------------------------------------------------------------
+# -- parsing ---------------------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
