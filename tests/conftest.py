@@ -6,10 +6,15 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from domain.entities import Conversation
 from persistence.session import UnitOfWork, create_engine, create_session_factory
-from tests.support import databases
+from tests.support import databases, services, workers
+from worker.client import TaskClient
+from worker.config import Settings
+from worker.runtime import WorkerRuntime
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +56,51 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 @pytest.fixture
 def uow(session_factory: async_sessionmaker[AsyncSession]) -> UnitOfWork:
     return UnitOfWork(session_factory)
+
+
+# -- Redis, settings, client, worker ---------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return services.SHARED_REDIS_URL
+
+
+@pytest.fixture
+async def queue(redis_url: str) -> AsyncIterator[str]:
+    """A queue name of this test's own; its doorbells are removed afterwards."""
+    name = services.unique_queue()
+    yield name
+    client = Redis.from_url(redis_url)
+    try:
+        job_ids = await client.zrange(name, 0, -1)
+        keys = [b"arq:job:" + job_id for job_id in job_ids]
+        await client.delete(name, *keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str, queue: str) -> Settings:
+    return workers.make_settings(database_url, redis_url, queue)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[TaskClient]:
+    client = TaskClient.from_settings(settings)
+    yield client
+    checked_out = client.engine.pool.checkedout()  # type: ignore[attr-defined]
+    await client.close()
+    assert checked_out == 0, f"{checked_out} connection(s) left checked out of the pool"
+
+
+@pytest.fixture
+async def conversation(client: TaskClient) -> Conversation:
+    return await client.create_conversation(user_id="test-user", title="test")
+
+
+@pytest.fixture
+async def worker(settings: Settings) -> AsyncIterator[WorkerRuntime]:
+    """An in-process worker on this test's database and queue."""
+    async with workers.running_worker(settings) as runtime:
+        yield runtime

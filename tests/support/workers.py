@@ -1,0 +1,168 @@
+"""Workers for tests: in-process (an arq Worker in the test's event loop) or real processes
+(`python -m worker.cli worker`) that tests can SIGTERM and SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from arq.worker import Worker
+
+from tests.support.databases import ROOT
+from worker.app import worker_options
+from worker.config import Settings
+from worker.runtime import WorkerRuntime
+
+# Timings that keep the suite fast while leaving real slack (leases, ticks, backoff).
+FAST = {
+    "lease_seconds": 3.0,
+    "reconcile_seconds": 0.2,
+    "redispatch_seconds": 2.0,
+    "retry_base_seconds": 0.05,
+    "retry_max_seconds": 0.5,
+    "shutdown_grace_seconds": 2.0,
+}
+
+ENV_NAMES = {
+    "database_url": "DATABASE_URL",
+    "redis_url": "REDIS_URL",
+    "queue": "TASKLANE_QUEUE",
+    "concurrency": "TASKLANE_CONCURRENCY",
+    "lease_seconds": "TASKLANE_LEASE_SECONDS",
+    "task_timeout": "TASKLANE_TASK_TIMEOUT",
+    "max_attempts": "TASKLANE_MAX_ATTEMPTS",
+    "retry_base_seconds": "TASKLANE_RETRY_BASE_SECONDS",
+    "retry_max_seconds": "TASKLANE_RETRY_MAX_SECONDS",
+    "reconcile_seconds": "TASKLANE_RECONCILE_SECONDS",
+    "redispatch_seconds": "TASKLANE_REDISPATCH_SECONDS",
+    "shutdown_grace_seconds": "TASKLANE_SHUTDOWN_GRACE_SECONDS",
+    "db_pool_size": "TASKLANE_DB_POOL_SIZE",
+    "max_input_bytes": "TASKLANE_MAX_INPUT_BYTES",
+}
+
+
+def make_settings(database_url: str, redis_url: str, queue: str, **overrides: Any) -> Settings:
+    return replace(
+        Settings(),
+        database_url=database_url,
+        redis_url=redis_url,
+        queue=queue,
+        log_format="json",
+        **{**FAST, **overrides},
+    )
+
+
+def settings_env(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a worker process needs to run with `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKLANE_", "LOG_"))}
+    for field, name in ENV_NAMES.items():
+        env[name] = str(getattr(settings, field))
+    env["TASKLANE_AGENTS"] = ",".join(settings.agent_modules)
+    env["LOG_FORMAT"] = settings.log_format or "json"
+    env["LOG_LEVEL"] = settings.log_level
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra or {})
+    return env
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, **worker_kwargs: Any) -> AsyncIterator[WorkerRuntime]:
+    """An arq worker in this event loop; stopped (and its connections closed) on exit."""
+    options = {**worker_options(settings), "handle_signals": False, **worker_kwargs}
+    worker = Worker(**options)
+    run = asyncio.create_task(worker.async_run())
+    deadline = time.monotonic() + 15
+    while "tasklane" not in worker.ctx:
+        if run.done():
+            run.result()  # startup failed: raise its error here
+        if time.monotonic() > deadline:
+            raise AssertionError("in-process worker did not start within 15s")
+        await asyncio.sleep(0.02)
+    try:
+        yield worker.ctx["tasklane"]
+    finally:
+        await worker.close()
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+
+
+class WorkerProcess:
+    """`tasklane worker` as a real process, its output in a file."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        extra_env: Mapping[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        wrapper: tuple[str, ...] = (),
+    ) -> None:
+        self.settings = settings
+        self.log_path = Path(tempfile.mkstemp(prefix="tasklane-worker-", suffix=".log")[1])
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [*wrapper, sys.executable, "-m", "worker.cli", "worker", *args],
+            env=settings_env(settings, extra_env),
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_started(self, timeout: float = 20.0) -> WorkerProcess:
+        deadline = time.monotonic() + timeout
+        while '"worker.started"' not in self.output():
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"worker exited with {self.process.returncode}:\n{self.output()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker did not start within {timeout}s:\n{self.output()}")
+            time.sleep(0.05)
+        return self
+
+    def wait_for_output(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the worker's output within {timeout}s")
+            time.sleep(0.05)
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=self.settings.shutdown_grace_seconds + 15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._log.close()
