@@ -67,6 +67,15 @@ def redis_url() -> str:
 
 
 @pytest.fixture
+def private_redis() -> Iterator[services.PrivateRedis]:
+    """A redis-server of this test's own (on a free port), for scenarios that flush, kill or
+    restart Redis, or need the default queue name."""
+    server = services.PrivateRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 async def queue(redis_url: str) -> AsyncIterator[str]:
     """A queue name of this test's own; its doorbells are removed afterwards."""
     name = services.unique_queue()
@@ -81,7 +90,11 @@ async def queue(redis_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def settings(database_url: str, redis_url: str, queue: str) -> Settings:
+def settings(
+    database_url: str, redis_url: str, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    # The test agents' marker rows go to this test's database (tests/agents.py reads it).
+    monkeypatch.setenv("DATABASE_URL", database_url)
     return workers.make_settings(database_url, redis_url, queue)
 
 

@@ -68,8 +68,20 @@ def migrate(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+async def _execute(database: str, sql: str, server_url: str = SERVER_URL) -> None:
+    conn = await asyncpg.connect(plain_url_for(database, server_url))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
 def create_migrated_template(server_url: str = SERVER_URL) -> str:
+    """The migrated schema, plus the `test_marks` table the test agents write to."""
+    from tests.agents import MARKS_DDL
+
     name = unique_name("tasklane_test_tpl")
     asyncio.run(create_database(name, server_url=server_url))
     migrate(url_for(name, server_url))
+    asyncio.run(_execute(name, MARKS_DDL, server_url))
     return name

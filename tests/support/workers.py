@@ -52,14 +52,16 @@ ENV_NAMES = {
 
 
 def make_settings(database_url: str, redis_url: str, queue: str, **overrides: Any) -> Settings:
-    return replace(
-        Settings(),
-        database_url=database_url,
-        redis_url=redis_url,
-        queue=queue,
-        log_format="json",
-        **{**FAST, **overrides},
-    )
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "queue": queue,
+        "log_format": "json",
+        "agent_modules": ("worker.demo_agents", "tests.agents"),
+        **FAST,
+        **overrides,
+    }
+    return replace(Settings(), **values)
 
 
 def settings_env(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -124,7 +126,8 @@ class WorkerProcess:
         return self.process.pid
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_started(self, timeout: float = 20.0) -> WorkerProcess:
