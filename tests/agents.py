@@ -79,7 +79,7 @@ async def block_loop(ctx: TaskContext) -> dict[str, Any]:
     """Blocks the event loop (time.sleep) for input.seconds on its first attempt only."""
     await mark(ctx, "started")
     if ctx.attempt == 1:
-        time.sleep(float(ctx.input["seconds"]))
+        time.sleep(float(ctx.input["seconds"]))  # noqa: ASYNC251 - blocking is the point
     return {"attempt": ctx.attempt, "pid": os.getpid()}
 
 
