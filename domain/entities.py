@@ -66,6 +66,7 @@ class Task:
 
     def start(self, *, worker_id: str, lease_expires_at: datetime, at: datetime) -> None:
         """A worker claimed the task: one more attempt, a new run (fencing token) and a lease."""
+        self.status.check_transition(TaskStatus.RUNNING, self.id)  # a wrong state is the error
         if not self.attempts_left:
             assert self.max_attempts is not None
             raise AttemptsExhaustedError(self.id, self.attempts, self.max_attempts)
@@ -110,11 +111,24 @@ class Task:
         An operator's retry starts the current step over with fresh attempts; a handler's retry
         keeps the attempts it has used.
         """
+        if self.status not in (TaskStatus.RUNNING, TaskStatus.FAILED):
+            # waiting → pending is a resume, not a retry: it starts the next step.
+            raise InvalidTransitionError(
+                self.status.value,
+                TaskStatus.PENDING.value,
+                self.id,
+                "only a running or failed task is retried",
+            )
         operator_retry = self.status is TaskStatus.FAILED
+        if not operator_retry and not self.attempts_left:
+            # As in the SQL: a pending task with its attempts spent could never be claimed.
+            assert self.max_attempts is not None
+            raise AttemptsExhaustedError(self.id, self.attempts, self.max_attempts)
         self._move_to(TaskStatus.PENDING, at)
-        if operator_retry:
+        if operator_retry:  # the same fields the OPERATOR_RETRY statement resets
             self.attempts = 0
             self.error = None
+            self.output = None
             self.completed_at = None
         self.run_after = run_after or at
         self.lease_expires_at = None
@@ -129,6 +143,7 @@ class Task:
 
     def expire_lease(self, *, at: datetime) -> None:
         """The lease ran out (worker killed, loop blocked): retry, or fail if attempts are spent."""
+        self._require(TaskStatus.RUNNING, TaskStatus.PENDING, "only a running task holds a lease")
         if self.attempts_left:
             self.retry(at=at)
         else:
