@@ -173,17 +173,17 @@ class TaskClient:
         return inserted.tasks[0]
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[Task]:
-        """Create many tasks: one insert and one Redis round trip per batch of 1000. Every spec
-        is validated before anything is written; each batch commits on its own."""
+        """Create many tasks, all or none: one transaction, one insert statement per batch of
+        1000, then one pipelined Redis write per batch once it has committed."""
         tasks = [self._build(spec) for spec in specs]
-        created: list[Task] = []
-        for start in range(0, len(tasks), SUBMIT_BATCH):
-            async with UnitOfWork(self.session_factory) as uow:
-                inserted = await self._insert(uow.tasks, tasks[start : start + SUBMIT_BATCH])
-                await uow.commit()
-            await self._ring(inserted.doorbells)
-            created.extend(inserted.tasks)
-        return created
+        batches: list[_Inserted] = []
+        async with UnitOfWork(self.session_factory) as uow:
+            for start in range(0, len(tasks), SUBMIT_BATCH):
+                batches.append(await self._insert(uow.tasks, tasks[start : start + SUBMIT_BATCH]))
+            await uow.commit()
+        for batch in batches:
+            await self._ring(batch.doorbells)
+        return [task for batch in batches for task in batch.tasks]
 
     def _build(self, spec: TaskSpec) -> Task:
         if not isinstance(spec.agent_id, str):
@@ -257,9 +257,10 @@ class TaskClient:
     def _ring_after_commit(self, session: AsyncSession, doorbells: list[Doorbell]) -> None:
         """Ring once the caller's transaction commits; forget them if it rolls back."""
         sync_session = session.sync_session
-        hook = sync_session.info.get(_SESSION_DOORBELLS)
+        key = (_SESSION_DOORBELLS, id(self))
+        hook = sync_session.info.get(key)
         if hook is None:
-            hook = sync_session.info[_SESSION_DOORBELLS] = _AfterCommit(self, sync_session)
+            hook = sync_session.info[key] = _AfterCommit(self, sync_session)
         hook.doorbells.extend(doorbells)
 
     def _ring_later(self, doorbells: list[Doorbell]) -> None:
@@ -322,24 +323,20 @@ class TaskClient:
 
 
 class _AfterCommit:
-    """Doorbells waiting for a caller's transaction, and the session hooks that settle them."""
+    """Doorbells waiting for a caller's transaction. Attached once per session and client; the
+    session's events settle each transaction's doorbells (listeners cannot be removed while
+    SQLAlchemy is dispatching them, so they stay for the session's life)."""
 
     def __init__(self, client: TaskClient, sync_session: Any) -> None:
         self.client = client
-        self.sync_session = sync_session
         self.doorbells: list[Doorbell] = []
         event.listen(sync_session, "after_commit", self.committed)
         event.listen(sync_session, "after_rollback", self.rolled_back)
 
     def committed(self, _: Any) -> None:
-        self._detach()
-        if self.doorbells:
-            self.client._ring_later(self.doorbells)
+        doorbells, self.doorbells = self.doorbells, []
+        if doorbells:
+            self.client._ring_later(doorbells)
 
     def rolled_back(self, _: Any) -> None:
-        self._detach()
-
-    def _detach(self) -> None:
-        self.sync_session.info.pop(_SESSION_DOORBELLS, None)
-        event.remove(self.sync_session, "after_commit", self.committed)
-        event.remove(self.sync_session, "after_rollback", self.rolled_back)
+        self.doorbells = []
