@@ -10,6 +10,7 @@ from persistence.repositories import (
     TaskRepository,
     WorkerRepository,
 )
+from persistence.repositories.report_repository import ReportRepository
 
 
 class RepositoryFactory:
@@ -28,6 +29,13 @@ class RepositoryFactory:
     def create_worker_repository(self) -> WorkerRepository:
         return WorkerRepository(self.session)
 
+    def create_report_repository(self) -> ReportRepository:
+        return ReportRepository(self.session)
+
 
 def create_task_repository(session: AsyncSession) -> TaskRepository:
     return TaskRepository(session)
+
+
+def create_report_repository(session: AsyncSession) -> ReportRepository:
+    return ReportRepository(session)

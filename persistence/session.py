@@ -99,6 +99,7 @@ class UnitOfWork:
         self.conversations = repos.create_conversation_repository()
         self.agents = repos.create_agent_repository()
         self.workers = repos.create_worker_repository()
+        self.reports = repos.create_report_repository()
         return self
 
     async def __aexit__(

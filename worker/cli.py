@@ -1,20 +1,41 @@
 """The `tasklane` command line.
 
 Exit codes: 0 ok, 1 failure or not found (one line on stderr, never a traceback), 2 usage.
+
+Every read command and `submit` take `--json`: exactly one JSON document on stdout. Without it
+the output is for people: aligned columns, durations, relative times. What the commands do is in
+`worker.operator`, how they print in `worker.cli_render`; this module parses arguments, runs the
+operation and maps failures to exit codes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from uuid import UUID
 
+from domain.value_objects import FINISHED_STATUSES, TaskStatus
 from worker.config import ConfigError, Settings, redact_url
 
+if TYPE_CHECKING:
+    from worker.operator import Operator
+
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+DEFAULT_WAIT_SECONDS = 60.0
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 1000
+DEFAULT_PRUNE_BATCH = 1000
 
 
 class CommandError(Exception):
@@ -36,7 +57,16 @@ def alembic_config(database_url: str) -> Any:
     return config
 
 
+# -- migrate and worker ---------------------------------------------------------------------------
+
+
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    migrate(settings)
+    print(f"database {redact_url(settings.database_url)} is at the latest schema revision")
+    return 0
+
+
+def migrate(settings: Settings) -> None:
     from alembic import command
 
     try:
@@ -45,8 +75,6 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError(
             f"migration failed on {redact_url(settings.database_url)}: {_reason(exc)}"
         ) from None
-    print(f"database {redact_url(settings.database_url)} is at the latest schema revision")
-    return 0
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -74,31 +102,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 async def preflight(settings: Settings) -> None:
     """Fail with one clear line before arq starts: Postgres, the schema, Redis."""
-    from persistence import pg
-    from persistence.schema import SchemaError, check_schema
-    from worker.redis_conn import create_redis
+    from worker.operator import OperatorError, check_postgres, check_redis
 
     try:
-        conn = await asyncio.wait_for(pg.connect(settings.database_url), timeout=10)
-    except Exception as exc:
-        raise CommandError(
-            f"cannot connect to PostgreSQL at {redact_url(settings.database_url)}: {_reason(exc)}"
-        ) from None
-    try:
-        await check_schema(conn)
-    except SchemaError as exc:
+        await check_postgres(settings)
+        await check_redis(settings)
+    except OperatorError as exc:
         raise CommandError(str(exc)) from None
-    finally:
-        await conn.close()
-    redis = create_redis(settings.redis_url, retries=1)
-    try:
-        await asyncio.wait_for(redis.ping(), timeout=10)
-    except Exception as exc:
-        raise CommandError(
-            f"cannot connect to Redis at {redact_url(settings.redis_url)}: {_reason(exc)}"
-        ) from None
-    finally:
-        await redis.aclose()
 
 
 def _reason(exc: BaseException) -> str:
@@ -106,7 +116,259 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-# -- parsing ---------------------------------------------------------------------------------------
+# -- running an operation -------------------------------------------------------------------------
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one operation; every failure it can meet becomes a one-line `CommandError`."""
+    from redis.exceptions import RedisError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from domain.exceptions import DomainError
+    from worker.operator import OperatorError
+
+    try:
+        return asyncio.run(coro)
+    except (OperatorError, DomainError) as exc:
+        raise CommandError(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise CommandError(f"database error: {_reason(exc.__cause__ or exc)}") from None
+    except RedisError as exc:
+        raise CommandError(f"Redis error: {_reason(exc)}") from None
+    except (OSError, TimeoutError) as exc:
+        raise CommandError(f"connection failed: {_reason(exc)}") from None
+
+
+def _operate(
+    settings: Settings, action: Callable[[Operator], Coroutine[Any, Any, T]], *, redis: bool
+) -> T:
+    """Open the services (checked first: unreachable or unmigrated is one clear line) and run
+    `action` on them."""
+    from worker.operator import Operator
+
+    async def go() -> T:
+        async with Operator.open(settings, redis=redis) as operator:
+            return await action(operator)
+
+    return _run(go())
+
+
+def _emit(args: argparse.Namespace, document: Callable[[], Any], text: Callable[[], str]) -> None:
+    if args.json:
+        from worker.cli_render import dumps
+
+        print(dumps(document()))
+    else:
+        print(text())
+
+
+def _note(args: argparse.Namespace, message: str) -> None:
+    """A remark about the result: on stderr with --json (stdout holds only the document)."""
+    print(message, file=sys.stderr if args.json else sys.stdout)
+
+
+def _id(raw: str, what: str = "task") -> UUID:
+    try:
+        return UUID(raw.strip())
+    except ValueError:
+        raise CommandError(f"not a {what} id (expected a UUID): {raw!r:.80}") from None
+
+
+# -- submit ---------------------------------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import cli_render as render
+
+    payload = _parse_input(args.input)
+    conversation = str(_id(args.conversation, "conversation")) if args.conversation else None
+
+    async def action(op: Operator) -> tuple[Any, bool, Any]:
+        if not await op.agent_known(args.agent):
+            print(
+                f"tasklane: warning: no worker has registered agent {args.agent!r} yet; "
+                "the task fails as an unknown agent unless a worker serving it claims it",
+                file=sys.stderr,
+            )
+        row = await op.submit(
+            args.agent,
+            payload,
+            conversation_id=conversation,
+            idempotency_key=args.idempotency_key,
+        )
+        finished = True
+        if args.wait:
+            row, finished = await op.wait(row["id"], args.timeout)
+        return row, finished, await op.now()
+
+    row, finished, now = _operate(settings, action, redis=True)
+    if not args.wait:
+        _emit(args, lambda: render.task_json(row), lambda: render.submit_text(row))
+        return 0
+    _emit(args, lambda: render.task_json(row), lambda: render.task_block(row, now))
+    if not finished:
+        print(
+            f"tasklane: task {row['id']} is still {row['status']} after {args.timeout:g}s",
+            file=sys.stderr,
+        )
+        return 1
+    if row["status"] != TaskStatus.COMPLETED.value:
+        print(f"tasklane: task {row['id']} ended {row['status']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parse_input(raw: str | None) -> Any:
+    if raw is None:
+        return {}
+
+    def reject(constant: str) -> Any:
+        raise ValueError(f"{constant} is not valid JSON")
+
+    try:
+        return json.loads(raw, parse_constant=reject)
+    except ValueError as exc:
+        raise CommandError(f"--input is not valid JSON: {exc}") from None
+
+
+# -- read commands --------------------------------------------------------------------------------
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import cli_render as render
+
+    task_id = _id(args.id)
+    report = _operate(settings, lambda op: op.show(task_id), redis=False)
+    _emit(args, lambda: render.show_json(report), lambda: render.show_text(report))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import cli_render as render
+
+    conversation = str(_id(args.conversation, "conversation")) if args.conversation else None
+    rows, now = _operate(
+        settings,
+        lambda op: op.list_tasks(
+            agent_id=args.agent,
+            status=args.status,
+            conversation_id=conversation,
+            limit=args.limit,
+        ),
+        redis=False,
+    )
+    _emit(args, lambda: [render.task_json(r) for r in rows], lambda: render.list_text(rows, now))
+    return 0
+
+
+def cmd_tree(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import cli_render as render
+
+    task_id = _id(args.id)
+    tree = _operate(settings, lambda op: op.tree(task_id), redis=False)
+    _emit(args, lambda: render.tree_json(tree), lambda: render.tree_text(tree))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import cli_render as render
+
+    stats = _operate(settings, lambda op: op.stats(), redis=False)
+    _emit(args, lambda: render.stats_json(stats), lambda: render.stats_text(stats))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import cli_render as render
+    from worker.operator import health
+
+    report = _run(health(settings, local=args.local))
+    _emit(args, lambda: render.health_json(report), lambda: render.health_text(report))
+    if report.ok:
+        return 0
+    failed = ", ".join(c.name for c in report.checks if not c.ok)
+    print(f"tasklane: unhealthy: {failed}", file=sys.stderr)
+    return 1
+
+
+# -- operator actions -----------------------------------------------------------------------------
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    return _act(args, settings, "cancel")
+
+
+def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    return _act(args, settings, "retry")
+
+
+def _act(args: argparse.Namespace, settings: Settings, verb: str) -> int:
+    """Cancel or retry. A task in a state that does not allow it is printed unchanged, exit 0."""
+    from worker import cli_render as render
+
+    task_id = _id(args.id)
+
+    async def action(op: Operator) -> tuple[Any, Any]:
+        result = await (op.cancel(task_id) if verb == "cancel" else op.retry(task_id))
+        return result, await op.now()
+
+    # A retry dispatches the task again, so it needs Redis; a cancel works through Postgres
+    # alone (an operator must be able to stop work while Redis is away).
+    result, now = _operate(settings, action, redis=verb == "retry")
+    if args.json:
+        _note(args, result.message)
+        _emit(args, lambda: render.task_json(result.row), lambda: "")
+    else:
+        print(render.action_text(result, now))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import cli_render as render
+
+    statuses = sorted(set(args.status or FINISHED_STATUSES))
+
+    async def action(op: Operator) -> tuple[Any, Any]:
+        result = await op.prune(
+            older_than=args.older_than,
+            statuses=statuses,
+            dry_run=args.dry_run,
+            batch_size=args.batch_size,
+        )
+        return result, await op.now()
+
+    result, now = _operate(settings, action, redis=False)
+    _emit(args, lambda: render.prune_json(result), lambda: render.prune_text(result, now))
+    return 0
+
+
+# -- demo -----------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import cli_render as render
+    from worker.cli_demo import run_demo
+    from worker.operator import check_postgres
+
+    if "LOG_LEVEL" not in os.environ:  # the demo's output is its tree, not the worker's log
+        settings = replace(settings, log_level="WARNING")
+    _run(check_postgres(settings, schema=False))  # a clear line if it is away; then migrate
+    migrate(settings)
+    if not args.json:
+        print(f"migrated {redact_url(settings.database_url)}; starting a worker in this process")
+    tree = _run(run_demo(settings, n=args.n, timeout=args.timeout))
+    root = tree.nodes[0].row
+    _emit(args, lambda: render.tree_json(tree), lambda: render.tree_text(tree))
+    if root["status"] != TaskStatus.COMPLETED.value:
+        print(f"tasklane: the demo task {root['id']} ended {root['status']}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(f"\nfanout of {args.n} completed: {json.dumps(root['output'])}")
+        print(f"see it again with: tasklane tree {root['id']}")
+    return 0
+
+
+# -- parsing --------------------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tasklane", description="Background tasks for agent systems.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    json_flag = _Parser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(handler=cmd_migrate)
 
@@ -130,6 +395,111 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=_positive_int, help="tasks run at once")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     worker.set_defaults(handler=cmd_worker)
+
+    submit = sub.add_parser("submit", parents=[json_flag], help="submit a task")
+    submit.add_argument("agent", metavar="AGENT", help="the agent to run, e.g. echo")
+    submit.add_argument("--input", metavar="JSON", help="the task's input (default: {})")
+    submit.add_argument(
+        "--conversation", metavar="ID", help="conversation id (default: a new one for user cli)"
+    )
+    submit.add_argument("--idempotency-key", metavar="K", help="submit at most once per key")
+    submit.add_argument(
+        "--wait", action="store_true", help="wait until the task finishes (exit 1 unless completed)"
+    )
+    submit.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_positive_float,
+        default=DEFAULT_WAIT_SECONDS,
+        help=f"with --wait: give up after S seconds (default {DEFAULT_WAIT_SECONDS:g})",
+    )
+    submit.set_defaults(handler=cmd_submit)
+
+    show = sub.add_parser(
+        "show", parents=[json_flag], help="a task, its run history and why it is where it is"
+    )
+    show.add_argument("id", metavar="ID")
+    show.set_defaults(handler=cmd_show)
+
+    list_ = sub.add_parser("list", parents=[json_flag], help="tasks, newest first")
+    list_.add_argument("--agent", metavar="A")
+    list_.add_argument("--status", metavar="S", type=_status)
+    list_.add_argument("--conversation", metavar="C")
+    list_.add_argument(
+        "--limit",
+        metavar="N",
+        type=_limit,
+        default=DEFAULT_LIST_LIMIT,
+        help=f"at most N tasks (default {DEFAULT_LIST_LIMIT}, at most {MAX_LIST_LIMIT})",
+    )
+    list_.set_defaults(handler=cmd_list)
+
+    tree = sub.add_parser("tree", parents=[json_flag], help="a task and all its subtasks")
+    tree.add_argument("id", metavar="ID")
+    tree.set_defaults(handler=cmd_tree)
+
+    cancel = sub.add_parser(
+        "cancel", parents=[json_flag], help="cancel a task and its unfinished subtasks"
+    )
+    cancel.add_argument("id", metavar="ID")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    retry = sub.add_parser(
+        "retry", parents=[json_flag], help="run a failed task again with fresh attempts"
+    )
+    retry.add_argument("id", metavar="ID")
+    retry.set_defaults(handler=cmd_retry)
+
+    stats = sub.add_parser(
+        "stats", parents=[json_flag], help="counts by agent and status, latency, live workers"
+    )
+    stats.set_defaults(handler=cmd_stats)
+
+    prune = sub.add_parser(
+        "prune", parents=[json_flag], help="delete finished tasks older than a duration"
+    )
+    prune.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        type=_duration,
+        required=True,
+        help="e.g. 7d, 12h, 30m, 1d12h: tasks finished longer ago than this",
+    )
+    prune.add_argument(
+        "--status",
+        metavar="S",
+        type=_finished_statuses,
+        action="extend",
+        help="completed, failed and/or cancelled (repeat or comma-separate; default: all three)",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    prune.add_argument(
+        "--batch-size",
+        metavar="N",
+        type=_positive_int,
+        default=DEFAULT_PRUNE_BATCH,
+        help=f"tasks deleted per transaction (default {DEFAULT_PRUNE_BATCH})",
+    )
+    prune.set_defaults(handler=cmd_prune)
+
+    health = sub.add_parser(
+        "health",
+        parents=[json_flag],
+        help="check Postgres, Redis, the schema and a live worker (exit 1 if any fails)",
+    )
+    health.add_argument(
+        "--local",
+        action="store_true",
+        help="require a live worker on this host (a container's healthcheck)",
+    )
+    health.set_defaults(handler=cmd_health)
+
+    demo = sub.add_parser(
+        "demo", parents=[json_flag], help="run a fan-out task end to end and print its tree"
+    )
+    demo.add_argument("--n", type=_positive_int, default=10, help="subtasks (default 10)")
+    demo.add_argument("--timeout", metavar="S", type=_positive_float, default=DEFAULT_WAIT_SECONDS)
+    demo.set_defaults(handler=cmd_demo)
     return parser
 
 
@@ -141,6 +511,55 @@ def _positive_int(raw: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {raw!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {raw!r}")
+    return value
+
+
+def _limit(raw: str) -> int:
+    value = _positive_int(raw)
+    if value > MAX_LIST_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_LIST_LIMIT}, got {value}")
+    return value
+
+
+def _status(raw: str) -> TaskStatus:
+    try:
+        return TaskStatus.from_string(raw.strip().lower())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _finished_statuses(raw: str) -> list[TaskStatus]:
+    statuses = [_status(part) for part in raw.split(",") if part.strip()]
+    unfinished = [s.value for s in statuses if s not in FINISHED_STATUSES]
+    if unfinished or not statuses:
+        raise argparse.ArgumentTypeError(
+            f"prune deletes finished tasks only: completed, failed, cancelled (got {raw!r})"
+        )
+    return statuses
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(raw: str) -> timedelta:
+    """`7d`, `12h`, `30m`, `45s`, `2w`, or a combination such as `1d12h`."""
+    text = raw.strip().lower()
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 7d, 12h, 30m, 45s or 1d12h, got {raw!r}"
+        )
+    return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,6 +585,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`tasklane list | head`): say nothing more, and keep Python from
+        # complaining about the stdout it cannot flush at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # the promise is one line, never a traceback
+        if os.environ.get("LOG_LEVEL", "").upper() == "DEBUG":
+            raise
+        print(
+            f"tasklane: unexpected error: {type(exc).__name__}: {_reason(exc)} "
+            "(LOG_LEVEL=DEBUG shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,374 @@
+"""How the CLI prints: one JSON document with `--json`, aligned readable text otherwise.
+
+A task in JSON is an object whose keys are the `tasks` columns, in table order: ids as strings,
+timestamps in ISO-8601. Readable output shows times in UTC with how long ago they were (by the
+database clock, like every other time decision in tasklane), and durations in short units.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from domain.entities import TaskAttempt, WorkerInfo
+from domain.value_objects import TaskStatus
+from persistence.repositories.report_repository import TASK_COLUMNS, TaskRow, TreeNode
+from worker.operator import (
+    ActionResult,
+    HealthReport,
+    PruneResult,
+    Stats,
+    TaskReport,
+    Tree,
+    duration,
+)
+
+NONE = "—"
+
+# -- JSON -----------------------------------------------------------------------------------------
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+def dumps(document: Any) -> str:
+    return json.dumps(document, default=_default, indent=2, ensure_ascii=False)
+
+
+def _plain(value: Any) -> Any:
+    """`value` with ids and timestamps as strings (so a document compares equal to its JSON)."""
+    return json.loads(json.dumps(value, default=_default))
+
+
+def task_json(row: TaskRow) -> dict[str, Any]:
+    return {column: _plain(row[column]) for column in TASK_COLUMNS}
+
+
+def attempt_json(attempt: TaskAttempt) -> dict[str, Any]:
+    return {k: _plain(v) for k, v in asdict(attempt).items()}
+
+
+def show_json(report: TaskReport) -> dict[str, Any]:
+    return {
+        **task_json(report.row),
+        "history": [attempt_json(a) for a in report.history],
+        "reason": report.reason,
+    }
+
+
+def tree_json(tree: Tree) -> dict[str, Any]:
+    """The root task with a `children` array, recursively (children in creation order)."""
+    documents: dict[Any, dict[str, Any]] = {}
+    root: dict[str, Any] | None = None
+    for node in tree.nodes:
+        document = {**task_json(node.row), "children": []}
+        documents[node.row["id"]] = document
+        parent = documents.get(node.row["parent_task_id"])
+        if node.depth == 0 or root is None:
+            root = document
+        elif parent is not None:
+            parent["children"].append(document)
+    assert root is not None
+    return root
+
+
+def stats_json(stats: Stats) -> dict[str, Any]:
+    return {
+        "by_status": stats.by_status,
+        "by_agent": stats.by_agent,
+        "total": stats.total,
+        "oldest_pending_seconds": (
+            None if stats.oldest_pending_seconds is None else round(stats.oldest_pending_seconds, 3)
+        ),
+        "pending_not_due": stats.pending_not_due,
+        "finished_last_minute": stats.finished_last_minute,
+        "finished_last_minute_by_status": stats.finished_last_minute_by_status,
+        "live_workers": stats.live_workers,
+        "workers": [worker_json(w, stats.now) for w in stats.workers],
+        "now": _plain(stats.now),
+    }
+
+
+def worker_json(worker: WorkerInfo, now: datetime) -> dict[str, Any]:
+    return {
+        **{k: _plain(v) for k, v in asdict(worker).items()},
+        "last_seen_seconds_ago": round(max(0.0, (now - worker.last_seen_at).total_seconds()), 3),
+    }
+
+
+def prune_json(result: PruneResult) -> dict[str, Any]:
+    return {
+        "dry_run": result.dry_run,
+        "cutoff": _plain(result.cutoff),
+        "statuses": [s.value for s in result.statuses],
+        "matched": result.matched,
+        "deleted": result.deleted,
+        "batches": result.batches,
+    }
+
+
+def health_json(report: HealthReport) -> dict[str, Any]:
+    return {
+        "ok": report.ok,
+        "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in report.checks},
+    }
+
+
+# -- readable: building blocks --------------------------------------------------------------------
+
+
+def table(headers: Sequence[str] | None, rows: Sequence[Sequence[str]], indent: str = "") -> str:
+    """Left-aligned columns separated by two spaces; the last column is not padded."""
+    all_rows = [list(headers)] if headers else []
+    all_rows += [list(r) for r in rows]
+    if not all_rows:
+        return ""
+    widths = [max(len(r[i]) for r in all_rows) for i in range(len(all_rows[0]))]
+    lines = []
+    for r in all_rows:
+        cells = [c.ljust(widths[i]) for i, c in enumerate(r[:-1])] + [r[-1]]
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return "\n".join(lines)
+
+
+def when(value: datetime | None, now: datetime) -> str:
+    """`2026-01-02 03:04:05 UTC (12s ago)`."""
+    if value is None:
+        return NONE
+    stamp = value.astimezone(tz=now.tzinfo).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{stamp} UTC ({relative(value, now)})"
+
+
+def relative(value: datetime | None, now: datetime) -> str:
+    if value is None:
+        return NONE
+    delta = (now - value).total_seconds()
+    if abs(delta) < 0.5:
+        return "just now"
+    return f"{duration(delta)} ago" if delta > 0 else f"in {duration(-delta)}"
+
+
+def compact(value: Any, limit: int | None = None) -> str:
+    if value is None:
+        return NONE
+    text = json.dumps(value, default=_default, ensure_ascii=False, separators=(", ", ": "))
+    if limit is not None and len(text) > limit:
+        return text[: limit - 1] + "…"
+    return text
+
+
+def _short(text: str | None, limit: int = 60) -> str:
+    if not text:
+        return NONE
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def took(row: TaskRow, now: datetime) -> str:
+    """Created → finished for a finished task; the age so far (with a +) otherwise."""
+    created: datetime = row["created_at"]
+    if row["completed_at"] is not None:
+        return duration(row["completed_at"] - created)
+    return duration(now - created) + "+"
+
+
+def _attempts(row: TaskRow) -> str:
+    limit = row["max_attempts"]
+    return f"{row['attempts']}/{limit}" if limit is not None else str(row["attempts"])
+
+
+# -- readable: commands ---------------------------------------------------------------------------
+
+
+def task_block(row: TaskRow, now: datetime, reason: str | None = None) -> str:
+    fields: list[tuple[str, str]] = [
+        ("task", str(row["id"])),
+        ("agent", row["agent_id"]),
+        ("status", row["status"]),
+    ]
+    if reason:
+        fields.append(("reason", reason))
+    fields += [
+        ("queue", row["queue"]),
+        ("conversation", str(row["conversation_id"])),
+        ("parent", str(row["parent_task_id"] or NONE)),
+        (
+            "attempts",
+            f"{_attempts(row)} (runs {row['runs']}, step {row['step']})",
+        ),
+        ("created", when(row["created_at"], now)),
+        ("run after", when(row["run_after"], now)),
+        ("started", when(row["started_at"], now)),
+        ("finished", when(row["completed_at"], now)),
+        ("took", took(row, now)),
+        ("worker", row["worker_id"] or NONE),
+        ("lease expires", when(row["lease_expires_at"], now)),
+        ("idempotency key", row["idempotency_key"] or NONE),
+        ("input", compact(row["input"])),
+        ("output", compact(row["output"])),
+        ("error", row["error"] or NONE),
+        ("metadata", compact(row["metadata"])),
+    ]
+    return table(None, [(name, value) for name, value in fields])
+
+
+def show_text(report: TaskReport) -> str:
+    parts = [task_block(report.row, report.now, report.reason or None), ""]
+    if not report.history:
+        parts.append("history: no runs yet")
+        return "\n".join(parts)
+    parts.append(f"history ({len(report.history)} run{'s' if len(report.history) != 1 else ''})")
+    rows = []
+    for a in report.history:
+        end = a.finished_at or report.now
+        rows.append(
+            [
+                str(a.run),
+                str(a.attempt),
+                a.outcome.value if a.outcome else "running",
+                relative(a.started_at, report.now),
+                duration(end - a.started_at) + ("" if a.finished_at else "+"),
+                a.worker_id or NONE,
+                _short(a.error, 80),
+            ]
+        )
+    headers = ["RUN", "ATTEMPT", "OUTCOME", "STARTED", "DURATION", "WORKER", "ERROR"]
+    parts.append(table(headers, rows, indent="  "))
+    return "\n".join(parts)
+
+
+def list_text(rows: Sequence[TaskRow], now: datetime) -> str:
+    if not rows:
+        return "no tasks"
+    headers = ["ID", "AGENT", "STATUS", "ATTEMPTS", "CREATED", "TOOK", "ERROR"]
+    body = [
+        [
+            str(r["id"]),
+            r["agent_id"],
+            r["status"],
+            _attempts(r),
+            relative(r["created_at"], now),
+            took(r, now),
+            _short(r["error"], 50),
+        ]
+        for r in rows
+    ]
+    return table(headers, body)
+
+
+def tree_text(tree: Tree) -> str:
+    """An indented tree: status, how long each task took, how long its handler ran."""
+    children: dict[Any, list[TreeNode]] = {}
+    for node in tree.nodes[1:]:
+        children.setdefault(node.row["parent_task_id"], []).append(node)
+    lines: list[list[str]] = []
+
+    def walk(node: TreeNode, prefix: str, branch: str) -> None:
+        row = node.row
+        runs = row["runs"]
+        ran = f"ran {duration(node.run_seconds)}" + (f" in {runs} runs" if runs > 1 else "")
+        result = (
+            f"error: {_short(row['error'], 50)}"
+            if row["error"] and row["status"] != TaskStatus.COMPLETED.value
+            else compact(row["output"], 40)
+            if row["output"] is not None
+            else ""
+        )
+        lines.append(
+            [
+                prefix + branch + row["agent_id"],
+                str(row["id"]),
+                row["status"],
+                f"took {took(row, tree.now)}",
+                ran if runs else "not run",
+                result,
+            ]
+        )
+        kids = children.get(row["id"], [])
+        below = prefix + ("" if not branch else "   " if branch == "└─ " else "│  ")
+        for i, kid in enumerate(kids):
+            walk(kid, below, "└─ " if i == len(kids) - 1 else "├─ ")
+
+    walk(tree.nodes[0], "", "")
+    return table(None, lines)
+
+
+def stats_text(stats: Stats) -> str:
+    statuses = [s.value for s in TaskStatus]
+    headers = ["AGENT", *[s.upper() for s in statuses], "TOTAL"]
+    rows = [
+        [agent, *[str(counts[s]) for s in statuses], str(sum(counts.values()))]
+        for agent, counts in sorted(stats.by_agent.items())
+    ]
+    rows.append(["total", *[str(stats.by_status[s]) for s in statuses], str(stats.total)])
+    oldest = (
+        NONE
+        if stats.oldest_pending_seconds is None
+        else f"{duration(stats.oldest_pending_seconds)} (due and not yet claimed)"
+    )
+    finished = ", ".join(f"{n} {s}" for s, n in stats.finished_last_minute_by_status.items())
+    summary = [
+        ("oldest pending", oldest),
+        ("pending, not due yet", str(stats.pending_not_due)),
+        (
+            "finished last minute",
+            f"{stats.finished_last_minute}" + (f" ({finished})" if finished else ""),
+        ),
+        ("live workers", str(stats.live_workers)),
+    ]
+    parts = [table(headers, rows), "", table(None, summary)]
+    if stats.workers:
+        worker_rows = [
+            [
+                w.id,
+                w.queue,
+                ",".join(w.agents),
+                relative(w.started_at, stats.now),
+                relative(w.last_seen_at, stats.now),
+            ]
+            for w in stats.workers
+        ]
+        parts += [
+            "",
+            table(["WORKER", "QUEUE", "AGENTS", "STARTED", "LAST SEEN"], worker_rows),
+        ]
+    return "\n".join(parts)
+
+
+def action_text(result: ActionResult, now: datetime) -> str:
+    return "\n".join([result.message, "", task_block(result.row, now)])
+
+
+def prune_text(result: PruneResult, now: datetime) -> str:
+    which = ", ".join(s.value for s in result.statuses)
+    before = when(result.cutoff, now)
+    if result.dry_run:
+        return f"would delete {result.matched} task(s) ({which}) finished before {before}"
+    batches = f" in {result.batches} batch{'es' if result.batches != 1 else ''}"
+    return f"deleted {result.deleted} task(s) ({which}) finished before {before}{batches}"
+
+
+def health_text(report: HealthReport) -> str:
+    rows = [[c.name, "ok" if c.ok else "FAIL", c.detail] for c in report.checks]
+    verdict = "healthy" if report.ok else "unhealthy"
+    return table(None, rows) + "\n" + verdict
+
+
+def submit_text(row: TaskRow) -> str:
+    return (
+        f"submitted task {row['id']} ({row['agent_id']}, {row['status']}) "
+        f"in conversation {row['conversation_id']}"
+    )
