@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from domain.exceptions import AttemptsExhaustedError, InvalidInputError, InvalidTransitionError
+from domain.ids import new_id
 from domain.payload import JsonValue
 from domain.value_objects import AttemptOutcome, TaskStatus
 
@@ -24,7 +25,7 @@ class Task:
     conversation_id: UUID
     agent_id: str
     input: JsonValue = field(default_factory=dict)
-    id: UUID = field(default_factory=uuid4)
+    id: UUID = field(default_factory=new_id)
     parent_task_id: UUID | None = None
     status: TaskStatus = TaskStatus.PENDING
     output: JsonValue = None
@@ -168,7 +169,7 @@ class Conversation:
     user_id: str
     title: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-    id: UUID = field(default_factory=uuid4)
+    id: UUID = field(default_factory=new_id)
     created_at: datetime | None = None
     updated_at: datetime | None = None
 

@@ -145,3 +145,16 @@ def statuses(children: list[Any]) -> list[str]:
 async def twice(ctx: TaskContext) -> dict[str, Any]:
     """Always fails; its decorator allows 2 attempts."""
     raise RuntimeError(f"attempt {ctx.attempt} failed")
+
+
+@agent("t_cancellable")
+async def cancellable(ctx: TaskContext) -> dict[str, Any]:
+    """Marks 'started', sleeps input.seconds; marks 'interrupted' if cancelled meanwhile."""
+    await mark(ctx, "started")
+    try:
+        await asyncio.sleep(float(ctx.input["seconds"]))
+    except asyncio.CancelledError:
+        await asyncio.shield(mark(ctx, "interrupted"))
+        raise
+    await mark(ctx, "finished")
+    return {"finished": True}

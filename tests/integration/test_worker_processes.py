@@ -7,6 +7,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from redis.asyncio import Redis
@@ -34,6 +35,7 @@ def processes() -> Iterator[list[WorkerProcess]]:
 
 
 def start(processes: list[WorkerProcess], settings: Settings, **kwargs: object) -> WorkerProcess:
+    settings = replace(settings, log_level="INFO")  # wait_started reads the worker.started line
     process = WorkerProcess(settings, **kwargs)  # type: ignore[arg-type]
     processes.append(process)
     return process.wait_started()
@@ -194,7 +196,7 @@ async def test_logs_carry_task_context_and_no_password(
     # trust authentication ignores the password, so the worker connects all the same
     secret = "s3cr3t-Pa55word"
     url = url_for(database).replace("postgres@", f"postgres:{secret}@")
-    settings = make_settings(url, redis_url, queue)
+    settings = make_settings(url, redis_url, queue, log_level="INFO")
     worker = start(processes, settings)
     task = await client.submit("fail", {"fail_times": 1}, conversation_id=conversation.id)
     await client.wait(task.id, timeout=15)

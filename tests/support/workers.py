@@ -31,6 +31,7 @@ FAST = {
     "retry_base_seconds": 0.05,
     "retry_max_seconds": 0.5,
     "shutdown_grace_seconds": 2.0,
+    "log_level": "WARNING",  # tests that read the logs ask for INFO
 }
 
 ENV_NAMES = {
