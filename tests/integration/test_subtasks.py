@@ -261,3 +261,15 @@ async def test_the_tree_finishes_when_workers_are_killed(
     done = await client.wait(parent.id, timeout=60)
     assert done.status is TaskStatus.COMPLETED
     assert [c["status"] for c in done.output["children"]] == ["completed"] * 3
+
+
+async def test_invariants_hold_after_a_tree(
+    client: TaskClient, conversation: Conversation, worker: WorkerRuntime, database_url: str
+) -> None:
+    from tests.support.invariants import check_invariants
+
+    root = await client.submit("t_nest", {"depth": 2, "width": 3}, conversation_id=conversation.id)
+    flaky = await client.submit("fail", {"fail_times": 2}, conversation_id=conversation.id)
+    await client.wait(root.id, timeout=30)
+    await client.wait(flaky.id, timeout=30)
+    await check_invariants(database_url)

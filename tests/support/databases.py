@@ -77,11 +77,13 @@ async def _execute(database: str, sql: str, server_url: str = SERVER_URL) -> Non
 
 
 def create_migrated_template(server_url: str = SERVER_URL) -> str:
-    """The migrated schema, plus the `test_marks` table the test agents write to."""
+    """The migrated schema, plus what only tests use: the `test_marks` table the test agents
+    write to, and the audit trigger that records every task transition (support/invariants.py)."""
     from tests.agents import MARKS_DDL
+    from tests.support.invariants import AUDIT_DDL
 
     name = unique_name("tasklane_test_tpl")
     asyncio.run(create_database(name, server_url=server_url))
     migrate(url_for(name, server_url))
-    asyncio.run(_execute(name, MARKS_DDL, server_url))
+    asyncio.run(_execute(name, MARKS_DDL + ";" + AUDIT_DDL, server_url))
     return name
