@@ -134,10 +134,8 @@ def _check_history(task_id: UUID, transitions: list[object], operator_retries: b
         if new in FINAL and old != new:
             finals += 1
         if old_attempts is not None and new_attempts < old_attempts:
-            allowed = (
-                (old, new) in {("waiting", "pending"), ("failed", "pending")}
-                or (old, new) == ("running", "pending")
-                and new_attempts == old_attempts - 1
+            allowed = (old, new) in {("waiting", "pending"), ("failed", "pending")} or (
+                (old, new) == ("running", "pending") and new_attempts == old_attempts - 1
             )
             if not allowed:
                 problems.append(f"{where}: attempts went down {old_attempts} → {new_attempts}")
