@@ -77,7 +77,8 @@ class BaseRepository(Generic[TModel, TEntity]):
         try:
             await self.session.flush()
         except SQLAlchemyError as exc:
-            self.session.expunge(model)
+            if model in self.session:  # a failed flush may already have expunged it
+                self.session.expunge(model)
             translate(exc, self.entity_name)
         return model
 
@@ -161,6 +162,7 @@ class BaseRepository(Generic[TModel, TEntity]):
     ) -> tuple[list[TModel], int]:
         if page < 1:
             raise InvalidInputError(f"page must be at least 1, got {page}")
+        _check_window(page_size, (page - 1) * page_size)  # before the count: bad input, no SQL
         stmt = self._select(filters)
         count = select(func.count()).select_from(stmt.order_by(None).subquery())
         try:

@@ -209,7 +209,7 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
             conditions.append(cast(TaskModel.input, String).ilike(pattern + "%", escape="\\"))
         stmt = (
             select(TaskModel)
-            .where(and_(*conditions))
+            .where(*conditions)
             .order_by(TaskModel.created_at.desc(), TaskModel.id)
             .limit(limit)
             .execution_options(populate_existing=True)
