@@ -4,6 +4,12 @@ A doorbell carries only the task id; Postgres decides whether there is anything 
 writes arq's job key and queue entry directly, many at once in one pipelined round trip, with
 the same layout `ArqRedis.enqueue_job` uses. Both writes are NX: a doorbell still queued (same
 task, same run) is not queued twice.
+
+Every doorbell is for a task that is due now (later work is left to the reconciler), so its
+queue score is a constant instead of the ringer's clock: a worker whose clock runs behind the
+producer's would otherwise not see the doorbell until its own clock caught up. Equal scores are
+served in job-id order, and job ids start with the task id (time-ordered), so older tasks go
+first.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from domain.entities import Doorbell
 from worker.serialization import serialize
 
 JOB_FUNCTION = "run_task"
+# arq treats a zero score as "no such job"; any constant in the past will do.
+DUE_NOW_SCORE = 1
 
 
 class Dispatcher:
@@ -36,7 +44,7 @@ class Dispatcher:
                     JOB_FUNCTION, (str(doorbell.task_id),), {}, None, now, serializer=serialize
                 )
                 pipe.set(job_key_prefix + doorbell.job_id, job, px=expires_extra_ms, nx=True)
-                pipe.zadd(self.queue, {doorbell.job_id: now}, nx=True)
+                pipe.zadd(self.queue, {doorbell.job_id: DUE_NOW_SCORE}, nx=True)
             await pipe.execute()
 
     async def queued(self) -> int:
