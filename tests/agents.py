@@ -158,3 +158,32 @@ async def cancellable(ctx: TaskContext) -> dict[str, Any]:
         raise
     await mark(ctx, "finished")
     return {"finished": True}
+
+
+@agent("t_graceful")
+async def graceful(ctx: TaskContext) -> dict[str, Any]:
+    """Marks 'started', sleeps input.seconds on the task's first run (input.then, default 0, on
+    later runs), marks 'finished'; marks 'interrupted' if cancelled meanwhile."""
+    await mark(ctx, "started")
+    seconds = ctx.input["seconds"] if ctx.task.runs == 1 else ctx.input.get("then", 0)
+    try:
+        await asyncio.sleep(float(seconds))
+    except asyncio.CancelledError:
+        await asyncio.shield(mark(ctx, "interrupted"))
+        raise
+    await mark(ctx, "finished")
+    return {"run": ctx.task.runs, "pid": os.getpid()}
+
+
+@agent("t_block_until")
+async def block_until(ctx: TaskContext) -> dict[str, Any]:
+    """On the task's first run, marks 'started' and blocks the event loop (time.sleep) until the
+    file input.release exists (at most input.max_seconds, default 60); other runs return at once.
+    Returns the run and the pid that produced the output."""
+    await mark(ctx, "started")
+    if ctx.task.runs == 1:
+        deadline = time.monotonic() + float(ctx.input.get("max_seconds", 60))
+        release = ctx.input["release"]
+        while not os.path.exists(release) and time.monotonic() < deadline:  # noqa: ASYNC240
+            time.sleep(0.05)  # noqa: ASYNC251 - blocking the loop is the point
+    return {"run": ctx.task.runs, "pid": os.getpid()}
