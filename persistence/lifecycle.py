@@ -85,6 +85,19 @@ async def claim(
     return [task_from_row(row) for row in rows]
 
 
+async def adopt(
+    ex: Executor, ids: Sequence[UUID], *, worker_id: str, lease_seconds: float
+) -> list[Task]:
+    """The tasks among `ids` running under `worker_id`, their leases renewed: claims of ours that
+    committed although we never heard back."""
+    if not ids:
+        return []
+    rows = await ex.fetch(
+        q.ADOPT, ids=list(ids), worker_id=worker_id, lease_seconds=float(lease_seconds)
+    )
+    return [task_from_row(row) for row in rows]
+
+
 @dataclass(frozen=True, slots=True)
 class Miss:
     """Why a doorbell claimed nothing."""

@@ -116,6 +116,16 @@ WITH candidates AS (
 SELECT {TASK_COLUMNS} FROM claimed
 """)
 
+# After a claim whose outcome is unknown (the connection died around its commit): the claims of
+# ours that did commit, taken up again with a fresh lease. Only for the ids of that claim: a run
+# this worker gave up on for another reason is left to lease expiry, its attempt counted.
+ADOPT = Sql(f"""
+UPDATE tasks AS t
+SET lease_expires_at = now() + make_interval(secs => :lease_seconds), updated_at = now()
+WHERE t.id = ANY(CAST(:ids AS uuid[])) AND t.status = '{RUNNING}' AND t.worker_id = :worker_id
+RETURNING {TASK_COLUMNS}
+""")
+
 # Why a doorbell claimed nothing: read once, only on a miss, for the log line.
 EXPLAIN_MISS = Sql("""
 SELECT status, runs, attempts, max_attempts,

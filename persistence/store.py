@@ -4,6 +4,8 @@ Claims and root-task completions of concurrent jobs are grouped into one stateme
 worker is busy (`Batcher`). Everything touching a subtask runs in a short transaction that locks
 the parent first. Deadlocks, serialization failures and dropped connections are retried: every
 statement here is fenced (status + run number), so running one twice never applies it twice.
+A claim is the one write whose retry must also recognise its own success: after a claim that got
+no answer, the next claim of those tasks adopts any of them already running under this worker.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class LifecycleStore:
         self._completions: Batcher[tuple[UUID, int, str], bool] = Batcher(
             "complete", self._complete_batch, busy=busy, window=batch_window, max_size=batch_max
         )
+        # Tasks whose last claim statement got no answer: it may have committed all the same.
+        self._unsure_claims: set[UUID] = set()
 
     async def close(self) -> None:
         await self._claims.drain()
@@ -115,14 +119,34 @@ class LifecycleStore:
         return await self._claims.submit(task_id)
 
     async def _claim_batch(self, ids: list[UUID]) -> list[Task | None]:
+        wanted = sorted(set(ids))
+
         async def op(ex: Executor) -> list[Task]:
-            return await lifecycle.claim(
-                ex,
-                sorted(set(ids)),
-                worker_id=self.config.worker_id,
-                lease_seconds=self.config.lease_seconds,
-                default_max_attempts=self.config.default_max_attempts,
-            )
+            # A claim whose connection died around its commit may have claimed: retried, it
+            # would miss its own claim, and the task would sit running until its lease ran out,
+            # an attempt spent and its handler never run. Take up what it got first.
+            unsure = [task_id for task_id in wanted if task_id in self._unsure_claims]
+            try:
+                adopted = await lifecycle.adopt(
+                    ex,
+                    unsure,
+                    worker_id=self.config.worker_id,
+                    lease_seconds=self.config.lease_seconds,
+                )
+                claimed = await lifecycle.claim(
+                    ex,
+                    wanted,
+                    worker_id=self.config.worker_id,
+                    lease_seconds=self.config.lease_seconds,
+                    default_max_attempts=self.config.default_max_attempts,
+                )
+            except BaseException:
+                self._unsure_claims.update(wanted)
+                raise
+            self._unsure_claims.difference_update(wanted)
+            if adopted:
+                log.warning("adopted %d claim(s) that committed without an answer", len(adopted))
+            return adopted + claimed
 
         claimed = {task.id: task for task in await self._run("claim", op, tx=False)}
         # Duplicate doorbells for one task inside a batch: only the first gets the claim.

@@ -86,6 +86,7 @@ class WorkerRuntime:
         self.log = structlog.get_logger("tasklane.worker")
         self.heartbeat = Heartbeat(store, interval=settings.heartbeat_seconds, log=self.log)
         self.in_flight = 0
+        self._running: dict[UUID, int] = {}  # task id → the run this process is running
 
     def busy(self) -> bool:
         return self.in_flight > BATCH_ABOVE_IN_FLIGHT
@@ -100,8 +101,19 @@ class WorkerRuntime:
         self.in_flight += 1
         try:
             task = await self._claim(task_id)
-            if task is not None:
+            if task is None:
+                return
+            if self._running.get(task.id) == task.runs:
+                # A claim adopted after a dropped connection (LifecycleStore.claim) can hand
+                # back a run that a duplicate doorbell is already running here.
+                self.log.info("doorbell.ignored", task_id=str(task_id), reason="running here")
+                return
+            self._running[task.id] = task.runs
+            try:
                 await self._run_claimed(task)
+            finally:
+                if self._running.get(task.id) == task.runs:
+                    del self._running[task.id]
         finally:
             self.in_flight -= 1
 
