@@ -78,12 +78,15 @@ def translate(exc: BaseException, entity: str) -> NoReturn:
         match = _UNIQUE_DETAIL.search(detail)
         what = f"{match['column']}={match['value']!r}" if match else constraint or "unique key"
         raise EntityAlreadyExistsError(entity, f"{what} is already taken") from exc
+    # The primary message only: str(pg) adds the DETAIL "Failing row contains (…)", which would
+    # copy task input (possibly secrets) into error messages and logs.
+    message = getattr(pg, "message", None) or type(pg).__name__
     if state in (NOT_NULL_VIOLATION, CHECK_VIOLATION):
         rule = constraint or getattr(pg, "column_name", None)
         where = f" ({rule})" if rule else ""
-        raise InvalidInputError(f"{entity} rejected by the database{where}: {pg}") from exc
+        raise InvalidInputError(f"{entity} rejected by the database{where}: {message}") from exc
     if state.startswith(DATA_EXCEPTION_CLASS):
-        raise InvalidInputError(f"{entity} rejected by the database: {pg}") from exc
+        raise InvalidInputError(f"{entity} rejected by the database: {message}") from exc
     raise exc
 
 

@@ -76,6 +76,8 @@ def insert_params(
     redispatch interval when the caller sends it right after commit, 0 when it leaves that to
     the reconciler.
     """
+    if len(dispatch_delays) != len(tasks):  # unnest would pad the shorter array with NULLs
+        raise ValueError(f"{len(tasks)} tasks, {len(dispatch_delays)} dispatch delays")
     return {
         "ids": [t.id for t in tasks],
         "conversation_ids": [t.conversation_id for t in tasks],

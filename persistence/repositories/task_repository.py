@@ -19,7 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from domain.entities import Doorbell, Task, TaskAttempt
-from domain.exceptions import ConcurrentUpdateError, EntityNotFoundError, InvalidInputError
+from domain.exceptions import (
+    ConcurrentUpdateError,
+    EntityNotFoundError,
+    InvalidInputError,
+    InvalidTransitionError,
+)
 from domain.interfaces import CancelResult, ITaskRepository, Page, RetryResult
 from domain.payload import encode_json
 from domain.value_objects import FINISHED_STATUSES, UNFINISHED_STATUSES, TaskStatus
@@ -45,6 +50,21 @@ _UPDATABLE = (
     "completed_at",
     "step",
 )
+
+
+def _can_lead_to(target: TaskStatus) -> frozenset[TaskStatus]:
+    """Statuses from which `target` is reached by zero or more moves of the transition table.
+
+    An entity read once may take several steps before `update` writes it (pending → running →
+    completed), so `update` checks reachability, not one step: a final state leads nowhere.
+    """
+    found, frontier = {target}, [target]
+    while frontier:
+        for source in TaskStatus.sources_of(frontier.pop()):
+            if source not in found:
+                found.add(source)
+                frontier.append(source)
+    return frozenset(found)
 
 
 # (column name, attribute name) of every mapped column: `metadata` lives in `metadata_`.
@@ -120,17 +140,20 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         found = await self._find_many({"idempotency_key": key}, limit=1)
         return self._to_entity(found[0]) if found else None
 
+    # Lookups by a caller's list of keys return every match: no page-size window applies.
+
     async def get_many_by_idempotency_keys(self, keys: Sequence[str]) -> dict[str, Task]:
         if not keys:
             return {}
-        found = await self._find_many({"idempotency_key": list(set(keys))}, limit=len(set(keys)))
-        return {m.idempotency_key: self._to_entity(m) for m in found if m.idempotency_key}
+        stmt = self._select({"idempotency_key": list(set(keys))})
+        found = await self._entities(stmt.execution_options(populate_existing=True))
+        return {t.idempotency_key: t for t in found if t.idempotency_key}
 
     async def get_many(self, task_ids: Sequence[UUID]) -> list[Task]:
         if not task_ids:
             return []
-        found = await self._find_many({"id": list(task_ids)}, limit=len(task_ids))
-        return [self._to_entity(m) for m in found]
+        stmt = self._select({"id": list(set(task_ids))})
+        return await self._entities(stmt.execution_options(populate_existing=True))
 
     async def find_pending_for_agent(
         self, agent_id: str, *, limit: int = 100, skip_locked: bool = False
@@ -256,7 +279,9 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         """Write the entity's state if nobody changed the row since it was read.
 
         Raises `ConcurrentUpdateError` when the row's version moved on, `EntityNotFoundError`
-        when it is gone. Never silently overwrites a concurrent change.
+        when it is gone, `InvalidTransitionError` when the stored status may not change to the
+        entity's: no path in the transition table leads there (final states stay final). Never
+        silently overwrites a concurrent change.
         """
         output = task.output
         encode_json(output, what="output")  # clear error for a bad payload before any SQL
@@ -266,7 +291,11 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         values["metadata_"] = values.pop("metadata")
         stmt = (
             update(TaskModel)
-            .where(TaskModel.id == task.id, TaskModel.version == task.version)
+            .where(
+                TaskModel.id == task.id,
+                TaskModel.version == task.version,
+                TaskModel.status.in_([s.value for s in _can_lead_to(task.status)]),
+            )
             .values(**values, version=TaskModel.version + 1, updated_at=func.now())
             .returning(*TaskModel.__table__.c)
             .execution_options(synchronize_session=False)
@@ -279,7 +308,11 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
             current = await self.get_by_id(task.id)
             if current is None:
                 raise EntityNotFoundError("Task", task.id)
-            raise ConcurrentUpdateError("Task", task.id, task.version)
+            if current.version != task.version:
+                raise ConcurrentUpdateError("Task", task.id, task.version)
+            raise InvalidTransitionError(
+                current.status.value, task.status.value, task.id, "no path in the transition table"
+            )
         return task_from_row(row)
 
     # -- operator actions -----------------------------------------------------------------------

@@ -20,6 +20,7 @@ from domain.exceptions import (
     EntityNotFoundError,
     InvalidFilterError,
     InvalidInputError,
+    InvalidTransitionError,
 )
 from domain.value_objects import AttemptOutcome, TaskStatus
 from persistence import lifecycle
@@ -234,6 +235,44 @@ async def test_bad_input_is_refused_before_any_sql(
     assert sent == []
 
 
+async def test_create_many_skipping_taken_keys_leaves_them_out(
+    uow: UnitOfWork, conv: Conversation
+) -> None:
+    [existing] = await insert(uow, make(conv, idempotency_key="taken"))
+    fresh, again = make(conv, idempotency_key="fresh"), make(conv, idempotency_key="taken")
+    plain = make(conv)
+    async with uow:
+        created = await uow.tasks.create_many([fresh, again, plain], skip_taken_keys=True)
+        await uow.commit()
+    assert [t.id for t in created] == [fresh.id, plain.id]
+    async with uow:
+        assert await uow.tasks.get_by_idempotency_key("taken") == existing
+        assert await uow.tasks.get_by_id(again.id) is None
+
+
+async def test_create_many_dispatch_delays(uow: UnitOfWork, conv: Conversation) -> None:
+    now_due, later = make(conv), make(conv)
+    async with uow:
+        await uow.tasks.create_many([now_due, later], dispatch_delays=[0, 60])
+        rows = (
+            await uow.session.execute(
+                text("SELECT id, dispatch_after - created_at AS d FROM tasks")
+            )
+        ).all()
+        await uow.commit()
+    delays = {row.id: row.d for row in rows}
+    assert delays == {now_due.id: timedelta(0), later.id: timedelta(seconds=60)}
+
+
+async def test_create_many_needs_one_dispatch_delay_per_task(
+    uow: UnitOfWork, conv: Conversation, engine: AsyncEngine
+) -> None:
+    async with uow:
+        with statements(engine) as sent, pytest.raises(ValueError, match="2 tasks, 1 dispatch"):
+            await uow.tasks.create_many([make(conv), make(conv)], dispatch_delays=[0.0])
+    assert sent == []
+
+
 # -- read ---------------------------------------------------------------------------------------
 
 
@@ -245,6 +284,22 @@ async def test_get_by_id_and_by_idempotency_key(uow: UnitOfWork, conv: Conversat
         assert await uow.tasks.get_by_idempotency_key("ka") == a
         assert await uow.tasks.get_by_idempotency_key("nope") is None
         assert (await uow.tasks.get_by_id(b.id)) == b
+
+
+async def test_get_many_by_ids_and_by_keys_beyond_one_page(
+    uow: UnitOfWork, conv: Conversation
+) -> None:
+    tasks = await insert(uow, *[make(conv, idempotency_key=f"k{i}") for i in range(1500)])
+    ids = [t.id for t in tasks]
+    keys = [f"k{i}" for i in range(1500)]
+    async with uow:
+        by_id = await uow.tasks.get_many(ids)
+        by_key = await uow.tasks.get_many_by_idempotency_keys([*keys, "k0", "unknown"])
+        assert await uow.tasks.get_many([]) == []
+        assert await uow.tasks.get_many_by_idempotency_keys([]) == {}
+    assert {t.id for t in by_id} == set(ids)
+    assert len(by_id) == 1500
+    assert {k: t.id for k, t in by_key.items()} == dict(zip(keys, ids, strict=True))
 
 
 async def test_get_by_id_sees_changes_made_by_lifecycle_statements(
@@ -359,6 +414,43 @@ async def test_racing_updates_exactly_one_wins(
     final = await fetch(uow, task.id)
     assert final.metadata == {"by": winners[0]}
     assert final.version == 2
+
+
+@pytest.mark.parametrize("final", [TaskStatus.COMPLETED, TaskStatus.CANCELLED])
+@pytest.mark.parametrize("target", [TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.FAILED])
+async def test_update_never_moves_a_task_out_of_a_final_state(
+    uow: UnitOfWork, conv: Conversation, final: TaskStatus, target: TaskStatus
+) -> None:
+    [task] = await insert(uow, make(conv))
+    await set_finished(uow, task.id, final)
+    stored = await fetch(uow, task.id)
+    changed = await fetch(uow, task.id)
+    changed.status = target  # around the entity's methods, which would refuse
+    async with uow:
+        with pytest.raises(InvalidTransitionError, match=f"{final.value} → {target.value}") as info:
+            await uow.tasks.update(changed)
+    assert info.value.task_id == task.id
+    assert await fetch(uow, task.id) == stored
+
+
+async def test_update_allows_any_path_through_the_table(
+    uow: UnitOfWork, conv: Conversation
+) -> None:
+    [task] = await insert(uow, make(conv, max_attempts=2))
+    loaded = await fetch(uow, task.id)
+    assert loaded.created_at is not None
+    at = loaded.created_at
+    loaded.start(worker_id="w", lease_expires_at=at + timedelta(seconds=30), at=at)
+    loaded.fail("boom", at=at)
+    loaded.retry(at=at)  # pending → running → failed → pending, written at once
+    async with uow:
+        written = await uow.tasks.update(loaded)
+        await uow.commit()
+    assert (written.status, written.attempts, written.version) == (TaskStatus.PENDING, 0, 2)
+    written.metadata = {"note": "same status is fine"}
+    async with uow:
+        assert (await uow.tasks.update(written)).metadata == {"note": "same status is fine"}
+        await uow.commit()
 
 
 async def test_update_of_a_deleted_task_is_not_found(uow: UnitOfWork, conv: Conversation) -> None:

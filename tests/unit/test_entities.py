@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import uuid4
+from uuid import RFC_4122, UUID, uuid4
 
 import pytest
 
 from domain.entities import Agent, Conversation, Doorbell, Task
 from domain.exceptions import AttemptsExhaustedError, InvalidInputError, InvalidTransitionError
+from domain.ids import new_id
 from domain.value_objects import TaskStatus
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -318,3 +320,14 @@ def test_doorbell_job_id_names_the_next_run() -> None:
     task_id = uuid4()
     assert Doorbell(task_id, 0).job_id == f"{task_id}:1"
     assert Doorbell(task_id, 3).job_id == f"{task_id}:4"
+
+
+def test_new_ids_are_uuid7_and_strictly_increasing() -> None:
+    # Enough ids to overflow the per-millisecond counter at least once.
+    ids = [new_id() for _ in range(20_000)]
+    assert all(i.version == 7 for i in ids)
+    assert all(i.variant == RFC_4122 for i in ids)
+    assert all(a < b for a, b in itertools.pairwise(ids))
+    assert len(set(ids)) == len(ids)
+    assert isinstance(Task(conversation_id=uuid4(), agent_id="a").id, UUID)
+    assert Task(conversation_id=uuid4(), agent_id="a").id.version == 7

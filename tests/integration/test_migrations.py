@@ -1,0 +1,133 @@
+"""Migrations == models: upgrade an empty database, compare with the metadata, go down and up.
+
+The database here is created empty (not from the migrated template) and dropped afterwards.
+Alembic's commands run their own event loop (migrations/env.py), so they run in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy.engine import Connection
+
+from persistence.models import Base
+from persistence.schema import SCHEMA_REVISION
+from persistence.session import create_engine
+from tests.support.databases import (
+    alembic_config,
+    create_database,
+    drop_database,
+    plain_url_for,
+    unique_name,
+    url_for,
+)
+
+
+@pytest.fixture
+async def empty_database() -> AsyncIterator[str]:
+    name = unique_name("tasklane_test_migrations")
+    await create_database(name)
+    try:
+        yield name
+    finally:
+        await drop_database(name)
+
+
+async def alembic(command_name: str, url: str, *args: Any) -> None:
+    await asyncio.to_thread(getattr(command, command_name), alembic_config(url), *args)
+
+
+def _diff(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(
+        connection, opts={"compare_type": True, "compare_server_default": True}
+    )
+    return list(compare_metadata(context, Base.metadata))
+
+
+async def schema_diff(url: str) -> list[Any]:
+    engine = create_engine(url, pool_size=1, max_overflow=0)
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(_diff)
+    finally:
+        await engine.dispose()
+
+
+async def catalog(database: str) -> dict[str, list[str]]:
+    conn = await asyncpg.connect(plain_url_for(database))
+    try:
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+        )
+        indexes = await conn.fetch(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1"
+        )
+        version = await conn.fetch("SELECT version_num FROM alembic_version")
+    finally:
+        await conn.close()
+    return {
+        "tables": [r["tablename"] for r in tables],
+        "indexes": [r["indexname"] for r in indexes],
+        "version": [r["version_num"] for r in version],
+    }
+
+
+async def catalog_or_empty(database: str) -> dict[str, list[str]]:
+    """Like `catalog`, for a database that has no alembic_version table yet."""
+    conn = await asyncpg.connect(plain_url_for(database))
+    try:
+        tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    finally:
+        await conn.close()
+    return {"tables": [r["tablename"] for r in tables]}
+
+
+async def test_upgrade_compare_downgrade_upgrade(empty_database: str) -> None:
+    url = url_for(empty_database)
+    assert (await catalog_or_empty(empty_database))["tables"] == []
+
+    await alembic("upgrade", url, "head")
+    after_upgrade = await catalog(empty_database)
+    assert after_upgrade["tables"] == [
+        "agents",
+        "alembic_version",
+        "conversations",
+        "task_attempts",
+        "tasks",
+        "workers",
+    ]
+    assert after_upgrade["version"] == [SCHEMA_REVISION]
+    assert await schema_diff(url) == []
+    await alembic("check", url)  # what `alembic check` in CI would say
+
+    await alembic("downgrade", url, "base")
+    after_downgrade = await catalog(empty_database)
+    assert after_downgrade["tables"] == ["alembic_version"]
+    assert after_downgrade["indexes"] == ["alembic_version_pkc"]
+    assert after_downgrade["version"] == []
+
+    await alembic("upgrade", url, "head")
+    assert await catalog(empty_database) == after_upgrade
+    assert await schema_diff(url) == []
+
+
+async def test_the_comparison_does_see_drift(empty_database: str) -> None:
+    """The no-diff assertion above can fail: a hand-made change to the schema shows up."""
+    url = url_for(empty_database)
+    await alembic("upgrade", url, "head")
+    conn = await asyncpg.connect(plain_url_for(empty_database))
+    try:
+        await conn.execute("DROP INDEX ix_tasks_pending_agent")
+        await conn.execute("ALTER TABLE tasks ADD COLUMN surprise text")
+    finally:
+        await conn.close()
+    diff = await schema_diff(url)
+    kinds = sorted(d[0] if isinstance(d, tuple) else d[0][0] for d in diff)
+    assert kinds == ["add_index", "remove_column"], diff

@@ -1,0 +1,245 @@
+"""The schema as other services see it: plain SQL, server defaults, constraints, cascades."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from uuid import UUID
+
+import asyncpg
+import pytest
+from alembic.script import ScriptDirectory
+
+from domain.entities import Conversation, Task
+from domain.exceptions import InvalidInputError
+from domain.value_objects import TaskStatus
+from persistence.schema import SCHEMA_REVISION, SchemaError, check_schema
+from persistence.session import UnitOfWork
+from tests.support.databases import alembic_config, plain_url_for
+
+
+@pytest.fixture
+async def pg(database: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain asyncpg connection: how another service that knows only SQL talks to tasklane."""
+    conn = await asyncpg.connect(plain_url_for(database))
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def conv_id(pg: asyncpg.Connection) -> UUID:
+    value = await pg.fetchval("INSERT INTO conversations (user_id) VALUES ('u1') RETURNING id")
+    assert isinstance(value, UUID)
+    return value
+
+
+async def insert_task(pg: asyncpg.Connection, conv_id: UUID, **columns: object) -> UUID:
+    names = ["conversation_id", "agent_id", "input", *columns]
+    values = [conv_id, "echo", '{"x": 1}', *columns.values()]
+    placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+    task_id = await pg.fetchval(
+        f"INSERT INTO tasks ({', '.join(names)}) VALUES ({placeholders}) RETURNING id", *values
+    )
+    assert isinstance(task_id, UUID)
+    return task_id
+
+
+async def test_a_task_inserted_with_plain_sql_gets_every_default(
+    pg: asyncpg.Connection, conv_id: UUID, uow: UnitOfWork
+) -> None:
+    await pg.execute(
+        "INSERT INTO tasks (conversation_id, agent_id, input) VALUES ($1, 'echo', '{\"x\":1}')",
+        conv_id,
+    )
+    row = await pg.fetchrow("SELECT *, now() AS db_now FROM tasks")
+    assert row is not None
+    assert isinstance(row["id"], UUID)
+    assert row["status"] == "pending"
+    assert row["queue"] == "tasklane"
+    assert json.loads(row["input"]) == {"x": 1}
+    assert json.loads(row["metadata"]) == {}
+    assert row["output"] is None
+    assert row["error"] is None
+    assert (row["attempts"], row["runs"], row["step"], row["version"]) == (0, 0, 0, 1)
+    assert row["max_attempts"] is None  # resolved at the first claim
+    assert row["parent_task_id"] is None
+    assert row["worker_id"] is None
+    assert row["lease_expires_at"] is None
+    assert row["idempotency_key"] is None
+    assert row["started_at"] is None
+    assert row["completed_at"] is None
+    for column in ("created_at", "updated_at", "run_after", "dispatch_after"):
+        assert row[column] is not None, column
+        assert row[column].tzinfo is not None, column
+        assert abs(row["db_now"] - row[column]) < timedelta(minutes=1), column
+    assert row["run_after"] == row["created_at"]  # due at once
+    assert row["dispatch_after"] == row["created_at"]  # the reconciler picks it up at once
+
+    async with uow:  # and the repository reads it like any other task
+        [found] = await uow.tasks.find_pending_for_agent("echo")
+    assert found.id == row["id"]
+    assert found.status is TaskStatus.PENDING
+    assert found.input == {"x": 1}
+    assert found.metadata == {}
+
+
+async def test_a_conversation_inserted_with_plain_sql_gets_its_defaults(
+    pg: asyncpg.Connection,
+) -> None:
+    row = await pg.fetchrow("INSERT INTO conversations (user_id) VALUES ('u1') RETURNING *")
+    assert row is not None
+    assert isinstance(row["id"], UUID)
+    assert row["title"] is None
+    assert json.loads(row["metadata"]) == {}
+    assert row["created_at"] is not None
+    assert row["updated_at"] == row["created_at"]
+
+
+@pytest.mark.parametrize(
+    ("columns", "constraint"),
+    [
+        ({"status": "done"}, "ck_tasks_status"),
+        ({"status": "PENDING"}, "ck_tasks_status"),
+        ({"agent_id": "   "}, "ck_tasks_agent_id_not_blank"),
+        ({"agent_id": ""}, "ck_tasks_agent_id_not_blank"),
+        ({"attempts": 4, "max_attempts": 3}, "ck_tasks_attempts_within_max"),
+        ({"attempts": -1}, "ck_tasks_attempts_not_negative"),
+        ({"max_attempts": 0}, "ck_tasks_max_attempts_positive"),
+    ],
+    ids=["status", "status-case", "blank-agent", "empty-agent", "attempts>max", "neg", "max0"],
+)
+async def test_check_constraints_reject_bad_rows(
+    pg: asyncpg.Connection, conv_id: UUID, columns: dict[str, object], constraint: str
+) -> None:
+    if "agent_id" in columns:
+        agent = columns.pop("agent_id")
+        with pytest.raises(asyncpg.CheckViolationError) as info:
+            await pg.execute(
+                "INSERT INTO tasks (conversation_id, agent_id) VALUES ($1, $2)", conv_id, agent
+            )
+    else:
+        with pytest.raises(asyncpg.CheckViolationError) as info:
+            await insert_task(pg, conv_id, **columns)
+    assert info.value.constraint_name == constraint
+    assert await pg.fetchval("SELECT count(*) FROM tasks") == 0
+
+
+async def test_attempts_may_reach_max_attempts(pg: asyncpg.Connection, conv_id: UUID) -> None:
+    await insert_task(pg, conv_id, attempts=3, max_attempts=3)
+    await insert_task(pg, conv_id, attempts=50)  # no max yet: unbounded until the first claim
+
+
+async def test_the_repository_reports_a_check_violation_as_bad_input(
+    uow: UnitOfWork, pg: asyncpg.Connection, conv_id: UUID
+) -> None:
+    task_id = await insert_task(pg, conv_id, max_attempts=2)
+    async with uow:
+        task = await uow.tasks.get_by_id(task_id)
+        assert task is not None
+        task.attempts = 5
+        task.metadata = {"password": "hunter2"}
+        with pytest.raises(InvalidInputError, match="ck_tasks_attempts_within_max") as info:
+            await uow.tasks.update(task)
+    # Postgres's DETAIL ("Failing row contains …") would copy the row into the message.
+    assert "hunter2" not in str(info.value)
+    assert "violates check constraint" in str(info.value)
+
+
+async def test_not_null_columns(pg: asyncpg.Connection, conv_id: UUID) -> None:
+    with pytest.raises(asyncpg.NotNullViolationError):
+        await pg.execute("INSERT INTO tasks (agent_id) VALUES ('echo')")
+    with pytest.raises(asyncpg.NotNullViolationError):
+        await pg.execute("INSERT INTO tasks (conversation_id) VALUES ($1)", conv_id)
+
+
+async def test_idempotency_keys_are_unique_but_may_be_null(
+    pg: asyncpg.Connection, conv_id: UUID
+) -> None:
+    await insert_task(pg, conv_id)
+    await insert_task(pg, conv_id)  # two NULL keys are fine
+    await insert_task(pg, conv_id, idempotency_key="k")
+    with pytest.raises(asyncpg.UniqueViolationError) as info:
+        await insert_task(pg, conv_id, idempotency_key="k")
+    assert info.value.constraint_name == "uq_tasks_idempotency_key"
+
+
+async def test_attempt_outcomes_are_checked(pg: asyncpg.Connection, conv_id: UUID) -> None:
+    task_id = await insert_task(pg, conv_id)
+    await pg.execute(
+        "INSERT INTO task_attempts (task_id, run, attempt, outcome) VALUES ($1, 1, 1, 'lost')",
+        task_id,
+    )
+    with pytest.raises(asyncpg.CheckViolationError) as info:
+        await pg.execute(
+            "INSERT INTO task_attempts (task_id, run, attempt, outcome) VALUES ($1, 2, 1, 'meh')",
+            task_id,
+        )
+    assert info.value.constraint_name == "ck_task_attempts_outcome"
+
+
+async def test_deleting_a_conversation_deletes_its_tasks_and_their_history(
+    pg: asyncpg.Connection, conv_id: UUID
+) -> None:
+    other = await pg.fetchval("INSERT INTO conversations (user_id) VALUES ('u2') RETURNING id")
+    parent = await insert_task(pg, conv_id)
+    await insert_task(pg, conv_id, parent_task_id=parent)
+    kept = await insert_task(pg, other)
+    await pg.execute("INSERT INTO task_attempts (task_id, run, attempt) VALUES ($1, 1, 1)", parent)
+    await pg.execute("DELETE FROM conversations WHERE id = $1", conv_id)
+    assert await pg.fetchval("SELECT array_agg(id) FROM tasks") == [kept]
+    assert await pg.fetchval("SELECT count(*) FROM task_attempts") == 0
+
+
+async def test_deleting_a_parent_orphans_its_children(
+    pg: asyncpg.Connection, conv_id: UUID
+) -> None:
+    parent = await insert_task(pg, conv_id)
+    children = {await insert_task(pg, conv_id, parent_task_id=parent) for _ in range(2)}
+    await pg.execute("DELETE FROM tasks WHERE id = $1", parent)
+    rows = await pg.fetch("SELECT id, parent_task_id FROM tasks")
+    assert {r["id"] for r in rows} == children
+    assert {r["parent_task_id"] for r in rows} == {None}
+
+
+async def test_the_hot_queries_have_their_indexes(pg: asyncpg.Connection) -> None:
+    rows = await pg.fetch("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'tasks'")
+    indexes = {r["indexname"]: r["indexdef"] for r in rows}
+    assert "WHERE (status = 'pending'::text)" in indexes["ix_tasks_pending_agent"]
+    assert "(agent_id, created_at)" in indexes["ix_tasks_pending_agent"]
+    assert "WHERE (status = 'running'::text)" in indexes["ix_tasks_running_lease"]
+    assert "(parent_task_id, created_at)" in indexes["ix_tasks_parent"]
+    assert "(conversation_id, created_at)" in indexes["ix_tasks_conversation"]
+    assert "(queue, GREATEST(run_after, dispatch_after))" in indexes["ix_tasks_dispatch"]
+    assert "WHERE (status = 'pending'::text)" in indexes["ix_tasks_dispatch"]
+    assert "UNIQUE" in indexes["uq_tasks_idempotency_key"]
+
+
+async def test_schema_revision_is_the_alembic_head(
+    database_url: str, pg: asyncpg.Connection
+) -> None:
+    head = ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
+    assert head == SCHEMA_REVISION
+    assert await pg.fetchval("SELECT version_num FROM alembic_version") == head
+    await check_schema(pg)
+
+
+async def test_check_schema_refuses_another_revision(pg: asyncpg.Connection) -> None:
+    await pg.execute("UPDATE alembic_version SET version_num = '0000'")
+    with pytest.raises(SchemaError, match="at revision 0000, this code needs"):
+        await check_schema(pg)
+    await pg.execute("DROP TABLE alembic_version")
+    with pytest.raises(SchemaError, match="not migrated"):
+        await check_schema(pg)
+
+
+async def test_entities_round_trip_through_the_schema(uow: UnitOfWork) -> None:
+    async with uow:
+        conv = await uow.conversations.create(Conversation(user_id="u1", metadata={"a": 1}))
+        task = await uow.tasks.create(
+            Task(conversation_id=conv.id, agent_id="echo", input=[1, "two", {"3": None}])
+        )
+        await uow.commit()
+    async with uow:
+        assert await uow.conversations.get_by_id(conv.id) == conv
+        assert await uow.tasks.get_by_id(task.id) == task
