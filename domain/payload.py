@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from domain.exceptions import InvalidInputError
@@ -45,5 +46,26 @@ def encode_json(value: JsonValue, *, what: str, max_bytes: int | None = None) ->
     return text
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableJson:
+    """Stands in for a stored JSON value that Python cannot load.
+
+    jsonb holds integers longer than Python's int/str conversion limit (4300 digits) and
+    nesting deeper than its recursion limit; `encode_json` never writes either, but a row
+    inserted with plain SQL can. Reading such a value yields this marker instead of raising, so
+    the worker fails the task with the reason and operators can still read the row.
+    """
+
+    reason: str
+
+
 def decode_json(text: str | None) -> JsonValue:
-    return None if text is None else json.loads(text)
+    """Load JSON text read from the database; what Python cannot load becomes `UnreadableJson`."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return UnreadableJson("nested too deeply for Python to load")
+    except ValueError as exc:  # an integer over the digit limit
+        return UnreadableJson(str(exc))

@@ -6,12 +6,12 @@ so the statements in `persistence.lifecycle` behave the same on either.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import asyncpg
 from sqlalchemy.engine import URL
 
+from domain.payload import decode_json
 from persistence.session import database_url
 
 
@@ -20,7 +20,7 @@ def _encode_jsonb(text: str) -> bytes:
 
 
 def _decode_jsonb(data: bytes) -> Any:
-    return json.loads(data[1:])
+    return decode_json(data[1:].decode())
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from domain.payload import decode_json
 from persistence.repository_factory import RepositoryFactory
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def create_engine(
         database_url(url),
         echo=echo,
         hide_parameters=True,  # task input may hold secrets; never put it in error messages
+        json_deserializer=decode_json,  # a value Python cannot load is read as UnreadableJson
         pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=max_overflow,

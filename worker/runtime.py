@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from domain.entities import Doorbell, Task
 from domain.exceptions import InvalidInputError
-from domain.payload import encode_json
+from domain.payload import UnreadableJson, encode_json
 from domain.policies import retry_delay
 from persistence.session import UnitOfWork
 from persistence.store import Finish, LifecycleStore
@@ -155,8 +155,11 @@ class WorkerRuntime:
         try:
             spec = self.agents.get(task.agent_id)
             try:
+                unreadable = _unreadable(task)
                 if spec is None:
                     outcome: Outcome = Failed(self._unknown_agent(task.agent_id), permanent=True)
+                elif unreadable is not None:
+                    outcome = Failed(unreadable, permanent=True)
                 else:
                     outcome = await self._execute(task, spec)
             except asyncio.CancelledError:
@@ -313,6 +316,15 @@ def _parse_task_id(raw: object) -> UUID | None:
         return uuid.UUID(raw)
     except ValueError:
         return None
+
+
+def _unreadable(task: Task) -> str | None:
+    """Why the handler cannot be given this task: a JSON field Python cannot load (a row written
+    with plain SQL, see `UnreadableJson`)."""
+    for what, value in (("input", task.input), ("metadata", task.metadata)):
+        if isinstance(value, UnreadableJson):
+            return f"the task's {what} cannot be loaded in Python: {value.reason}"
+    return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,0 +1,433 @@
+"""Scenario 10: bad input, fuzzed with hypothesis, against a real worker, Postgres and Redis.
+
+Every outcome must be one of: a clear domain error with nothing written, or a task that ends
+`completed` (an `echo` returns exactly its input) or `failed` with a reason. The worker never
+dies and keeps serving real tasks; the invariants of DESIGN.md §8 hold afterwards.
+
+One database, one queue and one in-process worker serve all the examples of a test (the
+function-scoped fixtures are shared on purpose, hence the suppressed health check).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from arq.worker import Worker
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from domain.entities import Conversation
+from domain.exceptions import InvalidInputError
+from domain.value_objects import TaskStatus
+from tests.support import db
+from tests.support.invariants import check_invariants
+from worker.agents import load_agents
+from worker.app import worker_options
+from worker.client import TaskClient
+from worker.config import Settings
+from worker.runtime import WorkerRuntime
+
+pytestmark = pytest.mark.reliability
+
+SHARED = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
+
+
+def fuzz(examples: int) -> Any:
+    return hypothesis_settings(max_examples=examples, deadline=None, suppress_health_check=SHARED)
+
+
+# -- a worker whose liveness the test can see -----------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[tuple[Worker, Any]]:
+    """An arq worker in this event loop, with its run task: `run.done()` means it died."""
+    import asyncio
+
+    worker = Worker(**{**worker_options(settings), "handle_signals": False})
+    run = asyncio.create_task(worker.async_run())
+    for _ in range(750):
+        if "tasklane" in worker.ctx or run.done():
+            break
+        await asyncio.sleep(0.02)
+    if run.done():
+        run.result()
+    assert "tasklane" in worker.ctx, "in-process worker did not start"
+    try:
+        yield worker, run
+    finally:
+        await worker.close()
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+
+
+@pytest.fixture
+async def live_worker(settings: Settings) -> AsyncIterator[tuple[Worker, Any]]:
+    async with serving(settings) as pair:
+        yield pair
+
+
+async def assert_still_serving(
+    client: TaskClient, conversation: Conversation, live: tuple[Worker, Any], database_url: str
+) -> None:
+    """The worker's poll loop is alive and runs a real task submitted now, and one inserted by
+    plain SQL (so the reconciler is alive too)."""
+    worker, run = live
+    assert not run.done(), f"the worker died: {run.exception() if run.done() else ''}"
+    task = await client.submit("echo", {"alive": True}, conversation_id=conversation.id)
+    assert (await client.wait(task.id, timeout=15)).output == {"echo": {"alive": True}}
+    by_sql = await db.value(
+        database_url,
+        "INSERT INTO tasks (conversation_id, agent_id, input, queue)"
+        " VALUES ($1, 'echo', '[\"sql\"]', $2) RETURNING id",
+        conversation.id,
+        client.settings.queue,
+    )
+    [row] = await db.wait_final(database_url, [by_sql], timeout=15)
+    assert row["status"] == "completed", dict(row)
+    assert not run.done()
+    runtime: WorkerRuntime = worker.ctx["tasklane"]
+    assert runtime.in_flight == 0
+
+
+# -- JSON values, odd on purpose ------------------------------------------------------------------
+
+ODD_STRINGS = st.sampled_from(
+    [
+        "",
+        "\x00",
+        "a\x00b",
+        "\\u0000",
+        "\\\\u0000",
+        "\\\x00",
+        "\ud800",
+        "x\udfff",
+        "\ud83d\ude00",  # a surrogate *pair* in a Python str is still two lone surrogates
+        "😀",
+        "\u2028\u2029",
+        "\ufeff",
+        "\U0010ffff",
+        "'; DROP TABLE tasks; --",
+        '"}]',
+        "\\",
+        "\r\n\t\x1b[31m",
+    ]
+)
+# Text that is not valid UTF-8, as Python would hand it over from bytes read with
+# surrogateescape: lone surrogates.
+NON_UTF8 = st.binary(min_size=1, max_size=12).map(lambda b: b.decode("utf-8", "surrogateescape"))
+HUGE_STRINGS = st.sampled_from([10_000, 200_000, 262_000, 300_000]).map(lambda n: "x" * n)
+STRINGS = st.one_of(st.text(max_size=30), ODD_STRINGS, NON_UTF8, HUGE_STRINGS)
+
+ODD_NUMBERS = st.sampled_from(
+    [
+        0,
+        -0.0,
+        1e300,
+        -1e300,
+        5e-324,
+        1.7976931348623157e308,
+        2**63,
+        -(2**63) - 1,
+        10**100,
+        math.nan,
+        math.inf,
+        -math.inf,
+        0.1,
+        1 / 3,
+    ]
+)
+# Python's int↔str limit is 4300 digits: around it (built lazily: their repr would raise).
+HUGE_INTS = st.sampled_from([4000, 4299, 4300, 5000]).map(lambda digits: 10**digits)
+NUMBERS = st.one_of(st.integers(), st.floats(), ODD_NUMBERS, HUGE_INTS)
+NOT_JSON = st.one_of(
+    st.binary(max_size=8),
+    st.sets(st.integers(), max_size=3),
+    st.just(Decimal("1.5")),
+    st.just(object()),
+    st.just(complex(1, 2)),
+)
+KEYS = STRINGS
+
+
+def nested(depth: int) -> Any:
+    value: Any = "bottom"
+    for i in range(depth):
+        value = [value] if i % 2 else {"d": value}
+    return value
+
+
+DEEP = st.sampled_from([50, 200, 500, 900, 980, 1000, 1500, 20_000]).map(nested)
+SCALARS = st.one_of(st.none(), st.booleans(), NUMBERS, STRINGS)
+
+
+class Payload:
+    """A drawn value with a repr that cannot fail (hypothesis prints every example it runs;
+    a 20 000-deep list or a 5000-digit int has no printable repr)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        try:
+            text = repr(self.value)
+        except (ValueError, RecursionError) as exc:
+            text = f"<{type(self.value).__name__}: {type(exc).__name__}>"
+        return f"Payload({text[:300]})"
+
+
+JSON_ISH = st.one_of(
+    st.recursive(
+        SCALARS,
+        lambda children: st.one_of(
+            st.lists(children, max_size=4),
+            st.tuples(children, children),
+            st.dictionaries(KEYS, children, max_size=4),
+        ),
+        max_leaves=12,
+    ),
+    DEEP,
+    NOT_JSON,
+    st.lists(NOT_JSON, min_size=1, max_size=2),
+).map(Payload)
+
+
+def same_json(expected: Any, got: Any) -> bool:
+    """`got` (read back from jsonb) is the JSON value `expected` was. jsonb keeps numbers as
+    exact decimals, so a float comes back as the number its JSON text wrote (1e300 as the
+    integer 10**300: the same JSON number); tuples are JSON arrays. Iterative: inputs nest
+    deeper than Python's recursion limit."""
+    stack = [(expected, got)]
+    while stack:
+        e, g = stack.pop()
+        if isinstance(e, bool) or e is None or isinstance(e, str):
+            if type(g) is not type(e) or g != e:
+                return False
+        elif isinstance(e, int | float):
+            if isinstance(g, bool) or not isinstance(g, int | float) or _number(e) != _number(g):
+                return False
+        elif isinstance(e, list | tuple):
+            if not isinstance(g, list) or len(g) != len(e):
+                return False
+            stack.extend(zip(e, g, strict=True))
+        elif isinstance(e, dict):
+            if not isinstance(g, dict) or g.keys() != e.keys():
+                return False
+            stack.extend((v, g[k]) for k, v in e.items())
+        else:
+            return False
+    return True
+
+
+def _number(value: int | float) -> Decimal:
+    return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+
+
+async def count_tasks(database_url: str) -> int:
+    return int(await db.value(database_url, "SELECT count(*) FROM tasks"))
+
+
+# -- task input through the client ----------------------------------------------------------------
+
+
+@fuzz(60)
+@given(payload=JSON_ISH)
+async def test_any_input_through_the_client_is_refused_clearly_or_echoed_exactly(
+    payload: Payload,
+    client: TaskClient,
+    conversation: Conversation,
+    live_worker: tuple[Worker, Any],
+    database_url: str,
+) -> None:
+    value = payload.value
+    before = await count_tasks(database_url)
+    refused: InvalidInputError | None = None
+    try:
+        task = await client.submit("echo", value, conversation_id=conversation.id)
+    except InvalidInputError as exc:
+        refused = exc
+    if refused is not None:
+        assert str(refused), "an error that explains itself"
+        assert await count_tasks(database_url) == before, "a refused input wrote something"
+        return
+    done = await client.wait(task.id, timeout=20)
+    assert done.status is TaskStatus.COMPLETED, (done.status, done.error)
+    assert isinstance(done.output, dict)
+    assert same_json(value, done.output["echo"]), "the echo differs from the input"
+    assert not live_worker[1].done()
+
+
+async def test_client_fuzzing_leaves_the_worker_serving_and_the_invariants_intact(
+    client: TaskClient,
+    conversation: Conversation,
+    live_worker: tuple[Worker, Any],
+    database_url: str,
+) -> None:
+    # Replays the fuzz test's worst cases in one database, then checks what it left behind.
+    for value in [nested(980), nested(1000), {"n": 10**4000}, "x" * 262_000, {"k": 1e300}]:
+        with contextlib.suppress(InvalidInputError):
+            task = await client.submit("echo", value, conversation_id=conversation.id)
+            await client.wait(task.id, timeout=20)
+    await assert_still_serving(client, conversation, live_worker, database_url)
+    await check_invariants(database_url)
+
+
+# -- rows inserted with plain SQL ------------------------------------------------------------------
+
+REGISTERED = frozenset(load_agents(("worker.demo_agents", "tests.agents")))
+
+
+def storable(value: Any) -> str:
+    """JSON text of a value jsonb accepts (no NUL, no lone surrogate, no NaN)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+JSONB_STRINGS = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"))
+JSONB_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | JSONB_STRINGS,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(JSONB_STRINGS, children),
+    max_leaves=12,
+)
+# JSON texts Postgres stores happily but that are odd for Python: numbers beyond float range or
+# over Python's 4300-digit int limit, nesting deeper than its recursion limit, duplicate keys,
+# escaped surrogate pairs, scalars, megabytes.
+ODD_JSONB = st.sampled_from(
+    [
+        "9" * 5000,
+        "-" + "9" * 4301,
+        "[" + "1" * 4300 + "]",
+        "1e400",
+        "-1E-400",
+        "123456789012345678901234567890.123456789012345678901234567890",
+        "-0",
+        "0.0000",
+        "[" * 2000 + "]" * 2000,
+        '{"a":' * 1500 + "1" + "}" * 1500,
+        '{"a": 1, "a": 2}',
+        '"\\ud83d\\ude00 \\u00e9 \\\\u0000"',
+        "null",
+        "[]",
+        "{}",
+        '""',
+        "true",
+        '{"": {"": [null, {"": ""}]}}',
+        '"' + "x" * 2_000_000 + '"',
+        '{"k": [' + ",".join(["1e308"] * 1000) + "]}",
+    ]
+)
+ODD_AGENT_IDS = st.one_of(
+    st.sampled_from(
+        [" echo", "echo ", "ECHO", "e\u0301cho", "'; DROP TABLE tasks; --", "x" * 2000, "ø" * 1000]
+    ),
+    st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1),
+).filter(lambda a: bool(a.strip()) and a not in REGISTERED)
+
+
+def unique_key(text: str) -> str:
+    return f"{text}:{uuid.uuid4()}"
+
+
+@st.composite
+def sql_rows(draw: st.DrawFn) -> dict[str, Any]:
+    return {
+        "agent_id": draw(st.one_of(st.just("echo"), ODD_AGENT_IDS)),
+        "input": draw(st.one_of(JSONB_VALUES.map(storable), ODD_JSONB)),
+        "metadata": draw(
+            st.sampled_from(["{}", "null", "[]", '"s"', "1", '{"k": [1e400]}', "9" * 5000])
+        ),
+        "max_attempts": draw(st.sampled_from([None, 1, 2**31 - 1])),
+        "run_after": draw(st.sampled_from([None, "-infinity", "0001-01-01 00:00:00+00", "epoch"])),
+        "own_parent": draw(st.booleans()),
+        "idempotency_key": draw(st.one_of(st.none(), JSONB_STRINGS.map(unique_key))),
+    }
+
+
+class Row(dict[str, Any]):
+    def __repr__(self) -> str:  # megabyte inputs: print their size, not their text
+        short = {k: v if len(repr(v)) < 200 else f"<{len(v)} chars>" for k, v in self.items()}
+        return repr(short)
+
+
+@fuzz(40)
+@given(row=sql_rows().map(Row))
+async def test_rows_inserted_with_sql_run_or_fail_with_a_reason(
+    row: Row,
+    settings: Settings,
+    conversation: Conversation,
+    live_worker: tuple[Worker, Any],
+    database_url: str,
+) -> None:
+    task_id = uuid.uuid4()
+    await db.query(
+        database_url,
+        "INSERT INTO tasks (id, conversation_id, queue, agent_id, input, metadata, max_attempts,"
+        " run_after, idempotency_key, parent_task_id)"
+        " VALUES ($1::uuid, $2, $3, $4, $5::text::jsonb, $6::text::jsonb, $7,"
+        " COALESCE($8::text::timestamptz, now()), $9, CASE WHEN $10 THEN $1::uuid END)",
+        task_id,
+        conversation.id,
+        settings.queue,
+        row["agent_id"],
+        row["input"],
+        row["metadata"],
+        row["max_attempts"],
+        row["run_after"],
+        row["idempotency_key"],
+        row["own_parent"],
+    )
+    [done] = await db.wait_final(database_url, [task_id], timeout=20)
+    error = done["error"] or ""
+    if row["agent_id"] == "echo":
+        if done["status"] == "completed":
+            # Exactly what Python reads from the stored input: a number beyond a float's range
+            # or precision is rounded on the way in (-1e-400 is read as -0.0), not by tasklane.
+            assert same_json(done["input"], done["output"]["echo"]), "the echo differs"
+        else:
+            # Python cannot load every value jsonb holds: such a task fails saying why, at once
+            # (not by losing its lease, which would take attempts × lease to say nothing).
+            assert done["status"] == "failed", done["status"]
+            assert "cannot be loaded" in error or "return value" in error, error
+    else:
+        assert done["status"] == "failed", done["status"]
+        assert "unknown agent" in error, error
+    assert done["attempts"] == 1, "a bad row is failed at its first run, not retried"
+    assert not live_worker[1].done()
+
+
+async def test_sql_fuzzing_leaves_the_worker_serving_and_the_invariants_intact(
+    client: TaskClient,
+    settings: Settings,
+    conversation: Conversation,
+    live_worker: tuple[Worker, Any],
+    database_url: str,
+) -> None:
+    ids = []
+    for text in ["9" * 5000, "[" * 2000 + "]" * 2000, '"' + "x" * 2_000_000 + '"', "1e400"]:
+        for agent_id in ["echo", "no-such-agent"]:
+            ids.append(
+                await db.value(
+                    database_url,
+                    "INSERT INTO tasks (conversation_id, queue, agent_id, input)"
+                    " VALUES ($1, $2, $3, $4::text::jsonb) RETURNING id",
+                    conversation.id,
+                    settings.queue,
+                    agent_id,
+                    text,
+                )
+            )
+    await db.wait_final(database_url, ids, timeout=30)
+    await assert_still_serving(client, conversation, live_worker, database_url)
+    await check_invariants(database_url)
