@@ -43,7 +43,27 @@ def encode_json(value: JsonValue, *, what: str, max_bytes: int | None = None) ->
         raise InvalidInputError(f"{what} contains a NUL character (\\u0000), which jsonb rejects")
     if max_bytes is not None and size > max_bytes:
         raise InvalidInputError(f"{what} is {size} bytes, over the limit of {max_bytes} bytes")
+    _check_keys(value, what)
     return text
+
+
+def _check_keys(value: JsonValue, what: str) -> None:
+    """JSON object keys are strings. json.dumps turns 1, 1.5, True and None keys into strings
+    silently, so `{1: "a", "1": "b"}` would be stored as one key; refuse them instead. Runs after
+    json.dumps, which has already refused cycles; iterative, since nesting may be deep."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key in item:
+                if not isinstance(key, str):
+                    raise InvalidInputError(
+                        f"{what} has a {type(key).__name__} object key {key!r:.40}: "
+                        "JSON object keys are strings"
+                    )
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
 
 
 @dataclass(frozen=True, slots=True)

@@ -156,7 +156,7 @@ NOT_JSON = st.one_of(
     st.just(object()),
     st.just(complex(1, 2)),
 )
-KEYS = STRINGS
+KEYS = st.one_of(STRINGS, st.integers(), st.booleans(), st.none(), st.floats(), st.just((1, 2)))
 
 
 def nested(depth: int) -> Any:
