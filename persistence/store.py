@@ -97,19 +97,30 @@ class LifecycleStore:
         """Run `op` on a pooled connection (in a transaction if `tx`), retrying transient
         failures with a short jittered backoff."""
         for attempt in range(1, _ATTEMPTS + 1):
+            answered = False
             try:
                 async with self.pool.acquire() as conn:
                     ex = ConnectionExecutor(conn)
-                    if not tx:
-                        return await op(ex)
-                    async with conn.transaction():
-                        return await op(ex)
+                    if tx:
+                        async with conn.transaction():
+                            result = await op(ex)
+                    else:
+                        result = await op(ex)
+                    answered = True
             except Exception as exc:
+                if answered:
+                    # The answer (and the commit) arrived; only handing the connection back failed,
+                    # the server having dropped it just then (the pool opens another). Run again,
+                    # the op would find its own write and miss it.
+                    log.warning("%s: connection lost after its answer (%r)", name, exc)
+                    return result
                 if attempt == _ATTEMPTS or not _retryable(exc):
                     raise
                 delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
                 log.warning("%s failed (%r); retry %d in %.2fs", name, exc, attempt, delay)
                 await asyncio.sleep(delay)
+            else:
+                return result
         raise AssertionError("unreachable")
 
     # -- claim and heartbeat --------------------------------------------------------------------
