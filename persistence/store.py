@@ -34,6 +34,10 @@ T = TypeVar("T")
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # What asyncpg raises for a statement on a connection whose server has just said goodbye
+    # (its FATAL message read, its end of stream not yet): "cannot switch to state 12; another
+    # operation (2) is in progress". The statement was never sent.
+    asyncpg.InternalClientError,
     ConnectionError,
     OSError,
     asyncio.TimeoutError,
