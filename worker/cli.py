@@ -184,18 +184,18 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     conversation = str(_id(args.conversation, "conversation")) if args.conversation else None
 
     async def action(op: Operator) -> tuple[Any, bool, Any]:
-        if not await op.agent_known(args.agent):
-            print(
-                f"tasklane: warning: no worker has registered agent {args.agent!r} yet; "
-                "the task fails as an unknown agent unless a worker serving it claims it",
-                file=sys.stderr,
-            )
         row = await op.submit(
             args.agent,
             payload,
             conversation_id=conversation,
             idempotency_key=args.idempotency_key,
         )
+        if not await op.agent_known(args.agent):
+            print(
+                f"tasklane: warning: no worker has registered agent {args.agent!r} yet; "
+                "the task fails as an unknown agent unless a worker serving it claims it",
+                file=sys.stderr,
+            )
         finished = True
         if args.wait:
             row, finished = await op.wait(row["id"], args.timeout)
