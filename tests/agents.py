@@ -187,3 +187,12 @@ async def block_until(ctx: TaskContext) -> dict[str, Any]:
         while not os.path.exists(release) and time.monotonic() < deadline:  # noqa: ASYNC240
             time.sleep(0.05)  # noqa: ASYNC251 - blocking the loop is the point
     return {"run": ctx.task.runs, "pid": os.getpid()}
+
+
+@agent("t_long_first_run")
+async def long_first_run(ctx: TaskContext) -> dict[str, Any]:
+    """Sleeps input.seconds on the task's first run, input.then (default 0) on later runs; no
+    marks (no connection of its own), so hundreds can run at once."""
+    seconds = ctx.input["seconds"] if ctx.task.runs == 1 else ctx.input.get("then", 0)
+    await asyncio.sleep(float(seconds))
+    return {"run": ctx.task.runs, "pid": os.getpid()}

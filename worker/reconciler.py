@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from domain.entities import Doorbell
 from persistence.store import LifecycleStore
 from worker.config import Settings
 from worker.dispatch import Dispatcher
@@ -84,6 +85,11 @@ class Reconciler:
                 "task.rescued", task_id=str(task.task_id), run=task.runs, now=task.status.value
             )
         await self.dispatcher.ring(doorbells)
+        # The doorbell that started each lost run is still queued if its worker died: arq keeps
+        # a job queued until it ends, behind an in-progress key that outlives any handler. Left
+        # there, it would be read and skipped by every poll for minutes, and a dead worker's
+        # worth of them at the head of the queue would hide everything behind them.
+        await self.dispatcher.forget([Doorbell(task.task_id, task.runs - 1) for task in rescued])
 
     async def resume_stranded(self) -> None:
         doorbells = await self.store.resume_stranded(

@@ -177,6 +177,48 @@ async def test_sigkill_mid_handler_completes_each_task_exactly_once(
     await assert_invariants(database_url, victim, survivor)
 
 
+async def test_sigkill_with_a_full_queue_read_in_flight_leaves_the_queue_flowing(
+    client: TaskClient,
+    conversation: Conversation,
+    settings: Settings,
+    database_url: str,
+    processes: list[WorkerProcess],
+) -> None:
+    """A killed worker's doorbells must not block the queue for the others.
+
+    arq keeps a started job in the queue until it finishes, guarded by an in-progress key that
+    outlives the job's timeout (minutes). Another worker reads the queue from its head,
+    `queue_read_limit` ids at a time (here 100), and skips ids in progress: if a dead worker
+    leaves that many at the head, nothing behind them runs until those keys expire.
+    """
+    n = 100
+    [victim] = spawn(processes, replace(settings, concurrency=n))
+    await client.submit_many(
+        [TaskSpec("t_long_first_run", {"seconds": 60}, conversation.id) for _ in range(n)]
+    )
+    await db.eventually(
+        lambda: db.value(database_url, "SELECT count(*) FROM tasks WHERE status = 'running'"),
+        lambda running: running == n,
+        timeout=30,
+        what="every task running",
+    )
+    victim.kill()
+    [survivor] = spawn(processes, replace(settings, concurrency=10))  # reads 100 ids a poll
+    later = await client.submit("echo", {"after": "the kill"}, conversation_id=conversation.id)
+
+    await db.eventually(
+        lambda: status_counts(database_url),
+        lambda counts: counts == {"completed": n + 1},
+        timeout=30,
+        what="every task completed",
+    )
+    rows = await db.query(database_url, "SELECT * FROM tasks WHERE id <> $1", later.id)
+    assert all((r["status"], r["attempts"], r["runs"]) == ("completed", 2, 2) for r in rows)
+    assert (await db.task_row(database_url, later.id))["attempts"] == 1
+    assert_clean(survivor)
+    await assert_invariants(database_url, victim, survivor)
+
+
 async def test_repeated_sigkills_fail_the_task_when_its_attempts_run_out(
     client: TaskClient,
     conversation: Conversation,
