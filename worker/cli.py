@@ -27,7 +27,10 @@ from domain.value_objects import FINISHED_STATUSES, TaskStatus
 from worker.config import ConfigError, Settings, redact_url
 
 if TYPE_CHECKING:
-    from worker.operator import Operator
+    from datetime import datetime
+
+    from persistence.repositories.report_repository import TaskRow
+    from worker.operator import ActionResult, Operator, PruneResult
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -36,6 +39,7 @@ DEFAULT_WAIT_SECONDS = 60.0
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
 DEFAULT_PRUNE_BATCH = 1000
+DEMO_AGENTS = "worker.demo_agents"
 
 
 class CommandError(Exception):
@@ -162,11 +166,6 @@ def _emit(args: argparse.Namespace, document: Callable[[], Any], text: Callable[
         print(text())
 
 
-def _note(args: argparse.Namespace, message: str) -> None:
-    """A remark about the result: on stderr with --json (stdout holds only the document)."""
-    print(message, file=sys.stderr if args.json else sys.stdout)
-
-
 def _id(raw: str, what: str = "task") -> UUID:
     try:
         return UUID(raw.strip())
@@ -183,7 +182,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     payload = _parse_input(args.input)
     conversation = str(_id(args.conversation, "conversation")) if args.conversation else None
 
-    async def action(op: Operator) -> tuple[Any, bool, Any]:
+    async def action(op: Operator) -> tuple[TaskRow, bool, datetime]:
         row = await op.submit(
             args.agent,
             payload,
@@ -308,16 +307,16 @@ def _act(args: argparse.Namespace, settings: Settings, verb: str) -> int:
 
     task_id = _id(args.id)
 
-    async def action(op: Operator) -> tuple[Any, Any]:
+    async def action(op: Operator) -> tuple[ActionResult, datetime]:
         result = await (op.cancel(task_id) if verb == "cancel" else op.retry(task_id))
         return result, await op.now()
 
     # A retry dispatches the task again, so it needs Redis; a cancel works through Postgres
     # alone (an operator must be able to stop work while Redis is away).
     result, now = _operate(settings, action, redis=verb == "retry")
-    if args.json:
-        _note(args, result.message)
-        _emit(args, lambda: render.task_json(result.row), lambda: "")
+    if args.json:  # the remark goes to stderr: stdout holds the document only
+        print(result.message, file=sys.stderr)
+        print(render.dumps(render.task_json(result.row)))
     else:
         print(render.action_text(result, now))
     return 0
@@ -328,7 +327,7 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 
     statuses = sorted(set(args.status or FINISHED_STATUSES))
 
-    async def action(op: Operator) -> tuple[Any, Any]:
+    async def action(op: Operator) -> tuple[PruneResult, datetime]:
         result = await op.prune(
             older_than=args.older_than,
             statuses=statuses,
@@ -352,6 +351,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     if "LOG_LEVEL" not in os.environ:  # the demo's output is its tree, not the worker's log
         settings = replace(settings, log_level="WARNING")
+    if DEMO_AGENTS not in settings.agent_modules:  # its worker must serve fanout and square
+        settings = replace(settings, agent_modules=(*settings.agent_modules, DEMO_AGENTS))
     _run(check_postgres(settings, schema=False))  # a clear line if it is away; then migrate
     migrate(settings)
     if not args.json:
