@@ -1,0 +1,944 @@
+"""tasklane's benchmark: how much of arq's raw speed survives the lifecycle bookkeeping.
+
+    uv run python bench/run.py            # the full run (about 15 minutes on 2 cores)
+    uv run python bench/run.py --quick    # a smaller run, under 90 seconds
+
+In one run, on the same PostgreSQL and Redis, with the shipped worker defaults (concurrency, poll
+delay, queue read limit, JSON serializer, JSON logs to stderr) and the cases interleaved and
+repeated (median and min–max):
+
+1. bare arq      — a no-op arq job in a burst worker built from the same `worker_options`: the
+                   ceiling;
+2. lifecycle     — N `echo` tasks submitted with `submit_many`, then a tasklane burst worker; every
+                   task must end `completed` with exactly one attempt, which is checked;
+3. submit        — `TaskClient.submit` one at a time next to one INSERT + one enqueue by hand;
+                   `submit_many` (batches of 1000) next to raw asyncpg `executemany` of the same
+                   rows (alone, and with the doorbells rung);
+4. latency       — submit → handler start (`task_attempts.started_at − tasks.created_at`, both
+                   the database clock) at a steady rate, p50/p99;
+5. backlog       — the lifecycle again with extra pending tasks that are not due yet;
+6. memory        — the worker's peak RSS over a long run, and its growth from 20 % to 100 % done.
+
+Workers are separate processes (`bench/worker_proc.py`), timed from the end of their startup to
+the end of the burst; each run gets a fresh queue and emptied tables. The benchmark creates its
+own database (`tasklane_bench_*`, dropped at the end) and uses Redis database 9 (BENCH_REDIS).
+The last line is `lifecycle/bare_arq = R`, the median of the per-repetition ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+from alembic import command
+from redis.asyncio import Redis
+from sqlalchemy.engine import make_url
+
+from domain.entities import Doorbell
+from persistence import pg
+from worker.cli import alembic_config
+from worker.client import SUBMIT_BATCH, TaskClient, TaskSpec
+from worker.config import Settings
+from worker.dispatch import Dispatcher
+from worker.redis_conn import create_redis
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORKER_PROC = HERE / "worker_proc.py"
+SERVER_URL = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/9")
+SHIPPED = Settings()  # the shipped defaults: what a worker runs with when nothing is set
+
+
+@dataclass(frozen=True)
+class Plan:
+    reps: int  # repetitions of bare arq and lifecycle (interleaved, paired)
+    side_reps: int  # repetitions of backlog, submit and latency (the last `side_reps` reps)
+    n: int  # tasks (jobs) per bare / lifecycle / backlog run
+    warmup_n: int  # one bare + one lifecycle run of this size first, discarded
+    singles: int  # submits one at a time, per repetition
+    many: int  # tasks through submit_many, per repetition
+    latency_rate: float  # tasks/s during the latency case
+    latency_seconds: float
+    backlog: int  # extra not-yet-due pending tasks in the backlog case (0: skip)
+    memory_n: int  # tasks in the memory run (0: skip)
+
+
+FULL = Plan(
+    reps=5,
+    side_reps=5,
+    n=20_000,
+    warmup_n=5_000,
+    singles=2_000,
+    many=20_000,
+    latency_rate=200,
+    latency_seconds=15,
+    backlog=100_000,
+    memory_n=100_000,
+)
+QUICK = Plan(
+    reps=3,
+    side_reps=1,
+    n=2_000,
+    warmup_n=500,
+    singles=300,
+    many=5_000,
+    latency_rate=200,
+    latency_seconds=3,
+    backlog=20_000,
+    memory_n=0,
+)
+CASES = ("bare", "lifecycle", "submit", "latency", "backlog", "memory")
+
+
+class BenchError(RuntimeError):
+    """A run went wrong (a worker died, a task did not complete): the numbers would lie."""
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+
+
+def server_url(database: str, driver: str = "postgresql") -> str:
+    url = make_url(SERVER_URL).set(drivername=driver, database=database)
+    return url.render_as_string(hide_password=False)
+
+
+async def admin(sql: str) -> None:
+    conn = await asyncpg.connect(server_url("postgres"))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return 100.0 * busy / total if total else 0.0
+
+
+def proc_memory_kb(pid: int) -> dict[str, int]:
+    found: dict[str, int] = {}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0])
+    return found
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- the worker process ----------------------------------------------------------------------------
+
+
+class WorkerChild:
+    """`bench/worker_proc.py` as a process: its stdout carries the ready and summary lines, its
+    stderr (the JSON logs, shipped defaults) goes to a temporary file read only on failure."""
+
+    def __init__(
+        self,
+        bench: Bench,
+        mode: str,
+        queue: str,
+        *,
+        burst: bool,
+        wrapper: Sequence[str] = (),
+    ) -> None:
+        self.bench = bench
+        self.mode = mode
+        self.queue = queue
+        self.burst = burst
+        self.wrapper = list(wrapper)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self) -> WorkerChild:
+        fd, name = tempfile.mkstemp(prefix=f"tasklane-bench-{self.mode}-", suffix=".log")
+        self.log_path = Path(name)
+        command_line = [*self.wrapper, sys.executable, str(WORKER_PROC), "--mode", self.mode]
+        if self.burst:
+            command_line.append("--burst")
+        if self.bench.poll_delay is not None:
+            command_line += ["--poll-delay", str(self.bench.poll_delay)]
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *command_line,
+                env=self.bench.worker_env(self.queue),
+                cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=fd,
+            )
+        finally:
+            os.close(fd)
+        return self
+
+    async def _event(self, event: str, within: float) -> dict[str, Any]:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + within
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError(f"{self.mode} worker: no {event!r} within {within:.0f}s")
+            try:
+                raw = await asyncio.wait_for(self.proc.stdout.readline(), remaining)
+            except TimeoutError:
+                continue
+            if not raw:
+                code = await self.proc.wait()
+                raise BenchError(
+                    f"{self.mode} worker exited ({code}) before {event!r}:\n{self.tail()}"
+                )
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and data.get("event") == event:
+                return data
+
+    async def ready(self, within: float = 60.0) -> dict[str, Any]:
+        return await self._event("ready", within)
+
+    async def summary(self, within: float) -> dict[str, Any]:
+        data = await self._event("summary", within)
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), 60)
+        if code != 0:
+            raise BenchError(f"{self.mode} worker exited with {code}:\n{self.tail()}")
+        return data
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def stop(self, within: float = 30.0) -> dict[str, Any]:
+        """SIGTERM (graceful), then its summary."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return await self.summary(within)
+
+    def tail(self, lines: int = 30) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    async def close(self) -> None:
+        if self.running():
+            assert self.proc is not None
+            self.proc.kill()
+            await self.proc.wait()
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+
+
+@contextlib.asynccontextmanager
+async def worker_process(
+    bench: Bench, mode: str, queue: str, *, burst: bool, wrapper: Sequence[str] = ()
+) -> AsyncIterator[WorkerChild]:
+    child = WorkerChild(bench, mode, queue, burst=burst, wrapper=wrapper)
+    try:
+        yield await child.start()
+    finally:
+        await child.close()
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    values: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, key: str, value: float) -> None:
+        self.values[key].append(value)
+
+    def has(self, key: str) -> bool:
+        return bool(self.values.get(key))
+
+    def median(self, key: str) -> float:
+        return statistics.median(self.values[key])
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(
+        self,
+        plan: Plan,
+        database: str,
+        *,
+        concurrency: int | None,
+        poll_delay: float | None,
+    ) -> None:
+        self.plan = plan
+        self.database = database
+        self.database_url = server_url(database, "postgresql+asyncpg")
+        self.concurrency = concurrency
+        self.poll_delay = poll_delay
+        self.run_id = uuid.uuid4().hex[:6]
+        self.queues: list[str] = []
+        self.results = Results()
+        self.conversation_id: UUID = uuid.uuid4()
+        self._conn: asyncpg.Connection | None = None
+        self._redis: Redis | None = None
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> asyncpg.Connection:
+        assert self._conn is not None
+        return self._conn
+
+    @property
+    def redis(self) -> Redis:
+        assert self._redis is not None
+        return self._redis
+
+    async def open(self) -> None:
+        self._conn = await pg.connect(self.database_url)
+        self._redis = Redis.from_url(REDIS_URL)
+        await self.redis.ping()
+        await self.conn.execute(
+            "INSERT INTO conversations (id, user_id, title) VALUES ($1, 'bench', 'bench')",
+            self.conversation_id,
+        )
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self.clean_redis()
+            await self._redis.aclose()
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def clean_redis(self) -> None:
+        """Delete what this run left in Redis: its queues, their jobs and health-check keys."""
+        for queue in self.queues:
+            job_ids = [j.decode() for j in await self.redis.zrange(queue, 0, -1)]
+            for start in range(0, len(job_ids), 1000):
+                keys = [
+                    f"{prefix}{job_id}"
+                    for job_id in job_ids[start : start + 1000]
+                    for prefix in ("arq:job:", "arq:in-progress:", "arq:retry:", "arq:result:")
+                ]
+                await self.redis.delete(*keys)
+            await self.redis.delete(queue, f"{queue}:health-check")
+
+    def new_queue(self, case: str) -> str:
+        queue = f"bench_{self.run_id}_{case}_{len(self.queues)}"
+        self.queues.append(queue)
+        return queue
+
+    def settings(self, queue: str) -> Settings:
+        settings = replace(
+            SHIPPED, database_url=self.database_url, redis_url=REDIS_URL, queue=queue
+        )
+        if self.concurrency is not None:
+            settings = replace(settings, concurrency=self.concurrency)
+        return settings
+
+    def worker_env(self, queue: str) -> dict[str, str]:
+        """The shipped defaults (no TASKLANE_*/LOG_* inherited), this run's services and queue."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKLANE_", "LOG_"))}
+        env["DATABASE_URL"] = self.database_url
+        env["REDIS_URL"] = REDIS_URL
+        env["TASKLANE_QUEUE"] = queue
+        if self.concurrency is not None:
+            env["TASKLANE_CONCURRENCY"] = str(self.concurrency)
+        return env
+
+    async def reset_tables(self) -> None:
+        await self.conn.execute("TRUNCATE tasks, task_attempts")
+
+    async def analyze(self) -> None:
+        await self.conn.execute("VACUUM ANALYZE tasks, task_attempts")
+
+    def specs(self, n: int) -> list[TaskSpec]:
+        return [TaskSpec("echo", {"i": i}, conversation_id=self.conversation_id) for i in range(n)]
+
+    async def submit_many(self, queue: str, n: int) -> tuple[list[UUID], float]:
+        """Submit n echo tasks with `submit_many`; their ids and the rate."""
+        specs = self.specs(n)
+        async with TaskClient.from_settings(self.settings(queue)) as client:
+            started = time.perf_counter()
+            tasks = await client.submit_many(specs)
+            elapsed = time.perf_counter() - started
+        return [t.id for t in tasks], n / elapsed
+
+    async def insert_backlog(self, queue: str, n: int) -> None:
+        """n pending echo tasks due in a day, in the same queue."""
+        await self.conn.execute(
+            """
+            INSERT INTO tasks (conversation_id, agent_id, queue, input, run_after)
+            SELECT $1, 'echo', $2, jsonb_build_object('backlog', g), now() + interval '1 day'
+            FROM generate_series(1, $3) AS g
+            """,
+            self.conversation_id,
+            queue,
+            n,
+        )
+
+    async def check_completed(self, ids: Sequence[UUID], *, backlog: int = 0) -> None:
+        rows = await self.conn.fetch(
+            "SELECT status, count(*) AS n FROM tasks WHERE id = ANY($1::uuid[]) GROUP BY status",
+            list(ids),
+        )
+        by_status = {r["status"]: r["n"] for r in rows}
+        attempts = await self.conn.fetchrow(
+            "SELECT count(*) AS runs, count(*) FILTER (WHERE outcome = 'completed') AS done,"
+            " count(DISTINCT task_id) AS tasks FROM task_attempts"
+        )
+        assert attempts is not None
+        problems = []
+        if by_status != {"completed": len(ids)}:
+            problems.append(f"statuses {by_status}, expected {len(ids)} completed")
+        if not attempts["runs"] == attempts["done"] == attempts["tasks"] == len(ids):
+            problems.append(f"task_attempts {dict(attempts)}, expected {len(ids)} single runs")
+        if backlog:
+            waiting = await self.conn.fetchval(
+                "SELECT count(*) FROM tasks WHERE status = 'pending' AND run_after > now()"
+                " AND runs = 0"
+            )
+            if waiting != backlog:
+                problems.append(f"backlog: {waiting} untouched, expected {backlog}")
+        if problems:
+            raise BenchError("; ".join(problems))
+
+    async def ring(self, queue: str, n: int) -> None:
+        """n doorbells for random task ids, exactly as tasklane writes them."""
+        dispatcher = Dispatcher(self.redis, queue)
+        for start in range(0, n, SUBMIT_BATCH):
+            count = min(SUBMIT_BATCH, n - start)
+            await dispatcher.ring([Doorbell(uuid.uuid4(), 0) for _ in range(count)])
+
+    # -- cases -------------------------------------------------------------------------------------
+
+    async def bare(self, n: int, key: str = "bare") -> float:
+        queue = self.new_queue("bare")
+        await self.ring(queue, n)
+        before = machine_cpu()
+        async with worker_process(self, "bare", queue, burst=True) as child:
+            summary = await child.summary(within=n / 100 + 60)
+        if summary["jobs_complete"] != n or summary["jobs_failed"]:
+            raise BenchError(f"bare arq ran {summary}, expected {n} complete")
+        rate = n / summary["seconds"]
+        self.results.add(key, rate)
+        self.results.add(f"{key}.cpu_ms", 1000 * summary["cpu_seconds"] / n)
+        self.results.add(f"{key}.machine", busy_percent(before, machine_cpu()))
+        say(f"{key}: {rate:,.0f} jobs/s ({1000 * summary['cpu_seconds'] / n:.3f} ms CPU/job)")
+        return rate
+
+    async def lifecycle(self, n: int, *, backlog: int = 0, key: str = "lifecycle") -> float:
+        await self.reset_tables()
+        queue = self.new_queue(key)
+        if backlog:
+            await self.insert_backlog(queue, backlog)
+        ids, submit_rate = await self.submit_many(queue, n)
+        await self.analyze()
+        before = machine_cpu()
+        async with worker_process(self, "lifecycle", queue, burst=True) as child:
+            summary = await child.summary(within=n / 50 + 60)
+        if summary["jobs_complete"] != n or summary["jobs_failed"]:
+            raise BenchError(f"lifecycle worker ran {summary}, expected {n} complete")
+        await self.check_completed(ids, backlog=backlog)
+        rate = n / summary["seconds"]
+        self.results.add(key, rate)
+        self.results.add(f"{key}.cpu_ms", 1000 * summary["cpu_seconds"] / n)
+        self.results.add(f"{key}.machine", busy_percent(before, machine_cpu()))
+        say(
+            f"{key}: {rate:,.0f} tasks/s ({1000 * summary['cpu_seconds'] / n:.3f} ms CPU/task;"
+            f" pre-submit {submit_rate:,.0f}/s), all {n} completed"
+        )
+        return rate
+
+    async def submit(self, rep: int) -> None:
+        queue = self.new_queue("submit")
+        singles, many = self.plan.singles, self.plan.many
+        async with TaskClient.from_settings(self.settings(queue)) as client:
+            # Warm the client's pools and prepared statements, and the by-hand connection.
+            await self.reset_tables()
+            for i in range(20):
+                await client.submit("echo", {"warm": i}, conversation_id=self.conversation_id)
+            await client.submit_many(self.specs(200))
+            hand = await pg.connect(self.database_url)
+            redis = create_redis(REDIS_URL, retries=3)
+            dispatcher = Dispatcher(redis, queue)
+            try:
+                specs = self.specs(many)
+                steps: list[tuple[str, Callable[[], Any], int]] = [
+                    ("submit.one", lambda: self._submit_singles(client, singles), singles),
+                    ("submit.by_hand", lambda: self._by_hand(hand, dispatcher, singles), singles),
+                    ("submit.many", lambda: client.submit_many(specs), many),
+                    ("submit.executemany", lambda: self._executemany(hand, queue, many), many),
+                    (
+                        "submit.executemany_ring",
+                        lambda: self._executemany(hand, queue, many, dispatcher),
+                        many,
+                    ),
+                ]
+                if rep % 2:
+                    steps.reverse()
+                for key, step, count in steps:
+                    await self.reset_tables()
+                    started = time.perf_counter()
+                    await step()
+                    rate = count / (time.perf_counter() - started)
+                    self.results.add(key, rate)
+                    say(f"{key}: {rate:,.0f} tasks/s")
+            finally:
+                await hand.close()
+                await redis.aclose()
+        self.results.add(
+            "submit.one/by_hand",
+            self.results.values["submit.one"][-1] / self.results.values["submit.by_hand"][-1],
+        )
+        await self.reset_tables()
+
+    async def _submit_singles(self, client: TaskClient, n: int) -> None:
+        for i in range(n):
+            await client.submit("echo", {"i": i}, conversation_id=self.conversation_id)
+
+    _INSERT_ONE = """
+        INSERT INTO tasks (id, conversation_id, agent_id, queue, input, metadata, dispatch_after)
+        VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))
+    """
+
+    async def _by_hand(self, conn: asyncpg.Connection, dispatcher: Dispatcher, n: int) -> None:
+        """One INSERT (autocommit) and one enqueue (arq's job key + queue entry, one pipelined
+        round trip), one task at a time."""
+        delay = SHIPPED.redispatch_seconds
+        for i in range(n):
+            task_id = uuid.uuid4()
+            await conn.execute(
+                self._INSERT_ONE,
+                task_id,
+                self.conversation_id,
+                "echo",
+                dispatcher.queue,
+                json.dumps({"i": i}),
+                "{}",
+                delay,
+            )
+            await dispatcher.ring([Doorbell(task_id, 0)])
+
+    async def _executemany(
+        self,
+        conn: asyncpg.Connection,
+        queue: str,
+        n: int,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        """The same rows with asyncpg's executemany, in batches of 1000 (each its own
+        transaction), optionally with their doorbells rung after each batch."""
+        delay = SHIPPED.redispatch_seconds
+        for start in range(0, n, SUBMIT_BATCH):
+            rows = [
+                (
+                    uuid.uuid4(),
+                    self.conversation_id,
+                    "echo",
+                    queue,
+                    json.dumps({"i": i}),
+                    "{}",
+                    delay,
+                )
+                for i in range(start, min(n, start + SUBMIT_BATCH))
+            ]
+            await conn.executemany(self._INSERT_ONE, rows)
+            if dispatcher is not None:
+                await dispatcher.ring([Doorbell(row[0], 0) for row in rows])
+
+    async def latency(self) -> None:
+        rate, seconds = self.plan.latency_rate, self.plan.latency_seconds
+        n = int(rate * seconds)
+        await self.reset_tables()
+        queue = self.new_queue("latency")
+        async with (
+            worker_process(self, "lifecycle", queue, burst=False) as child,
+            TaskClient.from_settings(self.settings(queue)) as client,
+        ):
+            await child.ready()
+            await client.submit("echo", {"warm": 0}, conversation_id=self.conversation_id)
+            loop = asyncio.get_running_loop()
+            submits: list[asyncio.Task[Any]] = []
+            start = loop.time() + 0.05
+            for i in range(n):
+                delay = start + i / rate - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                submits.append(
+                    asyncio.create_task(
+                        client.submit("echo", {"i": i}, conversation_id=self.conversation_id)
+                    )
+                )
+            tasks = await asyncio.gather(*submits)
+            achieved = n / (loop.time() - start)
+            ids = [t.id for t in tasks]
+            deadline = time.monotonic() + 60
+            while await self.conn.fetchval(
+                "SELECT count(*) FROM tasks WHERE id = ANY($1::uuid[]) AND status = 'completed'",
+                ids,
+            ) < len(ids):
+                if time.monotonic() > deadline or not child.running():
+                    raise BenchError(f"latency: tasks not completed in time\n{child.tail()}")
+                await asyncio.sleep(0.1)
+            await child.stop()
+        rows = await self.conn.fetch(
+            """
+            SELECT extract(epoch FROM a.started_at - t.created_at) * 1000 AS ms
+            FROM tasks AS t JOIN task_attempts AS a ON a.task_id = t.id AND a.run = 1
+            WHERE t.id = ANY($1::uuid[])
+            ORDER BY t.created_at
+            """,
+            ids,
+        )
+        skip = int(rate)  # the first second is warm-up
+        values = sorted(float(r["ms"]) for r in rows[skip:])
+        p50, p99 = percentile(values, 50), percentile(values, 99)
+        self.results.add("latency.p50", p50)
+        self.results.add("latency.p99", p99)
+        self.results.add("latency.max", values[-1])
+        self.results.add("latency.rate", achieved)
+        say(
+            f"latency at {achieved:,.0f}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms,"
+            f" max {values[-1]:.1f} ms"
+        )
+        await self.reset_tables()
+
+    async def memory(self, n: int) -> None:
+        await self.reset_tables()
+        queue = self.new_queue("memory")
+        ids, submit_rate = await self.submit_many(queue, n)
+        say(f"memory: {n:,} tasks submitted ({submit_rate:,.0f}/s)")
+        await self.analyze()
+        mark = n // 5
+        at_mark: dict[str, int] | None = None
+        async with worker_process(self, "lifecycle", queue, burst=True) as child:
+            ready = await child.ready()
+            while child.running():
+                sample = proc_memory_kb(child.pid)
+                done = n - int(await self.redis.zcard(queue))
+                if at_mark is None and done >= mark and sample:
+                    at_mark = {**sample, "done": done}
+                await asyncio.sleep(0.2)
+            summary = await child.summary(within=60)
+        await self.check_completed(ids)
+        if at_mark is None:
+            raise BenchError("memory: no sample at 20 % done")
+        growth = 100.0 * (summary["VmRSS"] - at_mark["VmRSS"]) / at_mark["VmRSS"]
+        self.results.add("memory.start_mb", ready["VmRSS"] / 1024)
+        self.results.add("memory.mark_mb", at_mark["VmRSS"] / 1024)
+        self.results.add("memory.end_mb", summary["VmRSS"] / 1024)
+        self.results.add("memory.peak_mb", summary["VmHWM"] / 1024)
+        self.results.add("memory.growth_pct", growth)
+        self.results.add("memory.rate", n / summary["seconds"])
+        say(
+            f"memory: RSS {ready['VmRSS'] / 1024:.0f} MB at start, "
+            f"{at_mark['VmRSS'] / 1024:.0f} MB at {at_mark['done']:,} done, "
+            f"{summary['VmRSS'] / 1024:.0f} MB at {n:,}; peak {summary['VmHWM'] / 1024:.0f} MB;"
+            f" {n / summary['seconds']:,.0f} tasks/s"
+        )
+
+    # -- the whole run -----------------------------------------------------------------------------
+
+    async def background_load(self) -> float:
+        """Machine CPU busy % over one second while the benchmark does nothing: other load."""
+        before = machine_cpu()
+        await asyncio.sleep(1.0)
+        return busy_percent(before, machine_cpu())
+
+    async def run(self, cases: Sequence[str]) -> None:
+        plan = self.plan
+        self.results.notes.append(f"load average at start: {load()}")
+        if {"bare", "lifecycle", "backlog"} & set(cases):
+            say(f"warm-up ({plan.warmup_n:,} jobs each, discarded)")
+            if "bare" in cases:
+                await self.bare(plan.warmup_n, key="warmup.bare")
+            if {"lifecycle", "backlog"} & set(cases):
+                await self.lifecycle(plan.warmup_n, key="warmup.lifecycle")
+        for rep in range(plan.reps):
+            idle = await self.background_load()
+            self.results.add("background_cpu", idle)
+            say(f"repetition {rep + 1}/{plan.reps} (load {load()}, idle machine {idle:.0f}% busy)")
+            # Mirror the order every other repetition, so a drift in machine load does not
+            # favour one case; bare and lifecycle stay adjacent (their ratio is paired).
+            side = rep >= plan.reps - plan.side_reps
+            order = [
+                c
+                for c in ("bare", "lifecycle", "backlog", "submit", "latency")
+                if c in cases and (side or c in ("bare", "lifecycle"))
+            ]
+            if rep % 2:
+                order.reverse()
+            pair: dict[str, float] = {}
+            for case in order:
+                if case == "bare":
+                    pair["bare"] = await self.bare(plan.n)
+                elif case == "lifecycle":
+                    pair["lifecycle"] = await self.lifecycle(plan.n)
+                elif case == "backlog" and plan.backlog:
+                    pair["backlog"] = await self.lifecycle(
+                        plan.n, backlog=plan.backlog, key="backlog"
+                    )
+                elif case == "submit":
+                    await self.submit(rep)
+                elif case == "latency":
+                    await self.latency()
+            if "bare" in pair and "lifecycle" in pair:
+                self.results.add("ratio.lifecycle/bare", pair["lifecycle"] / pair["bare"])
+            if "backlog" in pair and "lifecycle" in pair:
+                self.results.add("ratio.backlog/lifecycle", pair["backlog"] / pair["lifecycle"])
+        if "memory" in cases and plan.memory_n:
+            await self.memory(plan.memory_n)
+        self.results.notes.append(f"load average at end: {load()}")
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+ROWS: list[tuple[str, str, str, str]] = [
+    # key, label, unit, format
+    ("bare", "1. bare arq, no-op job (ceiling)", "jobs/s", ",.0f"),
+    ("bare.cpu_ms", "   worker CPU per job", "ms", ".3f"),
+    ("lifecycle", "2. tasklane lifecycle, echo", "tasks/s", ",.0f"),
+    ("lifecycle.cpu_ms", "   worker CPU per task", "ms", ".3f"),
+    ("ratio.lifecycle/bare", "   lifecycle / bare arq (paired)", "ratio", ".3f"),
+    ("submit.one", "3. submit, one at a time", "tasks/s", ",.0f"),
+    ("submit.by_hand", "   one INSERT + one enqueue by hand", "tasks/s", ",.0f"),
+    ("submit.one/by_hand", "   submit / by hand (paired)", "ratio", ".3f"),
+    ("submit.many", "   submit_many, batches of 1000", "tasks/s", ",.0f"),
+    ("submit.executemany", "   asyncpg executemany, same rows", "rows/s", ",.0f"),
+    ("submit.executemany_ring", "   executemany + doorbells", "tasks/s", ",.0f"),
+    ("latency.p50", "4. latency submit→start p50", "ms", ".1f"),
+    ("latency.p99", "   latency p99", "ms", ".1f"),
+    ("latency.max", "   latency max", "ms", ".1f"),
+    ("latency.rate", "   offered load", "tasks/s", ",.0f"),
+    ("backlog", "5. lifecycle with a backlog", "tasks/s", ",.0f"),
+    ("backlog.cpu_ms", "   worker CPU per task", "ms", ".3f"),
+    ("ratio.backlog/lifecycle", "   backlog / lifecycle (paired)", "ratio", ".3f"),
+    ("memory.peak_mb", "6. worker peak RSS (VmHWM)", "MB", ".0f"),
+    ("memory.start_mb", "   RSS after startup", "MB", ".0f"),
+    ("memory.mark_mb", "   RSS at 20 % done", "MB", ".0f"),
+    ("memory.end_mb", "   RSS at 100 % done", "MB", ".0f"),
+    ("memory.growth_pct", "   growth 20 % → 100 %", "%", "+.1f"),
+    ("memory.rate", "   rate of that run", "tasks/s", ",.0f"),
+    ("bare.machine", "machine CPU busy during bare", "%", ".0f"),
+    ("lifecycle.machine", "machine CPU busy during lifecycle", "%", ".0f"),
+    ("background_cpu", "machine CPU busy, bench idle", "%", ".0f"),
+]
+
+
+def table(bench: Bench, cases: Sequence[str], elapsed: float) -> str:
+    plan, results = bench.plan, bench.results
+    concurrency = bench.concurrency or SHIPPED.concurrency
+    lines = [
+        "",
+        f"tasklane benchmark — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs,"
+        f" Python {sys.version.split()[0]}, {elapsed:.0f} s",
+        f"concurrency {concurrency}"
+        + (f", poll_delay {bench.poll_delay} (override)" if bench.poll_delay is not None else "")
+        + f"; N = {plan.n:,} per run, {plan.reps} interleaved repetitions (+1 warm-up discarded),"
+        f" {plan.side_reps} of backlog/submit/latency; backlog {plan.backlog:,};"
+        f" memory run {plan.memory_n:,}; latency at {plan.latency_rate:.0f}/s"
+        f" for {plan.latency_seconds:.0f} s",
+        *results.notes,
+        "",
+        f"{'case':<40} {'unit':<8} {'median':>10} {'min – max':>22} {'n':>3}",
+        "-" * 87,
+    ]
+    for key, label, unit, fmt in ROWS:
+        if not results.has(key):
+            continue
+        values = results.values[key]
+        median = format(statistics.median(values), fmt)
+        spread = f"{format(min(values), fmt)} – {format(max(values), fmt)}"
+        lines.append(f"{label:<40} {unit:<8} {median:>10} {spread:>22} {len(values):>3}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# -- profiling -------------------------------------------------------------------------------------
+
+
+async def profile(bench: Bench, out: Path, n: int, native: bool) -> None:
+    """One bare and one lifecycle burst run under `py-spy record` (raw collapsed stacks in
+    `out`), then the top functions by own and cumulative samples."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    for mode in ("bare", "lifecycle"):
+        queue = bench.new_queue(f"profile_{mode}")
+        if mode == "bare":
+            await bench.ring(queue, n)
+        else:
+            await bench.reset_tables()
+            await bench.submit_many(queue, n)
+            await bench.analyze()
+        stacks = out / f"{mode}.txt"
+        async with worker_process(bench, mode, queue, burst=True) as child:
+            await child.ready()
+            args = [spy, "record", "--pid", str(child.pid), "--rate", "250", "--nonblocking"]
+            args += ["--format", "raw", "--output", str(stacks), "--nolineno"]
+            if native:
+                args.append("--native")
+            spy_proc = await asyncio.create_subprocess_exec(
+                *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+            )
+            summary = await child.summary(within=n / 20 + 60)
+            await asyncio.wait_for(spy_proc.wait(), 60)
+        say(f"profile {mode}: {n / summary['seconds']:,.0f}/s under py-spy; stacks in {stacks}")
+        print(summarize_stacks(stacks, title=f"{mode} worker"))
+
+
+def summarize_stacks(path: Path, *, title: str, top: int = 25) -> str:
+    own: dict[str, int] = defaultdict(int)
+    cumulative: dict[str, int] = defaultdict(int)
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = [f.strip() for f in stack.split(";") if f.strip()]
+        frames = [f for f in frames if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            cumulative[frame] += count
+    lines = [f"\n{title}: {total} samples (on CPU)", f"{'own %':>7}  function"]
+    for frame, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{100 * count / total:>6.1f}%  {frame}")
+    lines.append(f"{'cum %':>7}  function")
+    for frame, count in sorted(cumulative.items(), key=lambda kv: -kv[1])[: top + 10]:
+        lines.append(f"{100 * count / total:>6.1f}%  {frame}")
+    return "\n".join(lines)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="tasklane benchmark (see the module docstring)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under 90 s")
+    parser.add_argument("--reps", type=int, help="repetitions of bare arq and lifecycle")
+    parser.add_argument("--side-reps", type=int, help="repetitions of backlog, submit, latency")
+    parser.add_argument("-n", type=int, help="tasks per bare/lifecycle/backlog run")
+    parser.add_argument("--backlog", type=int, help="extra not-yet-due tasks (0: skip)")
+    parser.add_argument("--memory-n", type=int, help="tasks in the memory run (0: skip)")
+    parser.add_argument(
+        "--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, help="TASKLANE_CONCURRENCY for every worker (exploration)"
+    )
+    parser.add_argument(
+        "--poll-delay", type=float, help="override arq's poll_delay in every worker (exploration)"
+    )
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="only profile both workers with py-spy"
+    )
+    parser.add_argument("--native", action="store_true", help="py-spy --native with --profile")
+    return parser.parse_args(argv)
+
+
+async def run_bench(args: argparse.Namespace, plan: Plan, database: str) -> str:
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        raise SystemExit(f"unknown cases: {', '.join(sorted(unknown))}")
+    bench = Bench(plan, database, concurrency=args.concurrency, poll_delay=args.poll_delay)
+    started = time.monotonic()
+    await bench.open()
+    try:
+        if args.profile is not None:
+            await profile(bench, args.profile, plan.n, args.native)
+            return ""
+        await bench.run(cases)
+    finally:
+        await bench.close()
+    out = table(bench, cases, time.monotonic() - started)
+    ratios = bench.results.values.get("ratio.lifecycle/bare")
+    final = f"lifecycle/bare_arq = {statistics.median(ratios):.3f}" if ratios else ""
+    return out + (final or "lifecycle/bare_arq = n/a (bare and lifecycle not both run)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    overrides = {
+        "reps": args.reps,
+        "side_reps": args.side_reps,
+        "n": args.n,
+        "backlog": args.backlog,
+        "memory_n": args.memory_n,
+    }
+    plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+    plan = replace(plan, side_reps=min(plan.side_reps, plan.reps))
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    database = f"tasklane_bench_{uuid.uuid4().hex[:10]}"
+    say(f"database {database}, Redis {REDIS_URL}, load {load()}")
+    asyncio.run(admin(f'CREATE DATABASE "{database}"'))
+    try:
+        command.upgrade(alembic_config(server_url(database, "postgresql+asyncpg")), "head")
+        output = asyncio.run(run_bench(args, plan, database))
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    if output:
+        print(output, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
