@@ -24,7 +24,8 @@ import sys
 import uuid
 from typing import Any
 
-from arq.worker import func
+from arq.constants import job_key_prefix
+from arq.worker import Worker, func
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain.entities import Agent
@@ -48,6 +49,47 @@ POLL_DELAY_SECONDS = 0.05
 
 class StartupError(RuntimeError):
     """The worker cannot start; the message says why in one line."""
+
+
+class TasklaneWorker(Worker):
+    """arq's worker, hardened against junk in its queue.
+
+    arq's poll loop decodes each queue member's name as UTF-8 and turns its score into an int
+    outside any error handling: one member with a non-UTF-8 name or a score of -inf, which
+    anyone who can write to Redis can add, would end the worker process. Such members are
+    removed (with their job keys) before arq sees them. Job payloads are checked by
+    `worker.serialization`. (`arq worker.settings.WorkerSettings` builds arq's own class, which
+    lacks this guard; `tasklane worker` uses this one.)
+    """
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        if job_ids:
+            junk = {job_id for job_id in job_ids if not _is_utf8(job_id)}
+            junk.update(await self.pool.zrangebyscore(self.queue_name, "-inf", "-inf"))
+            if junk:
+                await self._discard(sorted(junk))
+                job_ids = [job_id for job_id in job_ids if job_id not in junk]
+        await super().start_jobs(job_ids)
+
+    async def _discard(self, members: list[bytes]) -> None:
+        async with self.pool.pipeline(transaction=False) as pipe:
+            pipe.zrem(self.queue_name, *members)
+            pipe.delete(*(job_key_prefix.encode() + member for member in members))
+            await pipe.execute()
+        get_logger("tasklane.worker").warning(
+            "queue.junk_removed",
+            reason="a queue entry whose name is not UTF-8 or whose score is -inf",
+            entries=[repr(member)[:80] for member in members[:10]],
+            count=len(members),
+        )
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def new_worker_id() -> str:

@@ -82,9 +82,7 @@ def migrate(settings: Settings) -> None:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from arq.worker import Worker
-
-    from worker.app import worker_options
+    from worker.app import TasklaneWorker, worker_options
     from worker.logs import configure_logging
 
     configure_logging(fmt=settings.log_format, level=settings.log_level)
@@ -99,7 +97,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     except Exception:
         loop.close()
         raise
-    worker = Worker(**options)
+    worker = TasklaneWorker(**options)
     worker.run()  # returns after SIGTERM/SIGINT (graceful) or, with --burst, an empty queue
     return 0
 

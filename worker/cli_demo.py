@@ -13,9 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from arq.worker import Worker
-
-from worker.app import worker_options
+from worker.app import TasklaneWorker, worker_options
 from worker.config import Settings
 from worker.operator import Operator, OperatorError, Tree
 
@@ -24,10 +22,10 @@ WORKER_START_TIMEOUT_SECONDS = 30.0
 
 
 @contextlib.asynccontextmanager
-async def in_process_worker(settings: Settings) -> AsyncIterator[Worker]:
+async def in_process_worker(settings: Settings) -> AsyncIterator[TasklaneWorker]:
     """An arq worker running in this event loop until the block ends."""
     options: dict[str, Any] = {**worker_options(settings), "handle_signals": False}
-    worker = Worker(**options)
+    worker = TasklaneWorker(**options)
     run = asyncio.create_task(worker.async_run(), name="tasklane-demo-worker")
     try:
         deadline = time.monotonic() + WORKER_START_TIMEOUT_SECONDS

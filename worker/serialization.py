@@ -11,6 +11,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+# arq turns the enqueue time into a datetime outside its error handling: out of range, it would
+# end the poll loop.
+MAX_ENQUEUE_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+
 
 class MalformedJobError(ValueError):
     """The bytes in Redis are not a tasklane/arq job."""
@@ -33,13 +37,15 @@ def deserialize(raw: bytes) -> dict[str, Any]:
     _expect(data, "f", str)
     _expect(data, "a", list)
     _expect(data, "k", dict)
-    _expect(data, "et", int)
+    _expect(data, "et", int, MAX_ENQUEUE_TIME_MS)
     if data.get("t") is not None:
         _expect(data, "t", int)
     return data
 
 
-def _expect(data: dict[str, Any], key: str, kind: type) -> None:
+def _expect(data: dict[str, Any], key: str, kind: type, maximum: int | None = None) -> None:
     value = data.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise MalformedJobError(f"job field {key!r} must be {kind.__name__}, got {value!r:.80}")
+    if maximum is not None and isinstance(value, int) and not 0 <= value <= maximum:
+        raise MalformedJobError(f"job field {key!r} must be within 0…{maximum}, got {value!r:.40}")

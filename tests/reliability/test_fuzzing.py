@@ -10,49 +10,56 @@ function-scoped fixtures are shared on purpose, hence the suppressed health chec
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
+import pickle
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from arq.worker import Worker
+from arq.constants import job_key_prefix
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from redis.asyncio import Redis
 
-from domain.entities import Conversation
+from domain.entities import Conversation, Task
 from domain.exceptions import InvalidInputError
 from domain.value_objects import TaskStatus
 from tests.support import db
 from tests.support.invariants import check_invariants
 from worker.agents import load_agents
-from worker.app import worker_options
+from worker.app import TasklaneWorker, worker_options
 from worker.client import TaskClient
 from worker.config import Settings
 from worker.runtime import WorkerRuntime
+from worker.serialization import serialize
 
 pytestmark = pytest.mark.reliability
 
 SHARED = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 
 
-def fuzz(examples: int) -> Any:
-    return hypothesis_settings(max_examples=examples, deadline=None, suppress_health_check=SHARED)
+def fuzz(examples: int, **kwargs: Any) -> Any:
+    return hypothesis_settings(
+        max_examples=examples, deadline=None, suppress_health_check=SHARED, **kwargs
+    )
 
 
 # -- a worker whose liveness the test can see -----------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[tuple[Worker, Any]]:
-    """An arq worker in this event loop, with its run task: `run.done()` means it died."""
-    import asyncio
+Live = tuple[TasklaneWorker, "asyncio.Task[None]"]  # the worker and its run: done = dead
 
-    worker = Worker(**{**worker_options(settings), "handle_signals": False})
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[Live]:
+    """An arq worker in this event loop, with its run task: `run.done()` means it died."""
+    worker = TasklaneWorker(**{**worker_options(settings), "handle_signals": False})
     run = asyncio.create_task(worker.async_run())
     for _ in range(750):
         if "tasklane" in worker.ctx or run.done():
@@ -71,13 +78,27 @@ async def serving(settings: Settings) -> AsyncIterator[tuple[Worker, Any]]:
 
 
 @pytest.fixture
-async def live_worker(settings: Settings) -> AsyncIterator[tuple[Worker, Any]]:
+async def live_worker(settings: Settings) -> AsyncIterator[Live]:
     async with serving(settings) as pair:
         yield pair
 
 
+async def served(client: TaskClient, task_id: uuid.UUID, live: Live) -> Task:
+    """Wait for the task to finish; fail at once, with the worker's own error, if it died."""
+    run = live[1]
+    for _ in range(300):
+        if run.done():
+            error = run.exception() if not run.cancelled() else "cancelled"
+            raise AssertionError(f"the worker died: {error!r}")
+        task = await client.get(task_id)
+        if task.is_finished:
+            return task
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"task {task_id} not finished within 15s")
+
+
 async def assert_still_serving(
-    client: TaskClient, conversation: Conversation, live: tuple[Worker, Any], database_url: str
+    client: TaskClient, conversation: Conversation, live: Live, database_url: str
 ) -> None:
     """The worker's poll loop is alive and runs a real task submitted now, and one inserted by
     plain SQL (so the reconciler is alive too)."""
@@ -245,7 +266,7 @@ async def test_any_input_through_the_client_is_refused_clearly_or_echoed_exactly
     payload: Payload,
     client: TaskClient,
     conversation: Conversation,
-    live_worker: tuple[Worker, Any],
+    live_worker: Live,
     database_url: str,
 ) -> None:
     value = payload.value
@@ -269,7 +290,7 @@ async def test_any_input_through_the_client_is_refused_clearly_or_echoed_exactly
 async def test_client_fuzzing_leaves_the_worker_serving_and_the_invariants_intact(
     client: TaskClient,
     conversation: Conversation,
-    live_worker: tuple[Worker, Any],
+    live_worker: Live,
     database_url: str,
 ) -> None:
     # Replays the fuzz test's worst cases in one database, then checks what it left behind.
@@ -367,7 +388,7 @@ async def test_rows_inserted_with_sql_run_or_fail_with_a_reason(
     row: Row,
     settings: Settings,
     conversation: Conversation,
-    live_worker: tuple[Worker, Any],
+    live_worker: Live,
     database_url: str,
 ) -> None:
     task_id = uuid.uuid4()
@@ -411,7 +432,7 @@ async def test_sql_fuzzing_leaves_the_worker_serving_and_the_invariants_intact(
     client: TaskClient,
     settings: Settings,
     conversation: Conversation,
-    live_worker: tuple[Worker, Any],
+    live_worker: Live,
     database_url: str,
 ) -> None:
     ids = []
@@ -431,3 +452,122 @@ async def test_sql_fuzzing_leaves_the_worker_serving_and_the_invariants_intact(
     await db.wait_final(database_url, ids, timeout=30)
     await assert_still_serving(client, conversation, live_worker, database_url)
     await check_invariants(database_url)
+
+
+# -- junk in the arq queue -------------------------------------------------------------------------
+
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(), children),
+    max_leaves=6,
+)
+JOB_KEYS = ("f", "a", "k", "t", "et")
+# Right keys, any values; right shape, any contents; and the real job with an odd argument.
+MALFORMED_JOBS = st.dictionaries(st.sampled_from([*JOB_KEYS, "x"]), ANY_JSON, max_size=6)
+SHAPED_JOBS = st.fixed_dictionaries(
+    {
+        "f": st.one_of(st.sampled_from(["run_task", "os.system", "", "startup"]), st.text()),
+        "a": st.lists(ANY_JSON, max_size=3),
+        "k": st.dictionaries(st.text(max_size=8), ANY_JSON, max_size=3),
+        "t": st.one_of(st.none(), st.integers()),
+        "et": st.integers(),
+    }
+)
+PICKLED = st.one_of(
+    st.just({"f": "run_task", "a": [str(uuid.UUID(int=0))], "k": {}, "t": 1, "et": 1}),
+    ANY_JSON,
+).flatmap(lambda obj: st.integers(0, pickle.HIGHEST_PROTOCOL).map(lambda p: pickle.dumps(obj, p)))
+JUNK_PAYLOADS = st.one_of(
+    st.binary(max_size=64),
+    PICKLED,
+    MALFORMED_JOBS.map(serialize),
+    SHAPED_JOBS.map(serialize),
+    st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")),
+)
+JOB_IDS = st.one_of(
+    st.text(min_size=1, max_size=20).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.binary(min_size=1, max_size=20),
+)
+SCORES = st.one_of(st.just(1.0), st.floats(allow_nan=False, max_value=1e12))
+
+
+class Junk(list[tuple[bytes, bytes | None, float]]):
+    def __repr__(self) -> str:
+        return "Junk(" + ", ".join(f"({i!r}, {p!r:.120}, {s!r})" for i, p, s in self) + ")"
+
+
+JUNK = st.lists(
+    st.tuples(JOB_IDS, st.one_of(st.none(), JUNK_PAYLOADS), SCORES), min_size=1, max_size=4
+).map(Junk)
+
+
+@fuzz(50)
+@given(junk=JUNK)
+async def test_junk_in_the_queue_never_stops_the_worker(
+    junk: Junk,
+    client: TaskClient,
+    settings: Settings,
+    conversation: Conversation,
+    live_worker: Live,
+) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        for job_id, payload, score in junk:
+            member = uuid.uuid4().hex.encode() + job_id  # unique: examples never shadow each other
+            if payload is not None:  # None: a queue entry without a job
+                await redis.set(job_key_prefix.encode() + member, payload)
+            await redis.zadd(settings.queue, {member: score})
+    finally:
+        await redis.aclose()
+    task = await client.submit("echo", {"after": "junk"}, conversation_id=conversation.id)
+    done = await served(client, task.id, live_worker)
+    assert done.output == {"echo": {"after": "junk"}}
+
+
+@pytest.mark.parametrize(
+    ("member", "payload", "score"),
+    [
+        (
+            b"\xff\xfe-not-utf8",
+            serialize({"f": "run_task", "a": ["x"], "k": {}, "t": None, "et": 1}),
+            1.0,
+        ),
+        (
+            b"minus-inf",
+            serialize({"f": "run_task", "a": ["x"], "k": {}, "t": None, "et": 1}),
+            -math.inf,
+        ),
+        (
+            b"far-future-et",
+            serialize({"f": "run_task", "a": ["x"], "k": {}, "t": None, "et": 10**20}),
+            1.0,
+        ),
+    ],
+    ids=["name-not-utf8", "score-minus-inf", "enqueue-time-out-of-range"],
+)
+async def test_queue_entries_that_ended_arqs_poll_loop_are_discarded(
+    member: bytes,
+    payload: bytes,
+    score: float,
+    client: TaskClient,
+    settings: Settings,
+    conversation: Conversation,
+    live_worker: Live,
+) -> None:
+    # Each of these raised inside arq's poll loop (UnicodeDecodeError, OverflowError,
+    # ValueError from a datetime) and ended the worker process.
+    member += uuid.uuid4().hex.encode()  # arq's in-progress keys are not per queue
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.set(job_key_prefix.encode() + member, payload)
+        await redis.zadd(settings.queue, {member: score})
+        task = await client.submit("echo", 1, conversation_id=conversation.id)
+        assert (await served(client, task.id, live_worker)).output == {"echo": 1}
+
+        async def score_of_junk() -> float | None:
+            return await redis.zscore(settings.queue, member)  # type: ignore[no-any-return]
+
+        await db.eventually(score_of_junk, lambda s: s is None, what="the junk entry removed")
+        assert not live_worker[1].done()
+    finally:
+        await redis.aclose()
