@@ -233,41 +233,63 @@ async def test_repeated_sigkills_fail_the_task_when_its_attempts_run_out(
     database_url: str,
     processes: list[WorkerProcess],
 ) -> None:
+    """A root task and a subtask, each killed mid-handler on every attempt. Neither has a
+    max_attempts of its own: the default (3) is resolved and stored at the first claim."""
     workers = spawn(processes, settings, 2)
-    # No max_attempts of its own: the default (3) is resolved and stored at the first claim.
-    task = await client.submit(
-        "t_graceful", {"seconds": 60, "then": 60}, conversation_id=conversation.id
+    long = {"seconds": 60, "then": 60}
+    root = await client.submit("t_graceful", long, conversation_id=conversation.id)
+    parent = await client.submit(
+        "t_collect",
+        {"children": [{"agent": "t_graceful", "input": long}]},
+        conversation_id=conversation.id,
     )
-    killed: list[int] = []
+    child_id = await db.eventually(
+        lambda: db.value(database_url, "SELECT id FROM tasks WHERE parent_task_id = $1", parent.id),
+        bool,
+        what="the subtask",
+    )
+    killed: dict[UUID, list[int]] = {root.id: [], child_id: []}
     for attempt in (1, 2, 3):
-        marks = await started_marks(database_url, task.id, attempt)
-        assert [m["attempt"] for m in marks] == list(range(1, attempt + 1))
-        victim = by_pid(workers, marks[-1]["pid"])
-        victim.kill()
-        killed.append(victim.pid)
-        workers.remove(victim)
-        if attempt < 3:
-            workers.extend(spawn(processes, settings, wait=False))  # the next one to kill
+        holders = set()
+        for task_id, pids in killed.items():
+            marks = await started_marks(database_url, task_id, attempt)
+            assert [m["attempt"] for m in marks] == list(range(1, attempt + 1))
+            pids.append(marks[-1]["pid"])
+            holders.add(marks[-1]["pid"])
+        for pid in holders:
+            victim = by_pid(workers, pid)
+            victim.kill()
+            workers.remove(victim)
+        # Someone must be alive to rescue, and to be killed next time.
+        workers.extend(spawn(processes, settings, len(holders), wait=False))
 
-    [row] = await db.wait_final(database_url, [task.id], timeout=30)
-    assert (row["status"], row["attempts"], row["max_attempts"], row["runs"]) == ("failed", 3, 3, 3)
-    assert "lease expired" in row["error"]
-    history = await db.attempts(database_url, task.id)
-    assert [(a["attempt"], a["outcome"]) for a in history] == [
-        (1, "lost"),
-        (2, "lost"),
-        (3, "lost"),
-    ]
-    assert [worker_pid(a["worker_id"]) for a in history] == killed
-    assert [r[1] for r in await transitions(database_url, task.id)] == [
-        "pending",
-        *["running", "pending"] * 2,
-        "running",
-        "failed",
-    ]
-    # Never a fourth run, and no run ever got to the end of its handler.
-    assert len(await db.marks(database_url, task.id, "started")) == 3
-    assert await db.marks(database_url, task.id, "finished") == []
+    rows = {r["id"]: r for r in await db.wait_final(database_url, [root.id, child_id, parent.id])}
+    for task_id, pids in killed.items():
+        row = rows[task_id]
+        summary = (row["status"], row["attempts"], row["max_attempts"], row["runs"])
+        assert summary == ("failed", 3, 3, 3)
+        assert "lease expired" in row["error"]
+        history = await db.attempts(database_url, task_id)
+        assert [(a["attempt"], a["outcome"]) for a in history] == [
+            (1, "lost"),
+            (2, "lost"),
+            (3, "lost"),
+        ]
+        assert [worker_pid(a["worker_id"]) for a in history] == pids
+        assert [r[1] for r in await transitions(database_url, task_id)] == [
+            "pending",
+            *["running", "pending"] * 2,
+            "running",
+            "failed",
+        ]
+        # Never a fourth run, and no run ever got to the end of its handler.
+        assert len(await db.marks(database_url, task_id, "started")) == 3
+        assert await db.marks(database_url, task_id, "finished") == []
+    # The parent was resumed by the rescue that failed its child, and saw why it failed.
+    assert rows[parent.id]["status"] == "completed"
+    [child] = rows[parent.id]["output"]["children"]
+    assert child["status"] == "failed"
+    assert "lease expired" in child["error"]
     assert_clean(*processes)
     await assert_invariants(database_url, *processes)
 
