@@ -14,7 +14,11 @@ from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 # ~60 s of retrying (backoff capped at 1 s) before a command gives up.
 _RETRIES = 60
-_RETRY_ON = [ConnectionError, TimeoutError, BusyLoadingError]
+# OSError: a refused or reset connect. redis-py retries commands on its own ConnectionError, but
+# (re)connecting a pooled connection before a command (after Redis went away while the connection
+# sat idle) retries only the errors listed here; without OSError the first refused connect
+# raised straight into arq's poll loop and ended the worker.
+_RETRY_ON = [ConnectionError, TimeoutError, BusyLoadingError, OSError]
 
 
 def _retry(retries: int = _RETRIES) -> Retry:
