@@ -73,14 +73,17 @@ async def claim(
     worker_id: str,
     lease_seconds: float,
     default_max_attempts: int,
+    queue: str | None = None,
 ) -> list[Task]:
-    """pending (and due) → running for each id that still can be; the others are skipped."""
+    """pending (and due) → running for each id that still can be (and is in `queue`, if
+    given); the others are skipped."""
     rows = await ex.fetch(
         q.CLAIM,
         ids=list(ids),
         worker_id=worker_id,
         lease_seconds=float(lease_seconds),
         default_max_attempts=default_max_attempts,
+        queue=queue,
     )
     return [task_from_row(row) for row in rows]
 
@@ -106,11 +109,13 @@ class Miss:
     due_in_seconds: float | None = None  # set when the task is pending but not due yet
 
 
-async def explain_miss(ex: Executor, task_id: UUID) -> Miss:
+async def explain_miss(ex: Executor, task_id: UUID, *, queue: str | None = None) -> Miss:
     rows = await ex.fetch(q.EXPLAIN_MISS, id=task_id)
     if not rows:
         return Miss("no such task")
     row = rows[0]
+    if queue is not None and row["queue"] != queue:
+        return Miss(f"belongs to queue {row['queue']!r}, not {queue!r}: left to its workers")
     status = row["status"]
     due_in = float(row["due_in_seconds"])
     if status == TaskStatus.PENDING and due_in > 0:

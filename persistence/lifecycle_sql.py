@@ -85,12 +85,15 @@ INSERT_TASKS_SKIP_TAKEN_KEYS = Sql(
 # --- claim -------------------------------------------------------------------------------------
 
 # Locks are taken in id order so that two workers claiming overlapping batches cannot deadlock.
+# A worker claims only its own queue's tasks (:queue NULL: any queue), whatever queue a doorbell
+# reached it on: another queue's workers may not even serve the task's agent.
 CLAIM = Sql(f"""
 WITH candidates AS (
     SELECT t.id FROM tasks AS t
     WHERE t.id = ANY(CAST(:ids AS uuid[]))
       AND t.status IN {_guard(RUNNING, only=PENDING)}
       AND t.run_after <= now()
+      AND (CAST(:queue AS text) IS NULL OR t.queue = CAST(:queue AS text))
     ORDER BY t.id
     FOR UPDATE
 ), claimed AS (
@@ -128,7 +131,7 @@ RETURNING {TASK_COLUMNS}
 
 # Why a doorbell claimed nothing: read once, only on a miss, for the log line.
 EXPLAIN_MISS = Sql("""
-SELECT status, runs, attempts, max_attempts,
+SELECT status, queue, runs, attempts, max_attempts,
        EXTRACT(EPOCH FROM run_after - now()) AS due_in_seconds
 FROM tasks WHERE id = :id
 """)

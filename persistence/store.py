@@ -59,6 +59,7 @@ class LifecycleConfig:
     retry_base_seconds: float
     retry_max_seconds: float
     redispatch_seconds: float
+    queue: str | None = None  # the only queue whose tasks this worker claims (None: any)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +155,7 @@ class LifecycleStore:
                     worker_id=self.config.worker_id,
                     lease_seconds=self.config.lease_seconds,
                     default_max_attempts=self.config.default_max_attempts,
+                    queue=self.config.queue,
                 )
             except BaseException:
                 self._unsure_claims.update(wanted)
@@ -168,7 +170,11 @@ class LifecycleStore:
         return [claimed.pop(task_id, None) for task_id in ids]
 
     async def explain_miss(self, task_id: UUID) -> lifecycle.Miss:
-        return await self._run("explain", lambda ex: lifecycle.explain_miss(ex, task_id), tx=False)
+        return await self._run(
+            "explain",
+            lambda ex: lifecycle.explain_miss(ex, task_id, queue=self.config.queue),
+            tx=False,
+        )
 
     async def heartbeat(self, held: Mapping[UUID, int]) -> set[UUID]:
         """Extend the leases of the runs in `held`; return the task ids that are no longer ours."""

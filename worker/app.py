@@ -190,6 +190,7 @@ async def _start(
             retry_base_seconds=settings.retry_base_seconds,
             retry_max_seconds=settings.retry_max_seconds,
             redispatch_seconds=settings.redispatch_seconds,
+            queue=settings.queue,
         ),
         busy=lambda: runtime is not None and runtime.busy(),
     )

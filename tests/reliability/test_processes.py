@@ -14,7 +14,7 @@ import random
 import signal
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 
 from domain.entities import Conversation, Doorbell, Task
 from persistence.session import UnitOfWork
-from tests.support import db
+from tests.support import db, services
 from tests.support.invariants import check_invariants, idle_in_transaction
 from tests.support.producer import STALL_ENV, ProducerProcess
 from tests.support.workers import WorkerProcess, settings_env
@@ -449,6 +449,73 @@ async def test_duplicate_doorbells_raced_by_three_workers_write_each_outcome_onc
     assert any(e["reason"].startswith("already running") for e in ignored)
     assert_clean(*workers)
     await assert_invariants(database_url, *workers)
+
+
+@pytest.fixture
+async def other_queue(redis_url: str) -> AsyncIterator[str]:
+    """A second queue of this test's own; its doorbells are removed afterwards."""
+    name = services.unique_queue()
+    yield name
+    redis = Redis.from_url(redis_url)
+    try:
+        job_ids = await redis.zrange(name, 0, -1)
+        await redis.delete(name, *[b"arq:job:" + job_id for job_id in job_ids])
+    finally:
+        await redis.aclose()
+
+
+async def test_doorbells_rung_on_another_queue_are_left_to_that_queues_workers(
+    client: TaskClient,
+    conversation: Conversation,
+    settings: Settings,
+    database_url: str,
+    other_queue: str,
+    processes: list[WorkerProcess],
+) -> None:
+    """A doorbell can reach a worker of another queue (an operator's CLI configured for the
+    default queue, a reconciler resuming a parent across queues, a stray copy): that worker
+    must leave the task alone, even more so when it does not serve the task's agent."""
+    n = 30
+    [mine] = spawn(processes, settings)
+    [foreign] = spawn(
+        processes, replace(settings, queue=other_queue, agent_modules=("worker.demo_agents",))
+    )
+    async with UnitOfWork(client.session_factory) as uow:
+        tasks = await uow.tasks.create_many(
+            [
+                Task(
+                    conversation_id=conversation.id,
+                    agent_id="t_count_runs",
+                    input={"seconds": 0.2},
+                    queue=settings.queue,
+                )
+                for _ in range(n)
+            ],
+            dispatch_delays=[60.0] * n,
+        )
+        await uow.commit()
+    ids = [t.id for t in tasks]
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        # The foreign worker hears first; the task's own queue a moment later.
+        await Dispatcher(redis, other_queue).ring([Doorbell(t, 0) for t in ids])
+        await db.eventually(
+            lambda: redis.zcard(other_queue), lambda left: left == 0, what="foreign queue drained"
+        )
+        await Dispatcher(redis, settings.queue).ring([Doorbell(t, 0) for t in ids])
+        rows = await db.wait_final(database_url, ids, timeout=30)
+    finally:
+        await redis.aclose()
+
+    assert [(r["status"], r["error"]) for r in rows if r["status"] != "completed"] == []
+    assert all((r["attempts"], r["runs"]) == (1, 1) for r in rows)
+    assert {worker_pid(r["worker_id"]) for r in rows} == {mine.pid}
+    assert events(foreign, "task.started") == []
+    ignored = events(foreign, "doorbell.ignored")
+    assert len(ignored) == n
+    assert all(e["reason"].startswith(f"belongs to queue {settings.queue!r}") for e in ignored)
+    assert_clean(mine, foreign)
+    await assert_invariants(database_url, mine, foreign)
 
 
 # -- 6. Producer crash between commit and enqueue ------------------------------------------------
