@@ -18,6 +18,11 @@ from domain.payload import JsonValue
 from domain.value_objects import AttemptOutcome, TaskStatus
 
 DEFAULT_QUEUE = "tasklane"
+# Longest agent id and idempotency key a new task may carry. Both are indexed, and a btree entry
+# holds at most 2704 bytes: a longer value would reach the database only to be refused there.
+# In characters, at up to 4 UTF-8 bytes each.
+MAX_AGENT_ID_LENGTH = 200
+MAX_IDEMPOTENCY_KEY_LENGTH = 500
 
 
 @dataclass(slots=True)
@@ -52,6 +57,20 @@ class Task:
             raise InvalidInputError("agent_id must be a non-empty string")
         if self.max_attempts is not None and self.max_attempts < 1:
             raise InvalidInputError(f"max_attempts must be at least 1, got {self.max_attempts}")
+
+    def check_new(self) -> None:
+        """Limits for a task about to be written (a row already stored is read as it is)."""
+        if len(self.agent_id) > MAX_AGENT_ID_LENGTH:
+            raise InvalidInputError(
+                f"agent_id is {len(self.agent_id)} characters, over the limit of "
+                f"{MAX_AGENT_ID_LENGTH}: {self.agent_id!r:.60}"
+            )
+        key = self.idempotency_key
+        if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+            raise InvalidInputError(
+                f"idempotency_key is {len(key)} characters, over the limit of "
+                f"{MAX_IDEMPOTENCY_KEY_LENGTH}"
+            )
 
     # -- queries ---------------------------------------------------------------------------------
 

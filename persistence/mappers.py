@@ -78,6 +78,8 @@ def insert_params(
     """
     if len(dispatch_delays) != len(tasks):  # unnest would pad the shorter array with NULLs
         raise ValueError(f"{len(tasks)} tasks, {len(dispatch_delays)} dispatch delays")
+    for task in tasks:
+        task.check_new()
     return {
         "ids": [t.id for t in tasks],
         "conversation_ids": [t.conversation_id for t in tasks],

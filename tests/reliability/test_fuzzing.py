@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from domain.entities import Conversation, Task
-from domain.exceptions import InvalidInputError
+from domain.exceptions import EntityNotFoundError, InvalidInputError
 from domain.value_objects import TaskStatus
 from tests.support import db
 from tests.support.invariants import check_invariants
@@ -571,3 +571,150 @@ async def test_queue_entries_that_ended_arqs_poll_loop_are_discarded(
         assert not live_worker[1].done()
     finally:
         await redis.aclose()
+
+
+# -- random strings as task ids and agent ids ------------------------------------------------------
+
+ODD_IDS = st.one_of(
+    st.text(max_size=80),
+    st.uuids().map(str),
+    NON_UTF8,
+    ODD_STRINGS,
+    st.sampled_from(["None", "null", "0", "0" * 32, "-" * 36, "{}", "urn:uuid:", "x" * 10_000]),
+    st.integers(),
+    st.none(),
+)
+
+
+def id_variants(task_id: uuid.UUID) -> list[str]:
+    """Spellings of one UUID that `uuid.UUID` accepts."""
+    text = str(task_id)
+    return [text, text.upper(), f"{{{text}}}", f"urn:uuid:{text}", task_id.hex, f"  {text}\n"]
+
+
+def doorbell(raw: Any) -> bytes:
+    return serialize({"f": "run_task", "a": [raw], "k": {}, "t": None, "et": 1})
+
+
+@pytest.fixture
+async def finished(client: TaskClient, conversation: Conversation, live_worker: Live) -> Task:
+    task = await client.submit("echo", {"done": True}, conversation_id=conversation.id)
+    return await served(client, task.id, live_worker)
+
+
+@fuzz(60)
+@given(raw=ODD_IDS, variant=st.integers(0, 5))
+async def test_random_task_ids_get_a_clear_answer(
+    raw: Any,
+    variant: int,
+    client: TaskClient,
+    settings: Settings,
+    conversation: Conversation,
+    live_worker: Live,
+    finished: Task,
+) -> None:
+    for value in (raw, id_variants(finished.id)[variant]):
+        try:
+            parsed: uuid.UUID | None = uuid.UUID(str(value).strip())
+        except ValueError:
+            parsed = None
+        for operation in (client.get, client.cancel, client.retry, client.attempts):
+            outcome: Any
+            try:
+                outcome = await operation(value)
+            except (InvalidInputError, EntityNotFoundError) as exc:
+                outcome = exc
+            if parsed is None:
+                assert isinstance(outcome, InvalidInputError), (operation, outcome)
+            elif parsed == finished.id:
+                assert not isinstance(outcome, Exception), (operation, outcome)
+            else:
+                assert isinstance(outcome, EntityNotFoundError | list), (operation, outcome)
+        with contextlib.suppress(InvalidInputError, EntityNotFoundError):
+            await client.submit("echo", 1, conversation_id=value)
+            assert parsed == conversation.id
+    # The finished task is untouched by all of that.
+    assert await client.get(finished.id) == finished
+    # The same strings as doorbells: logged and dropped; the worker serves the next task.
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        for value in (raw, id_variants(finished.id)[variant]):
+            member = f"odd-id-{uuid.uuid4()}"
+            await redis.set(job_key_prefix + member, doorbell(value))
+            await redis.zadd(settings.queue, {member: 1})
+    finally:
+        await redis.aclose()
+    task = await client.submit("echo", "next", conversation_id=conversation.id)
+    assert (await served(client, task.id, live_worker)).output == {"echo": "next"}
+
+
+AGENT_IDS = st.one_of(
+    st.text(max_size=40),
+    ODD_STRINGS,
+    NON_UTF8,
+    st.sampled_from([" ", "\t\n", "x" * 3000, "é" * 2000, "x" * 100_000, "echo\x00"]),
+    st.binary(min_size=1500, max_size=1500).map(bytes.hex),  # long and incompressible
+    st.integers(),
+    st.none(),
+).filter(lambda a: a not in REGISTERED)
+
+
+@fuzz(60)
+@given(agent_id=AGENT_IDS)
+async def test_random_agent_ids_are_refused_or_fail_naming_the_agent(
+    agent_id: Any,
+    client: TaskClient,
+    conversation: Conversation,
+    live_worker: Live,
+    database_url: str,
+) -> None:
+    before = await count_tasks(database_url)
+    refused: InvalidInputError | None = None
+    try:
+        task = await client.submit(agent_id, {"x": 1}, conversation_id=conversation.id)
+    except InvalidInputError as exc:
+        refused = exc
+    if refused is not None:
+        assert str(refused)
+        assert await count_tasks(database_url) == before, "a refused agent id wrote something"
+        return
+    done = await served(client, task.id, live_worker)
+    assert done.status is TaskStatus.FAILED
+    assert done.error is not None
+    assert done.error.startswith(f"unknown agent {agent_id!r:.60}"), done.error[:200]
+    assert done.attempts == 1
+
+
+IDEMPOTENCY_KEYS = st.one_of(
+    st.text(max_size=40),
+    ODD_STRINGS,
+    NON_UTF8,
+    st.binary(min_size=1500, max_size=1500).map(bytes.hex),
+    st.integers(),
+)
+
+
+@fuzz(40)
+@given(key=IDEMPOTENCY_KEYS)
+async def test_random_idempotency_keys_are_refused_or_deduplicate(
+    key: Any, client: TaskClient, conversation: Conversation, database_url: str
+) -> None:
+    before = await count_tasks(database_url)
+    key = f"{uuid.uuid4()}{key}" if isinstance(key, str) and key.strip() else key
+    outcomes: list[Any] = []
+    for _ in range(2):
+        try:
+            task = await client.submit(
+                "echo", {"k": 1}, conversation_id=conversation.id, idempotency_key=key
+            )
+        except InvalidInputError as exc:
+            outcomes.append(type(exc))
+        else:
+            outcomes.append(task.id)
+    after = await count_tasks(database_url)
+    if outcomes[0] is InvalidInputError:
+        assert outcomes == [InvalidInputError] * 2
+        assert after == before, "a refused key wrote something"
+    else:
+        assert outcomes[0] == outcomes[1], "the same key made two tasks"
+        assert after == before + 1
