@@ -32,6 +32,7 @@ class Rescued:
     task_id: UUID
     runs: int
     status: TaskStatus
+    queue: str
 
 
 def _uuid(value: Any) -> UUID:
@@ -324,7 +325,7 @@ async def rescue_child(
 
 
 def _rescued(row: Row) -> Rescued:
-    return Rescued(_uuid(row["id"]), row["runs"], TaskStatus(row["status"]))
+    return Rescued(_uuid(row["id"]), row["runs"], TaskStatus(row["status"]), row["queue"])
 
 
 async def dispatch_due(

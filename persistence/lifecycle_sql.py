@@ -346,14 +346,14 @@ WITH expired AS (
         completed_at = CASE WHEN {_HAS_ATTEMPTS_LEFT} THEN NULL ELSE now() END,
         lease_expires_at = NULL, version = t.version + 1, updated_at = now()
     FROM expired WHERE t.id = expired.id
-    RETURNING t.id, t.runs, t.status, t.worker_id
+    RETURNING t.id, t.runs, t.status, t.queue, t.worker_id
 ), history AS (
     UPDATE task_attempts AS a
     SET finished_at = now(), outcome = '{AttemptOutcome.LOST}',
         error = 'lease expired on worker ' || COALESCE(r.worker_id, '?')
     FROM rescued AS r WHERE a.task_id = r.id AND a.run = r.runs AND a.outcome IS NULL
 )
-SELECT id, runs, status FROM rescued
+SELECT id, runs, status, queue FROM rescued
 """)
 
 EXPIRED_CHILDREN = Sql(f"""
@@ -373,14 +373,14 @@ WITH rescued AS (
         completed_at = CASE WHEN {_HAS_ATTEMPTS_LEFT} THEN NULL ELSE now() END,
         lease_expires_at = NULL, version = t.version + 1, updated_at = now()
     WHERE t.id = :id AND t.runs = :run AND t.status = '{RUNNING}' AND t.lease_expires_at < now()
-    RETURNING t.id, t.runs, t.status, t.worker_id
+    RETURNING t.id, t.runs, t.status, t.queue, t.worker_id
 ), history AS (
     UPDATE task_attempts AS a
     SET finished_at = now(), outcome = '{AttemptOutcome.LOST}',
         error = 'lease expired on worker ' || COALESCE(r.worker_id, '?')
     FROM rescued AS r WHERE a.task_id = r.id AND a.run = r.runs AND a.outcome IS NULL
 )
-SELECT id, runs, status FROM rescued
+SELECT id, runs, status, queue FROM rescued
 """)
 
 # Due pending tasks of a queue that have no live doorbell: never dispatched (plain SQL insert),

@@ -47,10 +47,11 @@ class Dispatcher:
                 pipe.zadd(self.queue, {doorbell.job_id: DUE_NOW_SCORE}, nx=True)
             await pipe.execute()
 
-    async def forget(self, doorbells: Sequence[Doorbell]) -> None:
-        """Take these doorbells off the queue, whether or not a job is running for them."""
+    async def forget(self, doorbells: Sequence[Doorbell], *, queue: str | None = None) -> None:
+        """Take these doorbells off the queue (this dispatcher's, or `queue`), whether or not a
+        job is running for them."""
         if doorbells:
-            await self.redis.zrem(self.queue, *[doorbell.job_id for doorbell in doorbells])
+            await self.redis.zrem(queue or self.queue, *[doorbell.job_id for doorbell in doorbells])
 
     async def queued(self) -> int:
         """Doorbells waiting in the queue (arq's queue length)."""

@@ -16,6 +16,7 @@ import asyncio
 import os
 import socket
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,17 +80,21 @@ class Reconciler:
             self._last_forget = time.monotonic()
 
     async def rescue(self) -> None:
-        rescued, doorbells = await self.store.rescue_expired(limit=RESCUE_BATCH)
+        rescued, resumed = await self.store.rescue_expired(limit=RESCUE_BATCH)
+        # The doorbell that started each lost run is still queued if its worker died: arq keeps
+        # a job queued until it ends, behind an in-progress key that outlives any handler. Left
+        # there, it would be read and skipped by every poll for minutes, and a dead worker's
+        # worth of them at the head of the queue would hide everything behind them. (Rescue
+        # spans queues: a queue whose workers all died is rescued by the others.)
+        lost: dict[str, list[Doorbell]] = defaultdict(list)
         for task in rescued:
             self.log.warning(
                 "task.rescued", task_id=str(task.task_id), run=task.runs, now=task.status.value
             )
-        await self.dispatcher.ring(doorbells)
-        # The doorbell that started each lost run is still queued if its worker died: arq keeps
-        # a job queued until it ends, behind an in-progress key that outlives any handler. Left
-        # there, it would be read and skipped by every poll for minutes, and a dead worker's
-        # worth of them at the head of the queue would hide everything behind them.
-        await self.dispatcher.forget([Doorbell(task.task_id, task.runs - 1) for task in rescued])
+            lost[task.queue].append(Doorbell(task.task_id, task.runs - 1))
+        await self.dispatcher.ring(resumed)
+        for queue, doorbells in lost.items():
+            await self.dispatcher.forget(doorbells, queue=queue)
 
     async def resume_stranded(self) -> None:
         doorbells = await self.store.resume_stranded(

@@ -52,6 +52,19 @@ def processes() -> Iterator[list[WorkerProcess]]:
         process.stop()
 
 
+@pytest.fixture
+async def other_queue(redis_url: str) -> AsyncIterator[str]:
+    """A second queue of this test's own; its doorbells are removed afterwards."""
+    name = services.unique_queue()
+    yield name
+    redis = Redis.from_url(redis_url)
+    try:
+        job_ids = await redis.zrange(name, 0, -1)
+        await redis.delete(name, *[b"arq:job:" + job_id for job_id in job_ids])
+    finally:
+        await redis.aclose()
+
+
 def spawn(
     processes: list[WorkerProcess], settings: Settings, n: int = 1, *, wait: bool = True
 ) -> list[WorkerProcess]:
@@ -177,53 +190,66 @@ async def test_sigkill_mid_handler_completes_each_task_exactly_once(
     await assert_invariants(database_url, victim, survivor)
 
 
-async def test_sigkill_with_a_full_queue_read_in_flight_leaves_the_queue_flowing(
-    client: TaskClient,
+async def test_a_killed_workers_doorbells_do_not_block_its_queue(
     conversation: Conversation,
     settings: Settings,
     database_url: str,
+    other_queue: str,
     processes: list[WorkerProcess],
 ) -> None:
-    """A killed worker's doorbells must not block the queue for the others.
+    """arq keeps a started job in the queue until it finishes, behind an in-progress key that
+    outlives the job's timeout (minutes). Workers read the queue from its head,
+    `queue_read_limit` ids at a time (here 100), and skip ids in progress: a dead worker's jobs
+    left there would hide everything behind them until those keys expired.
 
-    arq keeps a started job in the queue until it finishes, guarded by an in-progress key that
-    outlives the job's timeout (minutes). Another worker reads the queue from its head,
-    `queue_read_limit` ids at a time (here 100), and skips ids in progress: if a dead worker
-    leaves that many at the head, nothing behind them runs until those keys expire.
-    """
+    Here the dead worker had 100 runs in flight on a queue with no other worker; a worker of
+    another queue rescues them (rescue spans queues), and must clear that queue's head."""
     n = 100
-    [victim] = spawn(processes, replace(settings, concurrency=n))
-    await client.submit_many(
-        [TaskSpec("t_long_first_run", {"seconds": 60}, conversation.id) for _ in range(n)]
-    )
-    await db.eventually(
-        lambda: db.value(database_url, "SELECT count(*) FROM tasks WHERE status = 'running'"),
-        lambda running: running == n,
-        timeout=30,
-        what="every task running",
-    )
-    victim.kill()
-    [survivor] = spawn(processes, replace(settings, concurrency=10))  # reads 100 ids a poll
-    later = await client.submit("echo", {"after": "the kill"}, conversation_id=conversation.id)
+    queue_b = replace(settings, queue=other_queue)
+    victim = WorkerProcess(replace(queue_b, concurrency=n, log_level="INFO"))
+    rescuer = WorkerProcess(replace(settings, log_level="INFO"))
+    processes.extend([victim, rescuer])
+    victim.wait_started()
+    rescuer.wait_started()
+    async with TaskClient.from_settings(queue_b) as client:
+        await client.submit_many(
+            [TaskSpec("t_long_first_run", {"seconds": 60}, conversation.id) for _ in range(n)]
+        )
+        await db.eventually(
+            lambda: status_counts(database_url),
+            lambda counts: counts == {"running": n},
+            timeout=30,
+            what="every task running",
+        )
+        victim.kill()
+        redis = Redis.from_url(settings.redis_url)
+        try:
+            await db.eventually(
+                lambda: status_counts(database_url),
+                lambda counts: counts == {"pending": n},
+                what="every task rescued",
+            )
+            # No worker of its own, so nobody rang anything on it since: it is empty once the
+            # rescuer took the dead worker's doorbells off.
+            await db.eventually(
+                lambda: redis.zcard(other_queue), lambda left: left == 0, what="dead doorbells gone"
+            )
+        finally:
+            await redis.aclose()
 
-    await db.eventually(
-        lambda: status_counts(database_url),
-        lambda counts: counts == {"completed": n + 1},
-        timeout=30,
-        what="every task completed",
-    )
+        spawn(processes, replace(queue_b, concurrency=10))  # it reads 100 ids a poll
+        later = await client.submit("echo", {"after": "the kill"}, conversation_id=conversation.id)
+        await db.eventually(
+            lambda: status_counts(database_url),
+            lambda counts: counts == {"completed": n + 1},
+            timeout=30,
+            what="every task completed",
+        )
     rows = await db.query(database_url, "SELECT * FROM tasks WHERE id <> $1", later.id)
     assert all((r["status"], r["attempts"], r["runs"]) == ("completed", 2, 2) for r in rows)
     assert (await db.task_row(database_url, later.id))["attempts"] == 1
-    redis = Redis.from_url(settings.redis_url)
-    try:  # the dead worker's doorbells included
-        await db.eventually(
-            lambda: redis.zcard(settings.queue), lambda left: left == 0, what="queue drained"
-        )
-    finally:
-        await redis.aclose()
-    assert_clean(victim, survivor)
-    await assert_invariants(database_url, victim, survivor)
+    assert_clean(*processes)
+    await assert_invariants(database_url, *processes)
 
 
 async def test_repeated_sigkills_fail_the_task_when_its_attempts_run_out(
@@ -449,19 +475,6 @@ async def test_duplicate_doorbells_raced_by_three_workers_write_each_outcome_onc
     assert any(e["reason"].startswith("already running") for e in ignored)
     assert_clean(*workers)
     await assert_invariants(database_url, *workers)
-
-
-@pytest.fixture
-async def other_queue(redis_url: str) -> AsyncIterator[str]:
-    """A second queue of this test's own; its doorbells are removed afterwards."""
-    name = services.unique_queue()
-    yield name
-    redis = Redis.from_url(redis_url)
-    try:
-        job_ids = await redis.zrange(name, 0, -1)
-        await redis.delete(name, *[b"arq:job:" + job_id for job_id in job_ids])
-    finally:
-        await redis.aclose()
 
 
 async def test_doorbells_rung_on_another_queue_are_left_to_that_queues_workers(
