@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, Select, delete, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import ColumnProperty
-from sqlalchemy.sql.sqltypes import Integer, Uuid
+from sqlalchemy.sql.sqltypes import BigInteger, Integer, SmallInteger, String, Uuid
 
 from domain.exceptions import InvalidFilterError, InvalidInputError
 from persistence.errors import translate
@@ -117,13 +117,22 @@ class BaseRepository(Generic[TModel, TEntity]):
 
     def _coerce(self, field: str, column: Any, value: Any) -> Any:
         """Reject values of the wrong kind with a clear error instead of a driver error."""
-        if isinstance(column.type, Uuid) and not isinstance(value, uuid.UUID):
+        kind = column.type
+        if isinstance(kind, Uuid) and not isinstance(value, uuid.UUID):
             try:
                 return uuid.UUID(str(value))
             except ValueError:
-                raise InvalidInputError(f"{field} must be a UUID, got {value!r}") from None
-        if isinstance(column.type, Integer) and not isinstance(value, int):
-            raise InvalidInputError(f"{field} must be an integer, got {value!r}")
+                raise InvalidInputError(f"{field} must be a UUID, got {_show(value)}") from None
+        if isinstance(kind, Integer):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidInputError(f"{field} must be an integer, got {_show(value)}")
+            bits = (
+                64 if isinstance(kind, BigInteger) else 16 if isinstance(kind, SmallInteger) else 32
+            )
+            if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+                raise InvalidInputError(f"{field} is out of range for a {bits}-bit integer")
+        if isinstance(kind, String) and not isinstance(value, str):
+            raise InvalidInputError(f"{field} must be a string, got {_show(value)}")
         return value
 
     def _select(
@@ -173,6 +182,13 @@ class BaseRepository(Generic[TModel, TEntity]):
             filters, limit=page_size, offset=(page - 1) * page_size, order_by=order_by
         )
         return items, total
+
+
+def _show(value: Any) -> str:
+    try:
+        return f"{value!r:.80}"
+    except ValueError:  # an int too long for repr (over Python's 4300-digit limit)
+        return f"an {type(value).__name__} too long to show"
 
 
 def _check_window(limit: int, offset: int) -> None:

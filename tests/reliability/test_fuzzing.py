@@ -26,10 +26,14 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain.entities import Conversation, Task
-from domain.exceptions import EntityNotFoundError, InvalidInputError
+from domain.exceptions import EntityNotFoundError, InvalidFilterError, InvalidInputError
 from domain.value_objects import TaskStatus
+from persistence.repositories import TaskRepository
+from persistence.session import UnitOfWork, create_session_factory
 from tests.support import db
 from tests.support.invariants import check_invariants
 from worker.agents import load_agents
@@ -718,3 +722,98 @@ async def test_random_idempotency_keys_are_refused_or_deduplicate(
     else:
         assert outcomes[0] == outcomes[1], "the same key made two tasks"
         assert after == before + 1
+
+
+# -- user-supplied filters -------------------------------------------------------------------------
+
+ALLOWED_FILTERS = sorted(TaskRepository.filterable_fields)
+FILTER_NAMES = st.one_of(
+    st.sampled_from(ALLOWED_FILTERS),
+    st.sampled_from(
+        [
+            *("input", "metadata", "output", "created_at", "version", "runs", "__class__"),
+            *("__dict__", "_sa_instance_state", "metadata_", "id ", "ID", "status; DROP", ""),
+        ]
+    ),
+    st.text(max_size=20),
+    st.integers(),
+    st.none(),
+)
+FILTER_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from([2**31, -(2**31) - 1, 2**63, 10**30]),
+    HUGE_INTS,
+    st.floats(),
+    STRINGS,
+    st.uuids(),
+    st.uuids().map(str),
+    st.sampled_from(["pending", "failed", "echo", "tasklane", str(uuid.UUID(int=0))]),
+    st.binary(max_size=8),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+FILTER_VALUES = st.one_of(
+    FILTER_SCALARS,
+    st.lists(FILTER_SCALARS, max_size=4),
+    st.tuples(FILTER_SCALARS),
+    st.frozensets(st.integers() | st.text(max_size=5), max_size=3),
+)
+
+
+class Filters(dict[Any, Any]):
+    def __repr__(self) -> str:
+        return "Filters(" + repr(dict(self))[:600] + ")"
+
+
+@fuzz(150)
+@given(
+    filters=st.dictionaries(FILTER_NAMES, FILTER_VALUES, max_size=3).map(Filters),
+    page=st.one_of(st.integers(1, 3), st.integers(), st.sampled_from([2**62, 2**64])),
+    page_size=st.one_of(st.integers(1, 50), st.integers(-5, 2000)),
+)
+async def test_user_filters_work_or_are_refused_before_any_sql(
+    filters: Filters,
+    page: int,
+    page_size: int,
+    engine: AsyncEngine,
+    conversation: Conversation,
+    some_tasks: list[Task],
+) -> None:
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(args[2])
+
+    unknown = [name for name in filters if name not in TaskRepository.filterable_fields]
+    uow = UnitOfWork(create_session_factory(engine))
+    event.listen(engine.sync_engine, "before_cursor_execute", count)
+    try:
+        async with uow:
+            try:
+                found = await uow.tasks.find_paginated(
+                    filters=filters, page=page, page_size=page_size
+                )
+            except InvalidInputError as exc:
+                refused: InvalidInputError | None = exc
+            else:
+                refused = None
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", count)
+    if isinstance(refused, InvalidFilterError):
+        assert refused.field in {str(name) for name in unknown}
+    if unknown:
+        assert refused is not None, f"{unknown} accepted as filter fields"
+        assert statements == [], "SQL was issued for an unknown filter field"
+        if len(unknown) == len(filters) and 1 <= page_size <= 1000 and page >= 1:
+            assert isinstance(refused, InvalidFilterError)
+    elif refused is None:
+        assert found.total >= len(found.items)
+        assert all(t.conversation_id == conversation.id for t in found.items)
+
+
+@pytest.fixture
+async def some_tasks(client: TaskClient, conversation: Conversation) -> list[Task]:
+    return [
+        await client.submit("echo", {"i": i}, conversation_id=conversation.id) for i in range(3)
+    ]
