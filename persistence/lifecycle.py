@@ -13,7 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from domain.entities import Doorbell, Task
-from domain.value_objects import TaskStatus
+from domain.value_objects import AttemptOutcome, TaskStatus
 from persistence import lifecycle_sql as q
 from persistence.mappers import insert_params, task_from_row
 from persistence.sql import Executor, Row
@@ -177,6 +177,22 @@ async def retry_later(
 
 async def release(ex: Executor, task_id: UUID, run: int) -> bool:
     return bool(await ex.fetch(q.RELEASE, id=task_id, run=run))
+
+
+async def runs_with_outcome(
+    ex: Executor, runs: Sequence[tuple[UUID, int]], outcome: AttemptOutcome
+) -> set[UUID]:
+    """The tasks among `runs` (task id, run) whose run already ended with `outcome`: a fenced
+    finish that found nothing to change had in fact landed, its answer lost with its connection."""
+    if not runs:
+        return set()
+    rows = await ex.fetch(
+        q.RUNS_WITH_OUTCOME,
+        ids=[task_id for task_id, _ in runs],
+        runs=[run for _, run in runs],
+        outcome=outcome.value,
+    )
+    return {_uuid(row["task_id"]) for row in rows}
 
 
 def _finished(row: Row) -> Finished:

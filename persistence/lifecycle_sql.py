@@ -242,6 +242,16 @@ WITH done AS (
 SELECT id FROM done
 """)
 
+# After a finish whose answer was lost: which of these runs already ended with the outcome we were
+# writing. Only the run itself gives its history row completed, failed, retry, waiting or released
+# (a rescue writes lost, a cancel cancelled), so this outcome means our own write landed.
+RUNS_WITH_OUTCOME = Sql("""
+SELECT a.task_id FROM task_attempts AS a
+JOIN unnest(CAST(:ids AS uuid[]), CAST(:runs AS int[])) AS r(id, run)
+  ON a.task_id = r.id AND a.run = r.run
+WHERE a.outcome = :outcome
+""")
+
 # --- subtasks ----------------------------------------------------------------------------------
 
 # Taken before any child of this parent changes to a final state: parent first, then the child.

@@ -4,8 +4,9 @@ Claims and root-task completions of concurrent jobs are grouped into one stateme
 worker is busy (`Batcher`). Everything touching a subtask runs in a short transaction that locks
 the parent first. Deadlocks, serialization failures and dropped connections are retried: every
 statement here is fenced (status + run number), so running one twice never applies it twice.
-A claim is the one write whose retry must also recognise its own success: after a claim that got
-no answer, the next claim of those tasks adopts any of them already running under this worker.
+A write retried after its answer was lost must also recognise its own success: the next claim of
+tasks whose claim got no answer adopts those already running under this worker, and a finish that
+finds nothing to change checks whether its run's history already holds the outcome it was writing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from uuid import UUID
 import asyncpg
 
 from domain.entities import Doorbell, Task
+from domain.value_objects import AttemptOutcome
 from persistence import lifecycle
 from persistence.batching import Batcher
 from persistence.errors import RETRYABLE_SQLSTATES
@@ -49,6 +51,12 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError) and exc.sqlstate in RETRYABLE_SQLSTATES:
         return True
     return isinstance(exc, _CONNECTION_ERRORS)
+
+
+async def _landed_before(ex: Executor, task: Task, outcome: AttemptOutcome) -> bool:
+    """A fenced finish found nothing to change: had this very run's write already landed (a
+    retry whose first try lost its answer with its connection)?"""
+    return bool(await lifecycle.runs_with_outcome(ex, [(task.id, task.runs)], outcome))
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,27 +203,34 @@ class LifecycleStore:
         async def change(ex: Executor) -> bool:
             return bool(await lifecycle.complete(ex, [(task.id, task.runs, output_json)]))
 
-        return await self._finish_in_tree(task, change, children)
+        return await self._finish_in_tree(task, change, AttemptOutcome.COMPLETED, children)
 
     async def _complete_batch(self, items: list[tuple[UUID, int, str]]) -> list[bool]:
-        async def op(ex: Executor) -> list[lifecycle.Finished]:
-            return await lifecycle.complete(ex, items)
+        async def op(ex: Executor) -> set[UUID]:
+            landed = {f.task_id for f in await lifecycle.complete(ex, items)}
+            missed = [(task_id, run) for task_id, run, _ in items if task_id not in landed]
+            return landed | await lifecycle.runs_with_outcome(ex, missed, AttemptOutcome.COMPLETED)
 
-        landed = {f.task_id for f in await self._run("complete", op, tx=False)}
+        landed = await self._run("complete", op, tx=False)
         return [task_id in landed for task_id, _, _ in items]
 
     async def fail(self, task: Task, error: str) -> Finish:
         async def change(ex: Executor) -> bool:
             return await lifecycle.fail(ex, task.id, task.runs, error) is not None
 
-        if task.parent_task_id is None:
-            return Finish(await self._run("fail", change, tx=False))
-        return await self._finish_in_tree(task, change)
+        if task.parent_task_id is not None:
+            return await self._finish_in_tree(task, change, AttemptOutcome.FAILED)
+
+        async def op(ex: Executor) -> bool:
+            return await change(ex) or await _landed_before(ex, task, AttemptOutcome.FAILED)
+
+        return Finish(await self._run("fail", op, tx=False))
 
     async def _finish_in_tree(
         self,
         task: Task,
         change: Callable[[Executor], Awaitable[bool]],
+        outcome: AttemptOutcome,
         children: Sequence[Task] = (),
     ) -> Finish:
         """One transaction: lock the parent (if any) first, then change the task, create its
@@ -227,7 +242,9 @@ class LifecycleStore:
             if parent_id is not None:
                 await lifecycle.lock_task(ex, parent_id)
             if not await change(ex):
-                return Finish(False)
+                # The run lost its claim, or this is a retry whose first try landed (children,
+                # parent and all: the reconciler rings their doorbells).
+                return Finish(await _landed_before(ex, task, outcome))
             doorbells = await lifecycle.insert_children(ex, children, dispatch_delay=delay)
             if parent_id is not None:
                 resumed = await lifecycle.resume_if_done(ex, parent_id, dispatch_delay=delay)
@@ -240,22 +257,28 @@ class LifecycleStore:
         async def op(ex: Executor) -> bool:
             return await lifecycle.retry_later(
                 ex, task.id, task.runs, error, delay_seconds=delay_seconds
-            )
+            ) or await _landed_before(ex, task, AttemptOutcome.RETRY)
 
         return await self._run("retry", op, tx=False)
 
     async def release(self, task: Task) -> bool:
-        return await self._run(
-            "release", lambda ex: lifecycle.release(ex, task.id, task.runs), tx=False
-        )
+        async def op(ex: Executor) -> bool:
+            return await lifecycle.release(ex, task.id, task.runs) or await _landed_before(
+                ex, task, AttemptOutcome.RELEASED
+            )
+
+        return await self._run("release", op, tx=False)
 
     async def wait_for_children(
         self, task: Task, children: Sequence[Task]
     ) -> list[Doorbell] | None:
         async def op(ex: Executor) -> list[Doorbell] | None:
-            return await lifecycle.wait_for_children(
+            doorbells = await lifecycle.wait_for_children(
                 ex, task.id, task.runs, children, dispatch_delay=self.config.redispatch_seconds
             )
+            if doorbells is None and await _landed_before(ex, task, AttemptOutcome.WAITING):
+                return []  # the reconciler rings the children the first try created
+            return doorbells
 
         return await self._run("wait", op, tx=True)
 

@@ -458,8 +458,8 @@ async def test_ambiguous_finish_commit_is_applied_once(
 ) -> None:
     """The completion commits (a root's one statement; a subtask's transaction that also
     resumes its parent); the worker sees its connection die and retries. The fenced retry
-    changes nothing, and nothing is lost: a parent resumed by the lost transaction is rung by
-    the reconciler."""
+    changes nothing but recognises its own write (the run's history says `completed`), and
+    nothing is lost: a parent resumed by the unanswered transaction is rung by the reconciler."""
     start(processes, behind(proxy, settings, database))
     fired = proxy.drop_after_commit("SET status = 'completed'")
     if kind == "root":
@@ -476,7 +476,8 @@ async def test_ambiguous_finish_commit_is_applied_once(
     assert {(r["status"], r["attempts"]) for r in everything} == {("completed", 1)}
     history = await db.query(database_url, "SELECT outcome FROM task_attempts")
     assert {h["outcome"] for h in history} <= {"completed", "waiting"}  # nothing lost or rerun
-    await stop_and_check(database_url, processes)
+    logs = await stop_and_check(database_url, processes)
+    assert "run.discarded" not in logs  # it was not: it landed before the connection died
 
 
 async def test_an_answer_followed_by_the_servers_goodbye_stands(
