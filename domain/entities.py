@@ -53,8 +53,10 @@ class Task:
     version: int = 1  # bumped by every write; optimistic concurrency for `update`
 
     def __post_init__(self) -> None:
-        if not self.agent_id or not self.agent_id.strip():
-            raise InvalidInputError("agent_id must be a non-empty string")
+        if not isinstance(self.agent_id, str) or not self.agent_id.strip():
+            raise InvalidInputError(
+                f"agent_id must be a non-empty string, got {self.agent_id!r:.60}"
+            )
         if self.max_attempts is not None and self.max_attempts < 1:
             raise InvalidInputError(f"max_attempts must be at least 1, got {self.max_attempts}")
 

@@ -22,7 +22,7 @@ from uuid import UUID
 
 from domain.entities import Task
 from domain.exceptions import InvalidInputError
-from domain.payload import JsonValue
+from domain.payload import JsonValue, encode_json
 
 Handler: TypeAlias = Callable[["TaskContext"], Awaitable[Any]]
 
@@ -157,6 +157,11 @@ class TaskContext:
             run_after=run_after,
             queue=self.task.queue,
         )
+        # Refused here, where the handler can see it: found only when the run's result is
+        # written, the whole write would fail and the run be abandoned until its lease ran out.
+        child.check_new()
+        encode_json(child.input, what=f"input of subtask {agent_id!r:.60}")
+        encode_json(child.metadata, what=f"metadata of subtask {agent_id!r:.60}")
         self._spawned.append(child)
         return child
 

@@ -17,6 +17,7 @@ import math
 import pickle
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -34,6 +35,7 @@ from domain.exceptions import EntityNotFoundError, InvalidFilterError, InvalidIn
 from domain.value_objects import TaskStatus
 from persistence.repositories import TaskRepository
 from persistence.session import UnitOfWork, create_session_factory
+from tests.reliability.fuzz_agents import BAD_CHILDREN
 from tests.support import db
 from tests.support.invariants import check_invariants
 from worker.agents import load_agents
@@ -83,7 +85,8 @@ async def serving(settings: Settings) -> AsyncIterator[Live]:
 
 @pytest.fixture
 async def live_worker(settings: Settings) -> AsyncIterator[Live]:
-    async with serving(settings) as pair:
+    modules = (*settings.agent_modules, "tests.reliability.fuzz_agents")
+    async with serving(replace(settings, agent_modules=modules)) as pair:
         yield pair
 
 
@@ -817,3 +820,30 @@ async def some_tasks(client: TaskClient, conversation: Conversation) -> list[Tas
     return [
         await client.submit("echo", {"i": i}, conversation_id=conversation.id) for i in range(3)
     ]
+
+
+# -- bad subtasks spawned by a handler -------------------------------------------------------------
+
+
+async def test_a_handler_spawning_a_bad_subtask_fails_with_the_reason(
+    client: TaskClient, conversation: Conversation, live_worker: Live, database_url: str
+) -> None:
+    parents = {
+        (child, wait): await client.submit(
+            "t_fuzz_spawn",
+            {"child": child, "wait": wait},
+            conversation_id=conversation.id,
+            max_attempts=1,  # the handler's error fails it at once
+        )
+        for child in sorted(BAD_CHILDREN)
+        for wait in (True, False)
+    }
+    for (child, wait), parent in parents.items():
+        done = await served(client, parent.id, live_worker)
+        case = f"{child}, {'waiting' if wait else 'fire-and-forget'}: {done.error!r:.300}"
+        assert done.status is TaskStatus.FAILED, case
+        # Refused when spawned, so the run fails like any handler error; not found when the
+        # result is written, the write failing and the run abandoned until its lease ran out.
+        assert "InvalidInputError" in (done.error or ""), case
+        assert await client.subtasks(parent.id) == [], case
+    await check_invariants(database_url, task_ids=[p.id for p in parents.values()])
