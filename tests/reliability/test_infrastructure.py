@@ -2,9 +2,9 @@
 ambiguous), worker clocks minutes off, a database pool of one connection.
 
 Real worker processes (`python -m worker.cli worker`) throughout; faults are injected on services
-or connections of the test's own: a private redis-server, the worker's own Postgres backends
-(`pg_terminate_backend`, found by their `application_name`), or a TCP proxy between the worker
-and Postgres (`tests/support/pgproxy.py`). Every scenario ends with the invariant checker, after
+or connections of the test's own: a private redis-server, a private Postgres cluster, the worker's
+own Postgres backends (`pg_terminate_backend`, found by their `application_name`), or a TCP proxy
+between the worker and Postgres (`tests/support/pgproxy.py`). Every scenario ends with the invariant checker, after
 the workers were stopped: they must still be alive then, and exit cleanly.
 """
 
@@ -27,11 +27,12 @@ from redis.asyncio import Redis
 
 from domain.entities import Conversation, Doorbell
 from persistence import pg
-from tests.support import databases, db
+from tests.support import databases, db, pgcluster
 from tests.support.invariants import check_invariants, idle_in_transaction
+from tests.support.pgcluster import PrivatePostgres
 from tests.support.pgproxy import PgProxy
 from tests.support.services import PrivateRedis
-from tests.support.workers import WorkerProcess
+from tests.support.workers import WorkerProcess, make_settings
 from worker.client import TaskClient, TaskSpec
 from worker.config import Settings
 from worker.dispatch import Dispatcher
@@ -416,6 +417,48 @@ async def test_a_connection_the_server_just_dropped_is_not_the_end_of_a_finish(
     assert await outcomes(database_url, task.id) == ["completed"]
     logs = await stop_and_check(database_url, processes)
     assert "finish.failed" not in logs
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    if not pgcluster.available():
+        pytest.skip("initdb/pg_ctl are not installed")
+    server = PrivatePostgres().start()
+    yield server
+    server.stop()
+
+
+async def test_postgres_restarted_under_running_tasks(
+    redis_url: str,
+    queue: str,
+    private_postgres: PrivatePostgres,
+    processes: list[WorkerProcess],
+) -> None:
+    """The whole server restarts (fast shutdown: every session terminated, then a few moments
+    of refusing connections) while handlers run and more tasks wait."""
+    name = await asyncio.to_thread(databases.create_migrated_template, private_postgres.server_url)
+    url = databases.url_for(name, private_postgres.server_url)
+    settings = make_settings(url, redis_url, queue, concurrency=10)
+    start(processes, settings)
+    async with TaskClient.from_settings(settings) as client:
+        conversation = await client.create_conversation(user_id="u", title="restart")
+        running = await client.submit_many(
+            [TaskSpec("sleep", {"seconds": 3}, conversation_id=conversation.id)] * 5
+        )
+        await db.eventually(
+            lambda: db.value(url, "SELECT count(*) FROM tasks WHERE status = 'running'"),
+            lambda n: n == 5,
+            what="5 handlers running",
+        )
+        await asyncio.to_thread(private_postgres.restart)
+        after = await client.submit_many(
+            [TaskSpec("echo", {"i": i}, conversation_id=conversation.id) for i in range(20)]
+        )
+        ids = [t.id for t in running + after]
+        rows = await db.wait_final(url, ids, timeout=60)
+    assert {r["status"] for r in rows} == {"completed"}
+    assert [r["output"] for r in rows if r["agent_id"] == "sleep"] == [{"slept": 3}] * 5
+    await stop_and_check(url, processes, task_ids=ids)  # the worker lived through it
 
 
 # -- 4. Around the commit: the answer lost, or followed at once by the server's goodbye ---------
