@@ -4,8 +4,8 @@ ambiguous), worker clocks minutes off, a database pool of one connection.
 Real worker processes (`python -m worker.cli worker`) throughout; faults are injected on services
 or connections of the test's own: a private redis-server, a private Postgres cluster, the worker's
 own Postgres backends (`pg_terminate_backend`, found by their `application_name`), or a TCP proxy
-between the worker and Postgres (`tests/support/pgproxy.py`). Every scenario ends with the invariant checker, after
-the workers were stopped: they must still be alive then, and exit cleanly.
+between the worker and Postgres (`tests/support/pgproxy.py`). Every scenario ends with the
+invariant checker, after the workers were stopped: they must still be alive then, and exit cleanly.
 """
 
 from __future__ import annotations
