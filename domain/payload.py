@@ -58,8 +58,8 @@ def _check_keys(value: JsonValue, what: str) -> None:
             for key in item:
                 if not isinstance(key, str):
                     raise InvalidInputError(
-                        f"{what} has a {type(key).__name__} object key {key!r:.40}: "
-                        "JSON object keys are strings"
+                        f"{what} has an object key of type {type(key).__name__} "
+                        f"({key!r:.40}): JSON object keys are strings"
                     )
             stack.extend(item.values())
         elif isinstance(item, list | tuple):

@@ -84,10 +84,16 @@ async def serving(settings: Settings) -> AsyncIterator[Live]:
 
 
 @pytest.fixture
-async def live_worker(settings: Settings) -> AsyncIterator[Live]:
+async def live_worker(
+    settings: Settings, client: TaskClient, conversation: Conversation, database_url: str
+) -> AsyncIterator[Live]:
+    """One worker for all the examples of a test. Afterwards it must still be alive and serving,
+    and the invariants must hold for every task the examples left behind."""
     modules = (*settings.agent_modules, "tests.reliability.fuzz_agents")
-    async with serving(replace(settings, agent_modules=modules)) as pair:
-        yield pair
+    async with serving(replace(settings, agent_modules=modules)) as live:
+        yield live
+        await assert_still_serving(client, conversation, live, database_url)
+        await check_invariants(database_url)
 
 
 async def served(client: TaskClient, task_id: uuid.UUID, live: Live) -> Task:
@@ -294,19 +300,27 @@ async def test_any_input_through_the_client_is_refused_clearly_or_echoed_exactly
     assert not live_worker[1].done()
 
 
-async def test_client_fuzzing_leaves_the_worker_serving_and_the_invariants_intact(
-    client: TaskClient,
-    conversation: Conversation,
-    live_worker: Live,
-    database_url: str,
+async def test_the_client_edge_cases_by_name(
+    client: TaskClient, conversation: Conversation, live_worker: Live
 ) -> None:
-    # Replays the fuzz test's worst cases in one database, then checks what it left behind.
-    for value in [nested(980), nested(1000), {"n": 10**4000}, "x" * 262_000, {"k": 1e300}]:
-        with contextlib.suppress(InvalidInputError):
-            task = await client.submit("echo", value, conversation_id=conversation.id)
-            await client.wait(task.id, timeout=20)
-    await assert_still_serving(client, conversation, live_worker, database_url)
-    await check_invariants(database_url)
+    refused = {
+        "nested too deeply": nested(1000),
+        "digits": {"n": 10**5000},  # over Python's int/str limit
+        "over the limit": "x" * (256 * 1024),
+        "Out of range float": [1, math.nan],
+        "object keys are strings": {0: None, "0": 1},  # would be stored as one key
+        "lone surrogate": {"k": "\udc80"},
+        "NUL character": {"k": "a\x00b"},
+    }
+    for reason, value in refused.items():
+        with pytest.raises(InvalidInputError, match=reason):
+            await client.submit("echo", value, conversation_id=conversation.id)
+    echoed = [nested(500), {"n": 10**4000}, "x" * 262_000, {"k": 1e300}, {"\\u0000": "\\"}]
+    for value in echoed:
+        task = await client.submit("echo", value, conversation_id=conversation.id)
+        done = await served(client, task.id, live_worker)
+        assert done.status is TaskStatus.COMPLETED, done.error
+        assert same_json(value, done.output["echo"])
 
 
 # -- rows inserted with plain SQL ------------------------------------------------------------------
@@ -435,30 +449,40 @@ async def test_rows_inserted_with_sql_run_or_fail_with_a_reason(
     assert not live_worker[1].done()
 
 
-async def test_sql_fuzzing_leaves_the_worker_serving_and_the_invariants_intact(
-    client: TaskClient,
-    settings: Settings,
-    conversation: Conversation,
-    live_worker: Live,
-    database_url: str,
+HUGE_INT_TEXT = "9" * 5000  # over Python's 4300-digit int/str limit
+SQL_EDGE_CASES = [
+    # agent, input and metadata as JSON text, the outcome, words of its reason
+    ("echo", HUGE_INT_TEXT, "{}", "failed", "input cannot be loaded in Python: Exceeds the limit"),
+    ("echo", "[" * 2000 + "]" * 2000, "{}", "failed", "input cannot be loaded in Python: nested"),
+    ("echo", "{}", HUGE_INT_TEXT, "failed", "metadata cannot be loaded in Python"),
+    ("echo", "1e400", "{}", "completed", None),  # jsonb writes the number out: an int for Python
+    ("echo", '"' + "x" * 2_000_000 + '"', "null", "completed", None),
+    ("no-such-agent", HUGE_INT_TEXT, "{}", "failed", "unknown agent 'no-such-agent'"),
+]
+
+
+async def test_sql_edge_cases_by_name(
+    settings: Settings, conversation: Conversation, live_worker: Live, database_url: str
 ) -> None:
-    ids = []
-    for text in ["9" * 5000, "[" * 2000 + "]" * 2000, '"' + "x" * 2_000_000 + '"', "1e400"]:
-        for agent_id in ["echo", "no-such-agent"]:
-            ids.append(
-                await db.value(
-                    database_url,
-                    "INSERT INTO tasks (conversation_id, queue, agent_id, input)"
-                    " VALUES ($1, $2, $3, $4::text::jsonb) RETURNING id",
-                    conversation.id,
-                    settings.queue,
-                    agent_id,
-                    text,
-                )
-            )
-    await db.wait_final(database_url, ids, timeout=30)
-    await assert_still_serving(client, conversation, live_worker, database_url)
-    await check_invariants(database_url)
+    ids = [
+        await db.value(
+            database_url,
+            "INSERT INTO tasks (conversation_id, queue, agent_id, input, metadata)"
+            " VALUES ($1, $2, $3, $4::text::jsonb, $5::text::jsonb) RETURNING id",
+            conversation.id,
+            settings.queue,
+            agent_id,
+            input_text,
+            metadata_text,
+        )
+        for agent_id, input_text, metadata_text, _, _ in SQL_EDGE_CASES
+    ]
+    rows = {r["id"]: r for r in await db.wait_final(database_url, ids, timeout=20)}
+    for task_id, (agent_id, text, _, status, reason) in zip(ids, SQL_EDGE_CASES, strict=True):
+        row, case = rows[task_id], f"{agent_id} {text[:30]!r}"
+        assert row["status"] == status, (case, row["error"])
+        assert row["attempts"] == 1, case
+        assert reason is None or reason in row["error"], (case, row["error"])
 
 
 # -- junk in the arq queue -------------------------------------------------------------------------
