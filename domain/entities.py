@@ -257,6 +257,7 @@ class Doorbell:
 
     task_id: UUID
     runs: int  # runs the task has had so far; this doorbell is for run `runs + 1`
+    queue: str | None = None  # the task's queue; None: the ringer's own
 
     @property
     def job_id(self) -> str:

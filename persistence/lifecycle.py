@@ -214,7 +214,9 @@ async def resume_if_done(
     """waiting → pending when no child of `parent_id` is unfinished. In the parent-locked
     transaction that just changed a child."""
     rows = await ex.fetch(q.RESUME_IF_DONE, id=parent_id, dispatch_delay=float(dispatch_delay))
-    return Doorbell(_uuid(rows[0]["id"]), rows[0]["runs"]) if rows else None
+    if not rows:
+        return None
+    return Doorbell(_uuid(rows[0]["id"]), rows[0]["runs"], rows[0]["queue"])
 
 
 async def insert_children(
@@ -226,7 +228,7 @@ async def insert_children(
     once it is due."""
     delays = [0.0 if child.run_after is not None else dispatch_delay for child in children]
     inserted = await insert_tasks(ex, children, dispatch_delays=delays)
-    return [Doorbell(t.id, t.runs) for t, d in zip(inserted, delays, strict=True) if d]
+    return [Doorbell(t.id, t.runs, t.queue) for t, d in zip(inserted, delays, strict=True) if d]
 
 
 async def wait_for_children(
@@ -355,7 +357,7 @@ async def dispatch_due(
     """In a transaction: ring the doorbells of up to `limit` due pending tasks of `queue` and
     mark them dispatched. If `ring` fails nothing is marked, and the next tick tries again."""
     rows = await ex.fetch(q.DUE_FOR_DISPATCH, queue=queue, limit=limit)
-    doorbells = [Doorbell(_uuid(row["id"]), row["runs"]) for row in rows]
+    doorbells = [Doorbell(_uuid(row["id"]), row["runs"], queue) for row in rows]
     if doorbells:
         await ring(doorbells)
         await ex.execute(

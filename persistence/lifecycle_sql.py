@@ -268,7 +268,7 @@ SET status = '{PENDING}', attempts = 0, step = p.step + 1, run_after = now(),
 WHERE p.id = :id AND p.status IN {_guard(PENDING, only=WAITING)}
   AND NOT EXISTS (SELECT 1 FROM tasks AS c
                   WHERE c.parent_task_id = p.id AND c.status IN {UNFINISHED})
-RETURNING p.id, p.runs
+RETURNING p.id, p.runs, p.queue
 """)
 
 # Safety net for the reconciler: waiting parents whose children all finished but which nobody

@@ -241,7 +241,9 @@ class TaskClient:
                 raise IdempotencyConflictError(task.idempotency_key, found.id)
             result.append(found)
         doorbells = [
-            Doorbell(t.id, t.runs) for t, d in zip(tasks, delays, strict=True) if d and t.id in new
+            Doorbell(t.id, t.runs, t.queue)
+            for t, d in zip(tasks, delays, strict=True)
+            if d and t.id in new
         ]
         return _Inserted(result, doorbells)
 

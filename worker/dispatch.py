@@ -35,6 +35,7 @@ class Dispatcher:
         self.queue = queue
 
     async def ring(self, doorbells: Sequence[Doorbell]) -> None:
+        """Queue each doorbell on its task's queue (or this dispatcher's)."""
         if not doorbells:
             return
         now = timestamp_ms()
@@ -44,14 +45,17 @@ class Dispatcher:
                     JOB_FUNCTION, (str(doorbell.task_id),), {}, None, now, serializer=serialize
                 )
                 pipe.set(job_key_prefix + doorbell.job_id, job, px=expires_extra_ms, nx=True)
-                pipe.zadd(self.queue, {doorbell.job_id: DUE_NOW_SCORE}, nx=True)
+                pipe.zadd(doorbell.queue or self.queue, {doorbell.job_id: DUE_NOW_SCORE}, nx=True)
             await pipe.execute()
 
-    async def forget(self, doorbells: Sequence[Doorbell], *, queue: str | None = None) -> None:
-        """Take these doorbells off the queue (this dispatcher's, or `queue`), whether or not a
-        job is running for them."""
-        if doorbells:
-            await self.redis.zrem(queue or self.queue, *[doorbell.job_id for doorbell in doorbells])
+    async def forget(self, doorbells: Sequence[Doorbell]) -> None:
+        """Take these doorbells off their queues, whether or not a job is running for them."""
+        if not doorbells:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for doorbell in doorbells:
+                pipe.zrem(doorbell.queue or self.queue, doorbell.job_id)
+            await pipe.execute()
 
     async def queued(self) -> int:
         """Doorbells waiting in the queue (arq's queue length)."""

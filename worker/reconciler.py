@@ -16,7 +16,6 @@ import asyncio
 import os
 import socket
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,15 +85,14 @@ class Reconciler:
         # there, it would be read and skipped by every poll for minutes, and a dead worker's
         # worth of them at the head of the queue would hide everything behind them. (Rescue
         # spans queues: a queue whose workers all died is rescued by the others.)
-        lost: dict[str, list[Doorbell]] = defaultdict(list)
         for task in rescued:
             self.log.warning(
                 "task.rescued", task_id=str(task.task_id), run=task.runs, now=task.status.value
             )
-            lost[task.queue].append(Doorbell(task.task_id, task.runs - 1))
         await self.dispatcher.ring(resumed)
-        for queue, doorbells in lost.items():
-            await self.dispatcher.forget(doorbells, queue=queue)
+        await self.dispatcher.forget(
+            [Doorbell(task.task_id, task.runs - 1, task.queue) for task in rescued]
+        )
 
     async def resume_stranded(self) -> None:
         doorbells = await self.store.resume_stranded(

@@ -342,7 +342,7 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         except SQLAlchemyError as exc:
             translate(exc, self.entity_name)
         if retried is not None:
-            return RetryResult(retried, True, [Doorbell(retried.id, retried.runs)])
+            return RetryResult(retried, True, [Doorbell(retried.id, retried.runs, retried.queue)])
         task = await self.get_by_id(task_id)
         if task is None:
             raise EntityNotFoundError("Task", task_id)
