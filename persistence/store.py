@@ -96,6 +96,9 @@ class LifecycleStore:
         self._completions: Batcher[tuple[UUID, int, str], bool] = Batcher(
             "complete", self._complete_batch, busy=busy, window=batch_window, max_size=batch_max
         )
+        # A run's final write is worth retrying for as long as its lease lasts: past that, the
+        # task is rescued and the write would be fenced off anyway.
+        self._finish_patience = config.lease_seconds
         # Tasks whose last claim statement got no answer: it may have committed all the same.
         self._unsure_claims: set[UUID] = set()
 
@@ -106,10 +109,20 @@ class LifecycleStore:
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    async def _run(self, name: str, op: Callable[[Executor], Awaitable[T]], *, tx: bool) -> T:
+    async def _run(
+        self,
+        name: str,
+        op: Callable[[Executor], Awaitable[T]],
+        *,
+        tx: bool,
+        patience: float | None = None,
+    ) -> T:
         """Run `op` on a pooled connection (in a transaction if `tx`), retrying transient
-        failures with a short jittered backoff."""
-        for attempt in range(1, _ATTEMPTS + 1):
+        failures with a jittered backoff: `_ATTEMPTS` tries, or for `patience` seconds."""
+        deadline = None if patience is None else asyncio.get_running_loop().time() + patience
+        attempt = 0
+        while True:
+            attempt += 1
             answered = False
             try:
                 async with self.pool.acquire() as conn:
@@ -127,14 +140,18 @@ class LifecycleStore:
                     # the op would find its own write and miss it.
                     log.warning("%s: connection lost after its answer (%r)", name, exc)
                     return result
-                if attempt == _ATTEMPTS or not _retryable(exc):
-                    raise
                 delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
+                out_of_time = (
+                    attempt >= _ATTEMPTS
+                    if deadline is None
+                    else asyncio.get_running_loop().time() + delay > deadline
+                )
+                if out_of_time or not _retryable(exc):
+                    raise
                 log.warning("%s failed (%r); retry %d in %.2fs", name, exc, attempt, delay)
                 await asyncio.sleep(delay)
             else:
                 return result
-        raise AssertionError("unreachable")
 
     # -- claim and heartbeat --------------------------------------------------------------------
 
@@ -211,7 +228,7 @@ class LifecycleStore:
             missed = [(task_id, run) for task_id, run, _ in items if task_id not in landed]
             return landed | await lifecycle.runs_with_outcome(ex, missed, AttemptOutcome.COMPLETED)
 
-        landed = await self._run("complete", op, tx=False)
+        landed = await self._run("complete", op, tx=False, patience=self._finish_patience)
         return [task_id in landed for task_id, _, _ in items]
 
     async def fail(self, task: Task, error: str) -> Finish:
@@ -224,7 +241,7 @@ class LifecycleStore:
         async def op(ex: Executor) -> bool:
             return await change(ex) or await _landed_before(ex, task, AttemptOutcome.FAILED)
 
-        return Finish(await self._run("fail", op, tx=False))
+        return Finish(await self._run("fail", op, tx=False, patience=self._finish_patience))
 
     async def _finish_in_tree(
         self,
@@ -251,7 +268,7 @@ class LifecycleStore:
                 doorbells.extend([resumed] if resumed else [])
             return Finish(True, doorbells)
 
-        return await self._run("finish", op, tx=True)
+        return await self._run("finish", op, tx=True, patience=self._finish_patience)
 
     async def retry_later(self, task: Task, error: str, *, delay_seconds: float) -> bool:
         async def op(ex: Executor) -> bool:
@@ -259,7 +276,7 @@ class LifecycleStore:
                 ex, task.id, task.runs, error, delay_seconds=delay_seconds
             ) or await _landed_before(ex, task, AttemptOutcome.RETRY)
 
-        return await self._run("retry", op, tx=False)
+        return await self._run("retry", op, tx=False, patience=self._finish_patience)
 
     async def release(self, task: Task) -> bool:
         async def op(ex: Executor) -> bool:
@@ -267,7 +284,7 @@ class LifecycleStore:
                 ex, task, AttemptOutcome.RELEASED
             )
 
-        return await self._run("release", op, tx=False)
+        return await self._run("release", op, tx=False, patience=self._finish_patience)
 
     async def wait_for_children(
         self, task: Task, children: Sequence[Task]
@@ -280,7 +297,7 @@ class LifecycleStore:
                 return []  # the reconciler rings the children the first try created
             return doorbells
 
-        return await self._run("wait", op, tx=True)
+        return await self._run("wait", op, tx=True, patience=self._finish_patience)
 
     # -- reconciler -----------------------------------------------------------------------------
 

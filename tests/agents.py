@@ -196,3 +196,16 @@ async def long_first_run(ctx: TaskContext) -> dict[str, Any]:
     seconds = ctx.input["seconds"] if ctx.task.runs == 1 else ctx.input.get("then", 0)
     await asyncio.sleep(float(seconds))
     return {"run": ctx.task.runs, "pid": os.getpid()}
+
+
+@agent("t_stubborn")
+async def stubborn(ctx: TaskContext) -> dict[str, Any]:
+    """Ignores cancellation: keeps sleeping until input.seconds have passed in all."""
+    await mark(ctx, "started")
+    deadline = time.monotonic() + float(ctx.input["seconds"])
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.sleep(deadline - time.monotonic())
+        except asyncio.CancelledError:
+            await mark(ctx, "ignored-cancel")
+    return {"stubborn": True}

@@ -20,7 +20,6 @@ import contextlib
 import math
 import os
 import socket
-import sys
 import uuid
 from typing import Any
 
@@ -30,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain.entities import Agent
 from persistence import pg
+from persistence.errors import find_postgres_error
 from persistence.schema import SchemaError, check_schema
 from persistence.session import UnitOfWork, create_engine, create_session_factory
 from persistence.store import LifecycleConfig, LifecycleStore
@@ -142,11 +142,21 @@ async def startup(ctx: dict[str, Any]) -> None:
     log = get_logger("tasklane.worker")
     try:
         await _start(ctx, settings, agents, log)
-    except StartupError as exc:
-        log.error("worker.startup_failed", error=str(exc))
-        print(f"tasklane worker: {exc}", file=sys.stderr)
+    except Exception as exc:
+        # One line, not a traceback from deep inside a driver; the cause is logged at DEBUG.
+        log.debug("worker.startup_traceback", exc_info=exc)
+        log.error("worker.startup_failed", error=_startup_reason(exc))
         await shutdown(ctx)
         raise SystemExit(1) from None
+
+
+def _startup_reason(exc: Exception) -> str:
+    if isinstance(exc, StartupError):
+        return str(exc)
+    pg_error = find_postgres_error(exc)
+    detail = pg_error.args[0] if pg_error is not None and pg_error.args else str(exc)
+    first_line = str(detail).strip().splitlines()[0] if str(detail).strip() else ""
+    return f"startup failed: {first_line or type(exc).__name__}"
 
 
 async def _start(

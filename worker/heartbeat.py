@@ -7,7 +7,7 @@ handler cancelled: it must not keep working on, or write to, a task it no longer
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -20,7 +20,15 @@ class TrackedRun:
     task_id: UUID
     run: int
     handler: asyncio.Future[Any]
-    lost: bool = False
+    # Resolved when the heartbeat finds the task no longer ours: the job stops waiting for a
+    # handler that might ignore its cancellation.
+    lost_signal: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    @property
+    def lost(self) -> bool:
+        return self.lost_signal.done()
 
 
 class Heartbeat:
@@ -59,6 +67,6 @@ class Heartbeat:
         for task_id in await self.store.heartbeat(held):
             tracked = self._runs.get(task_id)
             if tracked is not None and tracked.run == held[task_id] and not tracked.handler.done():
-                tracked.lost = True
+                tracked.lost_signal.set_result(None)
                 tracked.handler.cancel()
                 self.log.warning("run.claim_lost", task_id=str(task_id), run=tracked.run)

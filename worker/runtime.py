@@ -35,6 +35,8 @@ T = TypeVar("T")
 # Above this many runs in flight, claims and completions are grouped into batch statements.
 BATCH_ABOVE_IN_FLIGHT = 20
 MAX_ERROR_CHARS = 4000
+# How long a cancelled handler may take to unwind before its job stops waiting for it.
+HANDLER_UNWIND_SECONDS = 5.0
 
 
 # -- what a handler run came to ------------------------------------------------------------------
@@ -187,17 +189,24 @@ class WorkerRuntime:
         handler = asyncio.ensure_future(self._call(spec, ctx, timeout))
         tracked = self.heartbeat.track(task, handler)
         try:
-            return await handler
+            # Not `await handler`: cancelling this job must not wait on a handler that ignores
+            # cancellation, and neither must losing the task.
+            waiting: set[asyncio.Future[Any]] = {handler, tracked.lost_signal}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # the job itself is being cancelled: shutdown
-            if tracked.lost:
-                self.log.warning("run.abandoned", reason="the task is no longer ours")
-                return Lost()
-            return Failed("the handler was cancelled")
+            # Shutdown past its grace period: stop the handler, give it a moment to unwind, and
+            # let the caller hand the task back.
+            handler.cancel()
+            await asyncio.wait({handler}, timeout=HANDLER_UNWIND_SECONDS)
+            raise
         finally:
             self.heartbeat.untrack(tracked)
+        if tracked.lost:
+            self.log.warning("run.abandoned", reason="the task is no longer ours")
+            return Lost()
+        if handler.cancelled():
+            return Failed("the handler was cancelled")
+        return handler.result()
 
     async def _call(self, spec: AgentSpec, ctx: TaskContext, limit_seconds: float) -> Outcome:
         self.log.info("task.started", run=ctx.task.runs, step=ctx.step)

@@ -284,3 +284,52 @@ async def test_arq_cli_runs_the_worker_settings(
     )
     assert result.returncode == 0, result.stderr
     assert (await client.get(task.id)).output == {"y": 144}
+
+
+async def test_a_handler_that_ignores_cancellation_cannot_hold_up_shutdown(
+    client: TaskClient,
+    conversation: Conversation,
+    settings: Settings,
+    database_url: str,
+    processes: list[WorkerProcess],
+) -> None:
+    worker = start(processes, settings)  # grace 2 s; a cancelled handler gets 5 s to unwind
+    task = await client.submit("t_stubborn", {"seconds": 120}, conversation_id=conversation.id)
+    await db.eventually(lambda: db.marks(database_url, task.id, "started"), bool, what="started")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0  # not the handler's 120 s
+    assert await db.marks(database_url, task.id, "ignored-cancel")
+    row = await db.task_row(database_url, task.id)
+    assert (row["status"], row["attempts"]) == ("pending", 0)
+    assert [a["outcome"] for a in await db.attempts(database_url, task.id)] == ["released"]
+
+
+async def test_cancelling_a_handler_that_ignores_it_frees_its_slot(
+    client: TaskClient,
+    conversation: Conversation,
+    settings: Settings,
+    database_url: str,
+    processes: list[WorkerProcess],
+) -> None:
+    start(processes, replace(settings, concurrency=1))
+    stubborn = await client.submit("t_stubborn", {"seconds": 120}, conversation_id=conversation.id)
+    await db.eventually(lambda: db.marks(database_url, stubborn.id, "started"), bool)
+    await client.cancel(stubborn.id)
+    # With its only slot taken by a handler that never ends, the worker could run nothing else
+    # if it waited for it; it stops waiting once the heartbeat finds the task cancelled.
+    after = await client.submit("echo", "next", conversation_id=conversation.id)
+    assert (await client.wait(after.id, timeout=20)).status is TaskStatus.COMPLETED
+    assert (await client.get(stubborn.id)).status is TaskStatus.CANCELLED
+
+
+async def test_startup_failure_of_any_kind_is_one_line(
+    settings: Settings, database_url: str
+) -> None:
+    # The schema check passes but a table is gone: registering the agents fails.
+    await db.query(database_url, "DROP TABLE agents")
+    result = run_cli(settings, "worker")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "agents" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
