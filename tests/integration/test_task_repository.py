@@ -823,7 +823,7 @@ async def test_cancelling_the_last_open_child_resumes_the_waiting_parent(
         result = await uow.tasks.cancel(child.id)
         await uow.commit()
     assert result.cancelled == 1
-    assert result.doorbells == [Doorbell(parent.id, 1)]
+    assert result.doorbells == [Doorbell(parent.id, 1, "tasklane")]
     resumed = await fetch(uow, parent.id)
     assert resumed.status is TaskStatus.PENDING
     assert (resumed.step, resumed.attempts) == (1, 0)
@@ -864,7 +864,7 @@ async def test_retry_of_a_failed_task_starts_over(uow: UnitOfWork, conv: Convers
         result = await uow.tasks.retry(task.id)
         await uow.commit()
     assert result.retried
-    assert result.doorbells == [Doorbell(task.id, 2)]
+    assert result.doorbells == [Doorbell(task.id, 2, "tasklane")]
     retried = result.task
     assert retried.status is TaskStatus.PENDING
     assert (retried.attempts, retried.runs, retried.error, retried.completed_at) == (
