@@ -78,7 +78,8 @@ class Plan:
     singles: int  # submits one at a time, per repetition
     many: int  # tasks through submit_many, per repetition
     latency_rate: float  # tasks/s during the latency case
-    latency_seconds: float
+    latency_seconds: float  # measured, after `latency_warmup` seconds at the same rate
+    latency_warmup: float
     backlog: int  # extra not-yet-due pending tasks in the backlog case (0: skip)
     memory_n: int  # tasks in the memory run (0: skip)
 
@@ -92,6 +93,7 @@ FULL = Plan(
     many=20_000,
     latency_rate=200,
     latency_seconds=15,
+    latency_warmup=3,
     backlog=100_000,
     memory_n=100_000,
 )
@@ -104,6 +106,7 @@ QUICK = Plan(
     many=5_000,
     latency_rate=200,
     latency_seconds=3,
+    latency_warmup=2,
     backlog=20_000,
     memory_n=0,
 )
@@ -152,6 +155,76 @@ def proc_memory_kb(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 found[key] = int(value.split()[0])
     return found
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class ServiceCpu:
+    """CPU used by the services while a worker runs: redis-server (the whole server: other
+    clients count too) and the PostgreSQL backends connected to the benchmark's database
+    (the worker's connections, autovacuum), sampled every 0.25 s so short-lived backends are
+    seen (approximate: a backend's CPU before its first sample is not counted)."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.redis_pid = 0
+        self.redis_before = 0.0
+        self.redis_seconds = 0.0
+        self._conn: asyncpg.Connection | None = None
+        self._sampler: asyncio.Task[None] | None = None
+
+    async def start(self) -> ServiceCpu:
+        info = await self.bench.redis.info("server")
+        self.redis_pid = int(info["process_id"])
+        self.redis_before = proc_cpu_seconds(self.redis_pid) or 0.0
+        self._conn = await asyncpg.connect(server_url(self.bench.database))
+        await self._refresh()
+        self._sampler = asyncio.create_task(self._sample())
+        return self
+
+    async def _sample(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        assert self._conn is not None
+        rows = await self._conn.fetch(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        for row in rows:
+            cpu = proc_cpu_seconds(row["pid"])
+            if cpu is not None:
+                self.first.setdefault(row["pid"], cpu)
+                self.last[row["pid"]] = cpu
+
+    async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+        if self._conn is not None:
+            await self._refresh()
+            await self._conn.close()
+        self.redis_seconds = (proc_cpu_seconds(self.redis_pid) or 0.0) - self.redis_before
+
+    @property
+    def postgres_seconds(self) -> float:
+        return sum(self.last[pid] - self.first[pid] for pid in self.last)
 
 
 def load() -> str:
@@ -466,14 +539,19 @@ class Bench:
         queue = self.new_queue("bare")
         await self.ring(queue, n)
         before = machine_cpu()
-        async with worker_process(self, "bare", queue, burst=True) as child:
-            summary = await child.summary(within=n / 100 + 60)
+        services = await ServiceCpu(self).start()
+        try:
+            async with worker_process(self, "bare", queue, burst=True) as child:
+                summary = await child.summary(within=n / 100 + 60)
+        finally:
+            await services.stop()
         if summary["jobs_complete"] != n or summary["jobs_failed"]:
             raise BenchError(f"bare arq ran {summary}, expected {n} complete")
         rate = n / summary["seconds"]
         self.results.add(key, rate)
         self.results.add(f"{key}.cpu_ms", 1000 * summary["cpu_seconds"] / n)
         self.results.add(f"{key}.machine", busy_percent(before, machine_cpu()))
+        self.results.add(f"{key}.redis_ms", 1000 * services.redis_seconds / n)
         say(f"{key}: {rate:,.0f} jobs/s ({1000 * summary['cpu_seconds'] / n:.3f} ms CPU/job)")
         return rate
 
@@ -485,8 +563,12 @@ class Bench:
         ids, submit_rate = await self.submit_many(queue, n)
         await self.analyze()
         before = machine_cpu()
-        async with worker_process(self, "lifecycle", queue, burst=True) as child:
-            summary = await child.summary(within=n / 50 + 60)
+        services = await ServiceCpu(self).start()
+        try:
+            async with worker_process(self, "lifecycle", queue, burst=True) as child:
+                summary = await child.summary(within=n / 50 + 60)
+        finally:
+            await services.stop()
         if summary["jobs_complete"] != n or summary["jobs_failed"]:
             raise BenchError(f"lifecycle worker ran {summary}, expected {n} complete")
         await self.check_completed(ids, backlog=backlog)
@@ -494,6 +576,8 @@ class Bench:
         self.results.add(key, rate)
         self.results.add(f"{key}.cpu_ms", 1000 * summary["cpu_seconds"] / n)
         self.results.add(f"{key}.machine", busy_percent(before, machine_cpu()))
+        self.results.add(f"{key}.redis_ms", 1000 * services.redis_seconds / n)
+        self.results.add(f"{key}.pg_ms", 1000 * services.postgres_seconds / n)
         say(
             f"{key}: {rate:,.0f} tasks/s ({1000 * summary['cpu_seconds'] / n:.3f} ms CPU/task;"
             f" pre-submit {submit_rate:,.0f}/s), all {n} completed"
@@ -599,7 +683,10 @@ class Bench:
 
     async def latency(self) -> None:
         rate, seconds = self.plan.latency_rate, self.plan.latency_seconds
-        n = int(rate * seconds)
+        # A fresh worker and client open connections and prepare statements during the first
+        # seconds: those tasks run but are not counted.
+        skip = int(rate * self.plan.latency_warmup)
+        n = skip + int(rate * seconds)
         await self.reset_tables()
         queue = self.new_queue("latency")
         async with (
@@ -621,7 +708,7 @@ class Bench:
                     )
                 )
             tasks = await asyncio.gather(*submits)
-            achieved = n / (loop.time() - start)
+            achieved = n / (loop.time() - start)  # to be sure the producer kept the pace
             ids = [t.id for t in tasks]
             deadline = time.monotonic() + 60
             while await self.conn.fetchval(
@@ -641,7 +728,6 @@ class Bench:
             """,
             ids,
         )
-        skip = int(rate)  # the first second is warm-up
         values = sorted(float(r["ms"]) for r in rows[skip:])
         p50, p99 = percentile(values, 50), percentile(values, 99)
         self.results.add("latency.p50", p50)
@@ -748,8 +834,11 @@ ROWS: list[tuple[str, str, str, str]] = [
     # key, label, unit, format
     ("bare", "1. bare arq, no-op job (ceiling)", "jobs/s", ",.0f"),
     ("bare.cpu_ms", "   worker CPU per job", "ms", ".3f"),
+    ("bare.redis_ms", "   redis-server CPU per job", "ms", ".3f"),
     ("lifecycle", "2. tasklane lifecycle, echo", "tasks/s", ",.0f"),
     ("lifecycle.cpu_ms", "   worker CPU per task", "ms", ".3f"),
+    ("lifecycle.redis_ms", "   redis-server CPU per task", "ms", ".3f"),
+    ("lifecycle.pg_ms", "   PostgreSQL CPU per task (this db)", "ms", ".3f"),
     ("ratio.lifecycle/bare", "   lifecycle / bare arq (paired)", "ratio", ".3f"),
     ("submit.one", "3. submit, one at a time", "tasks/s", ",.0f"),
     ("submit.by_hand", "   one INSERT + one enqueue by hand", "tasks/s", ",.0f"),
@@ -763,6 +852,7 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("latency.rate", "   offered load", "tasks/s", ",.0f"),
     ("backlog", "5. lifecycle with a backlog", "tasks/s", ",.0f"),
     ("backlog.cpu_ms", "   worker CPU per task", "ms", ".3f"),
+    ("backlog.pg_ms", "   PostgreSQL CPU per task (this db)", "ms", ".3f"),
     ("ratio.backlog/lifecycle", "   backlog / lifecycle (paired)", "ratio", ".3f"),
     ("memory.peak_mb", "6. worker peak RSS (VmHWM)", "MB", ".0f"),
     ("memory.start_mb", "   RSS after startup", "MB", ".0f"),
