@@ -1,0 +1,794 @@
+"""Scenario 11: the lifecycle statements against a model, driven by hypothesis.
+
+A `RuleBasedStateMachine` plays three simulated workers (their own worker ids, default
+max_attempts and rescue backoff), an operator and the clock against one real database, through
+the code the worker and the client run: `LifecycleStore` (claim, heartbeat, complete, fail,
+retry_later, release, wait_for_children, rescue, resume_stranded, dispatch_due) and
+`TaskRepository` (cancel, operator retry). Each worker remembers every run it ever claimed, so
+stale runs keep writing after their task was rescued, cancelled or claimed again.
+
+The model is a few lines of Python per step: a task's status, attempts, runs, step, which run
+holds the claim, whether its lease has run out, whether it is due and dispatchable, and how
+each run ended. After every step the database must match it exactly, every status change must
+be in the transition table, and final states must stay final (an operator's retry of a failed
+task aside). Time is the database's: leases expire by back-dating `lease_expires_at` and
+`run_after`, as River's rescuer tests do; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar, TypeVar
+from uuid import UUID
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from domain.entities import Doorbell, Task
+from domain.value_objects import ALLOWED_TRANSITIONS, TaskStatus
+from persistence import pg
+from persistence.session import UnitOfWork, create_engine, create_session_factory
+from persistence.store import LifecycleConfig, LifecycleStore
+from tests.support.invariants import check_invariants
+
+pytestmark = pytest.mark.reliability
+
+T = TypeVar("T")
+
+QUEUE = "sm"
+OTHER_QUEUE = "sm-other"  # claimed by nobody here: our workers serve QUEUE only
+REDISPATCH = 3600.0  # a rung doorbell is not rung again within the run of an example
+AGENT_DEFAULTS = {"sm": None, "sm_once": 1}  # registered agents' max_attempts
+MAX_TASKS = 30
+
+PENDING, RUNNING, WAITING = "pending", "running", "waiting"
+COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
+UNFINISHED = {PENDING, RUNNING, WAITING}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """A simulated worker: what its LifecycleStore is configured with."""
+
+    id: str
+    default_max_attempts: int
+    retry_base_seconds: float  # 0: a rescued task is due at once; 3600: only after time passes
+    busy: bool = False  # claims and root completions go through the store's batch statements
+
+
+WORKERS = (
+    WorkerSpec("worker-a", 2, 0.0),
+    WorkerSpec("worker-b", 3, 3600.0, busy=True),
+    WorkerSpec("worker-c", 1, 0.0),
+)
+BUSY = next(i for i, spec in enumerate(WORKERS) if spec.busy)
+
+
+# What a producer submits: a root task, usually due, usually on our queue.
+SUBMISSION = {
+    "agent": st.sampled_from(sorted(AGENT_DEFAULTS)),
+    "max_attempts": st.sampled_from([None, 1, 2, 3]),
+    "later": st.sampled_from([False, False, True]),  # run_after an hour from now
+    "rung": st.booleans(),  # its doorbell rung after commit: the reconciler leaves it alone
+    "other_queue": st.sampled_from([False, False, False, False, True]),
+}
+SUBMISSIONS = st.fixed_dictionaries(SUBMISSION)
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Model:
+    """What one task should look like in the database."""
+
+    id: UUID
+    agent: str
+    queue: str
+    parent: UUID | None
+    max_attempts: int | None
+    due: bool  # run_after <= now()
+    dispatchable: bool  # dispatch_after <= now()
+    status: str = PENDING
+    attempts: int = 0
+    runs: int = 0
+    step: int = 0
+    holder: str | None = None  # the worker whose run holds the claim (while running)
+    lease_expired: bool = False
+    outcomes: dict[int, str | None] = field(default_factory=dict)  # run → how it ended
+    children: list[UUID] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run a simulated worker claimed: the Task the claim returned (its fencing token)."""
+
+    worker: int
+    task: Task
+
+    def __repr__(self) -> str:
+        return (
+            f"Run({WORKERS[self.worker].id}, task …{str(self.task.id)[-6:]}, run {self.task.runs})"
+        )
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # how hypothesis prints it
+        printer.text(repr(self))
+
+
+# -- the environment: one database, pools and stores shared by all examples ------------------------
+
+
+class Env:
+    def __init__(self, url: str, runner: asyncio.Runner) -> None:
+        self.url = url
+        self.runner = runner
+        self.pool: asyncpg.Pool
+        self.admin: asyncpg.Connection
+        self.engine: AsyncEngine
+        self.sessions: async_sessionmaker[AsyncSession]
+        self.stores: list[LifecycleStore] = []
+        self.conversation_id: UUID
+
+    def run(self, aw: Coroutine[Any, Any, T]) -> T:
+        return self.runner.run(aw)
+
+    async def open(self) -> None:
+        self.pool = await pg.create_pool(self.url, max_size=4, application_name="state-machine")
+        self.admin = await pg.connect(self.url)
+        self.engine = create_engine(self.url, pool_size=2, max_overflow=0)
+        self.sessions = create_session_factory(self.engine)
+        self.stores = [
+            LifecycleStore(
+                self.pool,
+                LifecycleConfig(
+                    worker_id=spec.id,
+                    lease_seconds=30.0,
+                    default_max_attempts=spec.default_max_attempts,
+                    retry_base_seconds=spec.retry_base_seconds,
+                    retry_max_seconds=3600.0,
+                    redispatch_seconds=REDISPATCH,
+                    queue=QUEUE,
+                ),
+                busy=lambda busy=spec.busy: busy,
+            )
+            for spec in WORKERS
+        ]
+        for agent, default in AGENT_DEFAULTS.items():
+            await self.admin.execute(
+                "INSERT INTO agents (id, max_attempts) VALUES ($1, $2)", agent, default
+            )
+        self.conversation_id = await self.admin.fetchval(
+            "INSERT INTO conversations (user_id) VALUES ('state-machine') RETURNING id"
+        )
+
+    async def reset(self) -> None:
+        """Every example starts from no tasks (and no recorded transitions)."""
+        await self.admin.execute("TRUNCATE tasks, task_attempts, test_transitions")
+
+    async def close(self) -> None:
+        await self.admin.close()
+        await self.pool.close()
+        await self.engine.dispose()
+
+    def uow(self) -> UnitOfWork:
+        return UnitOfWork(self.sessions)
+
+
+# -- the machine ----------------------------------------------------------------------------------
+
+
+class LifecycleMachine(RuleBasedStateMachine):
+    env: ClassVar[Env]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks: dict[UUID, Model] = {}
+        self.runs: list[Run] = []
+        self.seen: dict[UUID, str] = {}  # status at the last check, for the transition check
+        self.operator_actions = 0
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def run(self, aw: Coroutine[Any, Any, T]) -> T:
+        return self.env.run(aw)
+
+    def store(self, worker: int) -> LifecycleStore:
+        return self.env.stores[worker]
+
+    def resolved_max(self, m: Model, worker: int) -> int:
+        if m.max_attempts is not None:
+            return m.max_attempts
+        return AGENT_DEFAULTS[m.agent] or WORKERS[worker].default_max_attempts
+
+    def holds(self, run: Run) -> bool:
+        """The run still holds its task's claim: a fenced write of it lands."""
+        m = self.tasks[run.task.id]
+        return m.status == RUNNING and m.runs == run.task.runs
+
+    def finish(self, m: Model, status: str, outcome: str) -> None:
+        m.status, m.holder, m.lease_expired = status, None, False
+        m.outcomes[m.runs] = outcome
+
+    def resume_if_done(self, parent_id: UUID | None) -> set[UUID]:
+        """RESUME_IF_DONE: a waiting parent whose children are all finished runs again."""
+        if parent_id is None:
+            return set()
+        p = self.tasks[parent_id]
+        if p.status != WAITING or any(self.tasks[c].status in UNFINISHED for c in p.children):
+            return set()
+        p.status, p.attempts, p.step = PENDING, 0, p.step + 1
+        p.due, p.dispatchable = True, False  # rung at once, so not dispatched again for a while
+        return {p.id}
+
+    def descendants(self, task_id: UUID) -> list[UUID]:
+        found, frontier = [task_id], [task_id]
+        while frontier:
+            for child in self.tasks[frontier.pop()].children:
+                found.append(child)
+                frontier.append(child)
+        return found
+
+    def new_children(self, parent: Model, n: int, data: st.DataObject) -> list[Task]:
+        children = [
+            Task(
+                conversation_id=self.env.conversation_id,
+                agent_id=data.draw(st.sampled_from(sorted(AGENT_DEFAULTS)), label="agent"),
+                input={"child": i},
+                parent_task_id=parent.id,
+                max_attempts=data.draw(st.sampled_from([None, 1, 2]), label="max_attempts"),
+                queue=parent.queue,
+            )
+            for i in range(n)
+        ]
+        for child in children:
+            self.tasks[child.id] = Model(
+                id=child.id,
+                agent=child.agent_id,
+                queue=child.queue,
+                parent=parent.id,
+                max_attempts=child.max_attempts,
+                due=True,
+                dispatchable=False,  # rung after the commit: the reconciler leaves it alone
+            )
+            parent.children.append(child.id)
+        return children
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    @initialize(
+        specs=st.lists(SUBMISSIONS, min_size=1, max_size=8), operator_actions=st.integers(0, 8)
+    )
+    def reset(self, specs: list[dict[str, Any]], operator_actions: int) -> None:
+        self.run(self.env.reset())
+        self.operator_actions = operator_actions  # an operator steps in now and then, not always
+        for spec in specs:
+            self.submit(**spec)
+
+    # -- producers --------------------------------------------------------------------------------
+
+    @precondition(lambda self: len(self.tasks) < MAX_TASKS)
+    @rule(**SUBMISSION)
+    def submit(
+        self, agent: str, max_attempts: int | None, later: bool, rung: bool, other_queue: bool
+    ) -> None:
+        task = Task(
+            conversation_id=self.env.conversation_id,
+            agent_id=agent,
+            input={"n": len(self.tasks)},
+            max_attempts=max_attempts,
+            run_after=datetime.now(UTC) + timedelta(hours=1) if later else None,
+            queue=OTHER_QUEUE if other_queue else QUEUE,
+        )
+
+        async def insert() -> list[Task]:
+            async with self.env.uow() as uow:
+                created = await uow.tasks.create_many(
+                    [task], dispatch_delays=[REDISPATCH if rung else 0.0]
+                )
+                await uow.commit()
+            return created
+
+        [created] = self.run(insert())
+        assert (created.status, created.runs) == (TaskStatus.PENDING, 0)
+        self.tasks[task.id] = Model(
+            id=task.id,
+            agent=agent,
+            queue=task.queue,
+            parent=None,
+            max_attempts=max_attempts,
+            due=not later,
+            dispatchable=not rung,
+        )
+
+    # -- workers: claim and heartbeat -------------------------------------------------------------
+
+    def can_claim(self, m: Model, worker: int) -> bool:
+        return (
+            m.status == PENDING
+            and m.due
+            and m.queue == QUEUE
+            and m.attempts < self.resolved_max(m, worker)
+        )
+
+    def claimed(self, worker: int, m: Model, task: Task | None) -> None:
+        """The claim the model expects went through: check what it returned, remember the run."""
+        assert task is not None, f"not claimed: {m}"
+        m.max_attempts = self.resolved_max(m, worker)  # resolved and stored at the claim
+        m.status, m.attempts, m.runs = RUNNING, m.attempts + 1, m.runs + 1
+        m.holder, m.lease_expired = WORKERS[worker].id, False
+        m.outcomes[m.runs] = None
+        assert (task.id, task.runs, task.attempts) == (m.id, m.runs, m.attempts)
+        assert (task.worker_id, task.max_attempts) == (m.holder, m.max_attempts)
+        self.runs.append(Run(worker, task))
+
+    def expect_claim(self, worker: int, task_id: UUID) -> None:
+        m = self.tasks[task_id]
+        claimable = self.can_claim(m, worker)
+        task = self.run(self.store(worker).claim(task_id))
+        if claimable:
+            self.claimed(worker, m, task)
+        else:
+            assert task is None, f"claimed {m}"
+            self.check_miss(worker, m)
+
+    def pick_task(self, data: st.DataObject) -> UUID:
+        """Any task, its status drawn first, so that rare statuses get picked as often."""
+        statuses = sorted({m.status for m in self.tasks.values()})
+        status = data.draw(st.sampled_from(statuses), label="status")
+        return data.draw(
+            st.sampled_from(sorted(i for i, m in self.tasks.items() if m.status == status)),
+            label="task",
+        )
+
+    def claimable(self) -> list[UUID]:
+        return sorted(
+            i for i, m in self.tasks.items() if m.status == PENDING and m.due and m.queue == QUEUE
+        )
+
+    def check_miss(self, worker: int, m: Model) -> None:
+        """The reason a worker logs for a doorbell that claimed nothing is the model's."""
+        reason = self.run(self.store(worker).explain_miss(m.id)).reason
+        if m.queue != QUEUE:
+            assert reason.startswith(f"belongs to queue {m.queue!r}"), reason
+        elif m.status == PENDING and not m.due:
+            assert reason.startswith("pending but not due"), reason
+        elif m.status == PENDING:
+            assert reason.startswith("pending with all"), reason
+        else:
+            assert reason == f"already {m.status} (run {m.runs})", reason
+
+    @precondition(lambda self: self.tasks)
+    @rule(worker=st.integers(0, len(WORKERS) - 1), data=st.data())
+    def claim(self, worker: int, data: st.DataObject) -> None:
+        """Doorbells: mostly for due tasks of our queue; sometimes for any task (a stale or
+        duplicate doorbell, a task not due yet or on another queue), which claims nothing."""
+        for _ in range(data.draw(st.integers(1, 3), label="doorbells")):
+            due = self.claimable()
+            if due and data.draw(st.integers(0, 3), label="fresh") > 0:
+                self.expect_claim(worker, data.draw(st.sampled_from(due), label="task"))
+            else:
+                self.expect_claim(worker, self.pick_task(data))
+
+    @precondition(lambda self: self.tasks)
+    @rule(data=st.data())
+    def doorbell_burst(self, data: st.DataObject) -> None:
+        """Doorbells arriving together at the busy worker: one claim statement for all of them.
+        Of duplicates, only the first gets the claim."""
+        due = self.claimable()
+        ids = data.draw(
+            st.lists(st.sampled_from(due or sorted(self.tasks)), min_size=2, max_size=5),
+            label="doorbells",
+        )
+        if data.draw(st.booleans(), label="with a stale one"):
+            ids.append(self.pick_task(data))
+        # Decided before any of them runs: the first doorbell of each claimable task gets it.
+        winners = {
+            ids.index(task_id) for task_id in set(ids) if self.can_claim(self.tasks[task_id], BUSY)
+        }
+
+        async def claims() -> list[Task | None]:
+            return await asyncio.gather(*(self.store(BUSY).claim(i) for i in ids))
+
+        for index, (task_id, task) in enumerate(zip(ids, self.run(claims()), strict=True)):
+            if index in winners:
+                self.claimed(BUSY, self.tasks[task_id], task)
+            else:
+                assert task is None, (task_id, index)
+
+    @precondition(lambda self: self.runs)
+    @rule(data=st.data())
+    def finish_burst(self, data: st.DataObject) -> None:
+        """Runs of different tasks (holding or stale, roots and subtasks) finishing at the same
+        time, on several connections: siblings race to resume their parent, which must resume
+        exactly once; root completions of the busy worker share one statement."""
+        by_task: dict[UUID, Run] = {}
+        runs = st.lists(st.sampled_from(self.runs), min_size=2, max_size=5)
+        for run in data.draw(runs, label="runs"):
+            by_task.setdefault(run.task.id, run)
+        items = [
+            (run, data.draw(st.sampled_from([COMPLETED, COMPLETED, FAILED]), label="outcome"))
+            for run in by_task.values()
+        ]
+        if data.draw(st.booleans(), label="one twice"):  # the same write sent twice at once
+            items.append(data.draw(st.sampled_from(items), label="twice"))
+        worker = data.draw(st.sampled_from([BUSY, 0]), label="worker")
+        expected = [self.holds(run) or self.landed_before(run, kind) for run, kind in items]
+
+        async def finishes() -> list[Any]:
+            store = self.store(worker)
+            return await asyncio.gather(
+                *(
+                    store.complete(run.task, '{"burst":true}')
+                    if kind == COMPLETED
+                    else store.fail(run.task, "burst")
+                    for run, kind in items
+                )
+            )
+
+        results = self.run(finishes())
+        assert [f.landed for f in results] == expected, items
+        parents = set()
+        for run, kind in items:  # (a write sent twice lands once: holds() is False then)
+            if self.holds(run):
+                m = self.tasks[run.task.id]
+                self.finish(m, kind, kind)
+                parents.add(m.parent)
+        resumed = set().union(*(self.resume_if_done(p) for p in sorted(parents, key=str)))
+        rung = [d.task_id for f in results for d in f.doorbells]
+        assert sorted(rung) == sorted(resumed), "each resumed parent is rung exactly once"
+
+    @precondition(lambda self: self.runs)
+    @rule(data=st.data())
+    def heartbeat(self, data: st.DataObject) -> None:
+        """A worker extends the leases of the runs it thinks it holds; stale ones come back as
+        lost, and must not extend anything (above all not the lease of the run that holds the
+        task now, once that one's lease has run out)."""
+        superseded = [
+            r for r in self.runs if not self.holds(r) and self.tasks[r.task.id].status == RUNNING
+        ]
+        pool = superseded if superseded and data.draw(st.booleans(), label="stale") else self.runs
+        runs = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=4), label="held")
+        held = {r.task.id: r.task.runs for r in runs}
+        lost = self.run(self.store(runs[0].worker).heartbeat(held))
+        expected = set()
+        for task_id, run in held.items():
+            m = self.tasks[task_id]
+            if m.status == RUNNING and m.runs == run:
+                m.lease_expired = False
+            else:
+                expected.add(task_id)
+        assert lost == expected
+
+    # -- workers: finishing a run (current or stale) ----------------------------------------------
+
+    def landed_before(self, run: Run, outcome: str) -> bool:
+        """The store treats a finish whose run already ended this way as its own retry."""
+        return self.tasks[run.task.id].outcomes.get(run.task.runs) == outcome
+
+    FINISHES = ("complete", "complete", "fail", "retry_later", "release", "wait", "wait")
+
+    def finish_with(self, kind: str, run: Run, data: st.DataObject) -> None:
+        finishes = {
+            "complete": self.complete,
+            "fail": self.fail,
+            "retry_later": self.retry_later,
+            "release": self.release,
+            "wait": self.wait_for_children,
+        }
+        finishes[kind](run, data)
+
+    @precondition(lambda self: any(self.holds(r) for r in self.runs))
+    @rule(kind=st.sampled_from(FINISHES), data=st.data())
+    def finish_a_run(self, kind: str, data: st.DataObject) -> None:
+        """A run that holds its task writes its outcome."""
+        holding = [r for r in self.runs if self.holds(r)]
+        self.finish_with(kind, data.draw(st.sampled_from(holding), label="run"), data)
+
+    @precondition(lambda self: any(not self.holds(r) for r in self.runs))
+    @rule(kind=st.sampled_from(FINISHES), data=st.data())
+    def stale_write(self, kind: str, data: st.DataObject) -> None:
+        """A run that lost its claim (rescued, cancelled, finished already) writes an outcome:
+        it must change nothing, most of all while another run holds the task."""
+        stale = [r for r in self.runs if not self.holds(r)]
+        superseded = [r for r in stale if self.tasks[r.task.id].status == RUNNING]
+        recent = superseded and data.draw(st.integers(0, 3), label="superseded") > 0
+        pool = superseded if recent else stale
+        self.finish_with(kind, data.draw(st.sampled_from(pool), label="run"), data)
+
+    def complete(self, run: Run, data: st.DataObject) -> None:
+        n = data.draw(st.integers(0, 2), label="children") if len(self.tasks) < MAX_TASKS else 0
+        m = self.tasks[run.task.id]
+        holds, before = self.holds(run), self.landed_before(run, COMPLETED)
+        children = self.new_children(m, n, data) if holds else []
+        finish = self.run(self.store(run.worker).complete(run.task, '{"done":true}', children))
+        assert finish.landed == (holds or before)
+        if not holds:
+            assert finish.doorbells == []
+            return
+        self.finish(m, COMPLETED, COMPLETED)
+        expected = {c.id for c in children} | self.resume_if_done(m.parent)
+        assert {d.task_id for d in finish.doorbells} == expected
+
+    def fail(self, run: Run, data: st.DataObject) -> None:
+        m = self.tasks[run.task.id]
+        holds, before = self.holds(run), self.landed_before(run, FAILED)
+        finish = self.run(self.store(run.worker).fail(run.task, "boom"))
+        assert finish.landed == (holds or before)
+        if not holds:
+            assert finish.doorbells == []
+            return
+        self.finish(m, FAILED, FAILED)
+        assert {d.task_id for d in finish.doorbells} == self.resume_if_done(m.parent)
+
+    def retry_later(self, run: Run, data: st.DataObject) -> None:
+        later = data.draw(st.booleans(), label="backoff of an hour")
+        m = self.tasks[run.task.id]
+        applies = self.holds(run) and m.max_attempts is not None and m.attempts < m.max_attempts
+        before = self.landed_before(run, "retry")
+        landed = self.run(
+            self.store(run.worker).retry_later(
+                run.task, "try again", delay_seconds=3600.0 if later else 0.0
+            )
+        )
+        assert landed == (applies or before)
+        if applies:
+            self.finish(m, PENDING, "retry")
+            m.due, m.dispatchable = not later, True
+
+    def release(self, run: Run, data: st.DataObject) -> None:
+        m = self.tasks[run.task.id]
+        holds, before = self.holds(run), self.landed_before(run, "released")
+        landed = self.run(self.store(run.worker).release(run.task))
+        assert landed == (holds or before)
+        if holds:
+            self.finish(m, PENDING, "released")
+            m.attempts = max(m.attempts - 1, 0)
+            m.due, m.dispatchable = True, True
+
+    def wait_for_children(self, run: Run, data: st.DataObject) -> None:
+        room = len(self.tasks) < MAX_TASKS
+        n = data.draw(st.sampled_from([1, 1, 2, 3, 0]), label="children") if room else 0
+        m = self.tasks[run.task.id]
+        holds, before = self.holds(run), self.landed_before(run, WAITING)
+        children = self.new_children(m, n, data) if holds else []
+        doorbells = self.run(self.store(run.worker).wait_for_children(run.task, children))
+        if not holds:
+            assert doorbells == ([] if before else None)
+            return
+        assert doorbells is not None
+        self.finish(m, WAITING, WAITING)
+        expected = {c.id for c in children}
+        if not children:  # nothing to wait for (or only children that are finished already)
+            expected |= self.resume_if_done(m.id)
+        assert {d.task_id for d in doorbells} == expected
+
+    # -- the reconciler ---------------------------------------------------------------------------
+
+    @precondition(lambda self: any(m.status == RUNNING for m in self.tasks.values()))
+    @rule(data=st.data())
+    def lease_runs_out(self, data: st.DataObject) -> None:
+        """The holder stopped heartbeating (killed, blocked): back-date its lease. Often a
+        reconciler tick follows at once."""
+        running = sorted(i for i, m in self.tasks.items() if m.status == RUNNING)
+        subtasks = [i for i in running if self.tasks[i].parent is not None]
+        pool = subtasks if subtasks and data.draw(st.booleans(), label="subtask") else running
+        task_id = data.draw(st.sampled_from(pool), label="task")
+        self.run(
+            self.env.admin.execute(
+                "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+                task_id,
+            )
+        )
+        self.tasks[task_id].lease_expired = True
+        if data.draw(st.booleans(), label="tick"):
+            self.reconcile(data.draw(st.integers(0, len(WORKERS) - 1), label="worker"), False)
+
+    @precondition(lambda self: any(m.status == PENDING and m.attempts for m in self.tasks.values()))
+    @rule(data=st.data())
+    def operator_caps_attempts(self, data: st.DataObject) -> None:
+        """An operator lowers max_attempts of a pending task to the attempts it has used: no
+        claim may take it any more."""
+        tried = sorted(i for i, m in self.tasks.items() if m.status == PENDING and m.attempts)
+        m = self.tasks[data.draw(st.sampled_from(tried), label="task")]
+        self.run(
+            self.env.admin.execute("UPDATE tasks SET max_attempts = attempts WHERE id = $1", m.id)
+        )
+        m.max_attempts = m.attempts
+
+    def rescue(self, worker: int) -> None:
+        rescued, doorbells = self.run(self.store(worker).rescue_expired(limit=1000))
+        expired = [m for m in self.tasks.values() if m.status == RUNNING and m.lease_expired]
+        assert {r.task_id for r in rescued} == {m.id for m in expired}
+        resumed: set[UUID] = set()
+        by_id = {r.task_id: r for r in rescued}
+        # Roots first, then children one by one (each under its parent's lock), as the store.
+        for m in sorted(expired, key=lambda m: m.parent is not None):
+            assert m.max_attempts is not None
+            if m.attempts < m.max_attempts:
+                self.finish(m, PENDING, "lost")
+                m.due = WORKERS[worker].retry_base_seconds == 0
+                m.dispatchable = True
+            else:
+                self.finish(m, FAILED, "lost")
+                resumed |= self.resume_if_done(m.parent)
+            assert by_id[m.id].status.value == m.status
+            assert by_id[m.id].runs == m.runs
+        assert {d.task_id for d in doorbells} == resumed
+
+    def resume_stranded(self, worker: int) -> None:
+        """Every change that finishes a child resumes its parent at once: nothing is stranded."""
+        assert self.run(self.store(worker).resume_stranded(min_age_seconds=0, limit=100)) == []
+
+    def dispatch(self, worker: int) -> None:
+        rung: list[Doorbell] = []
+
+        async def ring(doorbells: list[Doorbell]) -> None:
+            rung.extend(doorbells)
+
+        count = self.run(self.store(worker).dispatch_due(queue=QUEUE, limit=1000, ring=ring))
+        expected = [
+            m
+            for m in self.tasks.values()
+            if m.status == PENDING and m.queue == QUEUE and m.due and m.dispatchable
+        ]
+        assert count == len(rung)
+        assert sorted((d.task_id, d.runs) for d in rung) == sorted((m.id, m.runs) for m in expected)
+        for m in expected:
+            m.dispatchable = False
+
+    @rule(worker=st.integers(0, len(WORKERS) - 1), later=st.booleans())
+    def reconcile(self, worker: int, later: bool) -> None:
+        """One reconciler tick of a worker, in its order: rescue, resume stranded, dispatch;
+        `later`: after every backoff, schedule and redispatch delay has run out."""
+        if later:
+            self.time_passes()
+        self.rescue(worker)
+        self.resume_stranded(worker)
+        self.dispatch(worker)
+
+    def time_passes(self) -> None:
+        self.run(
+            self.env.admin.execute(
+                "UPDATE tasks SET run_after = least(run_after, now() - interval '1 second'),"
+                " dispatch_after = least(dispatch_after, now() - interval '1 second')"
+            )
+        )
+        for m in self.tasks.values():
+            m.due = m.dispatchable = True
+
+    # -- the operator -----------------------------------------------------------------------------
+
+    @precondition(lambda self: self.tasks and self.operator_actions > 0)
+    @rule(data=st.data())
+    def operator(self, data: st.DataObject) -> None:
+        """An operator retries or cancels a task, whatever its status, or cancels a subtask
+        that a waiting parent awaits."""
+        self.operator_actions -= 1
+        awaited = sorted(
+            c
+            for m in self.tasks.values()
+            if m.status == WAITING
+            for c in m.children
+            if self.tasks[c].status in UNFINISHED
+        )
+        action = data.draw(st.sampled_from(["cancel awaited", "cancel", "retry"]), label="action")
+        if awaited and (action == "cancel awaited" or data.draw(st.booleans(), label="awaited")):
+            self.cancel(data.draw(st.sampled_from(awaited), label="task"))  # a parent may resume
+        elif action.startswith("cancel"):
+            self.cancel(self.pick_task(data))
+        else:
+            self.operator_retry(self.pick_task(data))
+
+    def cancel(self, task_id: UUID) -> None:
+
+        async def cancel() -> Any:
+            async with self.env.uow() as uow:
+                result = await uow.tasks.cancel(task_id, dispatch_delay=REDISPATCH)
+                await uow.commit()
+            return result
+
+        result = self.run(cancel())
+        changed = [t for t in self.descendants(task_id) if self.tasks[t].status in UNFINISHED]
+        for t in changed:
+            m = self.tasks[t]
+            if m.status == RUNNING:
+                m.outcomes[m.runs] = CANCELLED
+            m.status, m.holder, m.lease_expired = CANCELLED, None, False
+        assert result.cancelled == len(changed)
+        assert result.task.status.value == self.tasks[task_id].status
+        resumed = self.resume_if_done(self.tasks[task_id].parent) if task_id in changed else set()
+        assert {d.task_id for d in result.doorbells} == resumed
+
+    def operator_retry(self, task_id: UUID) -> None:
+
+        async def retry() -> Any:
+            async with self.env.uow() as uow:
+                result = await uow.tasks.retry(task_id, dispatch_delay=REDISPATCH)
+                await uow.commit()
+            return result
+
+        result = self.run(retry())
+        m = self.tasks[task_id]
+        assert result.retried == (m.status == FAILED)
+        if result.retried:
+            m.status, m.attempts, m.due, m.dispatchable = PENDING, 0, True, False
+            assert [d.task_id for d in result.doorbells] == [task_id]
+        assert result.task.status.value == m.status
+
+    # -- after every step: the database is the model ----------------------------------------------
+
+    @invariant()
+    def database_matches_the_model(self) -> None:
+        rows = self.run(
+            self.env.admin.fetch(
+                "SELECT id, status, attempts, max_attempts, runs, step, worker_id, queue,"
+                " parent_task_id, lease_expires_at IS NOT NULL AS leased,"
+                " lease_expires_at < now() AS expired, run_after <= now() AS due,"
+                " dispatch_after <= now() AS dispatchable FROM tasks"
+            )
+        )
+        history = self.run(
+            self.env.admin.fetch("SELECT task_id, run, outcome FROM task_attempts ORDER BY run")
+        )
+        assert {r["id"] for r in rows} == set(self.tasks)
+        outcomes: dict[UUID, dict[int, str | None]] = {t: {} for t in self.tasks}
+        for a in history:
+            outcomes[a["task_id"]][a["run"]] = a["outcome"]
+        for r in rows:
+            m = self.tasks[r["id"]]
+            where = f"{m}\n  row {dict(r)}"
+            assert r["status"] == m.status, where
+            assert (r["attempts"], r["runs"], r["step"]) == (m.attempts, m.runs, m.step), where
+            if m.max_attempts is not None:
+                assert r["max_attempts"] == m.max_attempts, where
+                assert r["attempts"] <= r["max_attempts"], where
+            assert (r["queue"], r["parent_task_id"]) == (m.queue, m.parent), where
+            assert r["leased"] == (m.status == RUNNING), where
+            if m.status == RUNNING:
+                assert r["worker_id"] == m.holder, where
+                assert r["expired"] == m.lease_expired, where
+            if m.status == PENDING:
+                assert (r["due"], r["dispatchable"]) == (m.due, m.dispatchable), where
+            assert outcomes[m.id] == m.outcomes, where
+            # Every status change goes by the transition table; final states stay final.
+            previous = self.seen.get(m.id, PENDING)
+            if previous != m.status:
+                allowed = ALLOWED_TRANSITIONS[TaskStatus(previous)]
+                assert TaskStatus(m.status) in allowed, f"{previous} → {m.status}: {where}"
+            self.seen[m.id] = m.status
+
+    def teardown(self) -> None:
+        self.run(check_invariants(self.env.url, all_final=False, operator_retries=True))
+
+
+def test_the_lifecycle_matches_its_model(database_url: str) -> None:
+    with asyncio.Runner() as runner:
+        env = Env(database_url, runner)
+        runner.run(env.open())
+        try:
+            machine = type("LifecycleMachineOnDb", (LifecycleMachine,), {"env": env})
+            run_state_machine_as_test(
+                machine,
+                settings=settings(
+                    max_examples=80,
+                    stateful_step_count=80,
+                    deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow],
+                ),
+            )
+        finally:
+            runner.run(env.close())
