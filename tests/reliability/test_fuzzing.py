@@ -293,11 +293,10 @@ async def test_any_input_through_the_client_is_refused_clearly_or_echoed_exactly
         assert str(refused), "an error that explains itself"
         assert await count_tasks(database_url) == before, "a refused input wrote something"
         return
-    done = await client.wait(task.id, timeout=20)
+    done = await served(client, task.id, live_worker)
     assert done.status is TaskStatus.COMPLETED, (done.status, done.error)
     assert isinstance(done.output, dict)
     assert same_json(value, done.output["echo"]), "the echo differs from the input"
-    assert not live_worker[1].done()
 
 
 async def test_the_client_edge_cases_by_name(
