@@ -82,7 +82,7 @@ def settings_env(settings: Settings, extra: Mapping[str, str] | None = None) -> 
 async def running_worker(settings: Settings, **worker_kwargs: Any) -> AsyncIterator[WorkerRuntime]:
     """An arq worker in this event loop; stopped (and its connections closed) on exit."""
     options = {**worker_options(settings), "handle_signals": False, **worker_kwargs}
-    worker = Worker(**options)
+    worker = TasklaneWorker(**options)
     run = asyncio.create_task(worker.async_run())
     deadline = time.monotonic() + 15
     while "tasklane" not in worker.ctx:
