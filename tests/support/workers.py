@@ -16,10 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from arq.worker import Worker
-
 from tests.support.databases import ROOT
-from worker.app import worker_options
+from worker.app import TasklaneWorker, worker_options
 from worker.config import Settings
 from worker.runtime import WorkerRuntime
 
