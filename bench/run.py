@@ -1,7 +1,9 @@
 """tasklane's benchmark: how much of arq's raw speed survives the lifecycle bookkeeping.
 
-    uv run python bench/run.py            # the full run (about 15 minutes on 2 cores)
+    uv run python bench/run.py            # the full run (15–25 minutes on 2 shared cores)
     uv run python bench/run.py --quick    # a smaller run, under 90 seconds
+    uv run python bench/run.py --cases bare,lifecycle --concurrency 100 --poll-delay 0.01
+    uv run python bench/run.py --profile /tmp/prof   # py-spy on a bare and a lifecycle worker
 
 In one run, on the same PostgreSQL and Redis, with the shipped worker defaults (concurrency, poll
 delay, queue read limit, JSON serializer, JSON logs to stderr) and the cases interleaved and
@@ -23,6 +25,11 @@ Workers are separate processes (`bench/worker_proc.py`), timed from the end of t
 the end of the burst; each run gets a fresh queue and emptied tables. The benchmark creates its
 own database (`tasklane_bench_*`, dropped at the end) and uses Redis database 9 (BENCH_REDIS).
 The last line is `lifecycle/bare_arq = R`, the median of the per-repetition ratios.
+
+Besides rates, each worker run reports CPU per task of the worker process (getrusage), of
+redis-server and of the PostgreSQL backends of the benchmark's database (/proc), and how busy the
+whole machine was: on a shared machine, compare runs by the paired ratios and CPU per task.
+`BENCH_WORKER_PRELOAD=patch.py` (see `worker_proc.py`) tries a change in the workers first.
 """
 
 from __future__ import annotations
