@@ -23,6 +23,20 @@ def _decode_jsonb(data: bytes) -> Any:
     return decode_json(data[1:].decode())
 
 
+class _Connection(asyncpg.Connection):
+    """A pooled connection that skips asyncpg's reset query on release.
+
+    By default every release sends `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL`: a round trip (and a statement for PostgreSQL) per lifecycle step, which measured
+    ~10 % of the worker's throughput. Nothing in tasklane leaves session state behind (no SET,
+    LISTEN, cursors or advisory locks on these connections); an open transaction is still
+    rolled back on release, which asyncpg does regardless of this query.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb",
@@ -51,6 +65,7 @@ async def create_pool(
         min_size=min(min_size, max_size),
         max_size=max_size,
         init=_init_connection,
+        connection_class=_Connection,
         statement_cache_size=100 if statement_cache else 0,
         server_settings={"application_name": application_name},
         # A connection that died under us (pg_terminate_backend, a restart) is replaced.
