@@ -68,10 +68,40 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
+class _Output:
+    stream: TextIO = sys.stderr
+
+
+class _LineLogger:
+    """What structlog's loggers write through: one write per rendered line, to the stream that
+    `configure_logging` chose last (structlog caches loggers, the stream may change later), with
+    the name `add_logger_name` reads."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def msg(self, message: str) -> None:
+        stream = _Output.stream
+        stream.write(message + "\n")
+        stream.flush()
+
+    debug = info = warning = warn = error = critical = exception = msg
+
+
+def _line_logger(*args: Any) -> _LineLogger:
+    return _LineLogger(str(args[0]) if args else "tasklane")
+
+
 def configure_logging(
     *, fmt: str | None = None, level: str = "INFO", stream: TextIO | None = None
 ) -> None:
-    """Configure structlog and the standard library's root logger. Safe to call again."""
+    """Configure structlog and the standard library's root logger. Safe to call again.
+
+    structlog's loggers (ours) render straight to the stream; the standard library's (arq,
+    SQLAlchemy, our persistence layer) go through a handler whose formatter runs the same
+    processors. Measured with bench/run.py, routing our own lines through the standard library
+    as well cost ~0.04 ms of CPU per task (two lines per task).
+    """
     stream = stream or sys.stderr
     if fmt is None:
         fmt = "console" if stream.isatty() else "json"
@@ -83,13 +113,11 @@ def configure_logging(
         else structlog.dev.ConsoleRenderer(colors=False),
     ]
     numeric_level = logging.getLevelNamesMapping()[level.upper()]
+    _Output.stream = stream
     structlog.configure(
-        processors=[
-            *_shared_processors(),
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
+        processors=[*_shared_processors(), *final],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        logger_factory=_line_logger,
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(

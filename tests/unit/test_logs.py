@@ -1,0 +1,99 @@
+"""Logging: every line is one JSON object with the same shape and the same redaction, whether
+it comes from structlog (ours) or the standard library (arq, SQLAlchemy, persistence)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from worker.logs import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_structlog_and_stdlib_lines_share_shape_and_redaction() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", level="INFO", stream=out)
+
+    structlog.get_logger("tasklane.worker").info(
+        "task.started", api_key="k-123", url="postgresql://app:hunter2@db/x"
+    )
+    logging.getLogger("persistence.store").warning("claim failed: password=hunter2")
+
+    ours, library = lines(out)
+    assert ours["event"] == "task.started"
+    assert ours["logger"] == "tasklane.worker"
+    assert ours["level"] == "info"
+    assert ours["api_key"] == "***"
+    assert ours["url"] == "postgresql://app:***@db/x"
+    assert library["logger"] == "persistence.store"
+    assert library["level"] == "warning"
+    assert library["event"] == "claim failed: password=***"
+    assert "hunter2" not in out.getvalue()
+    assert {"timestamp"} <= ours.keys() & library.keys()
+
+
+def test_level_filters_both_kinds_of_logger() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", level="WARNING", stream=out)
+
+    structlog.get_logger("tasklane.worker").info("quiet")
+    logging.getLogger("persistence.store").info("quiet too")
+    structlog.get_logger("tasklane.worker").warning("loud")
+
+    assert [line["event"] for line in lines(out)] == ["loud"]
+
+
+def test_a_logger_made_before_reconfiguring_writes_to_the_new_stream() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging(fmt="json", stream=first)
+    log = structlog.get_logger("tasklane.client")
+    log.info("one")  # cached on first use
+    configure_logging(fmt="json", stream=second)
+    log.info("two")
+
+    assert [line["event"] for line in lines(first)] == ["one"]
+    assert [line["event"] for line in lines(second)] == ["two"]
+
+
+def test_exceptions_are_rendered_into_the_line() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", stream=out)
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        structlog.get_logger("tasklane.worker").warning("handler.raised", exc_info=exc)
+
+    (line,) = lines(out)
+    assert "ValueError: boom" in line["exception"]
+
+
+def test_task_context_is_bound_to_lines_written_while_it_runs() -> None:
+    out = io.StringIO()
+    configure_logging(fmt="json", stream=out)
+    structlog.contextvars.bind_contextvars(task_id="t-1")
+    try:
+        structlog.get_logger("tasklane.worker").info("inside")
+        logging.getLogger("arq.jobs").warning("library inside")
+    finally:
+        structlog.contextvars.unbind_contextvars("task_id")
+
+    assert [line.get("task_id") for line in lines(out)] == ["t-1", "t-1"]
