@@ -10,30 +10,46 @@ async with TaskClient.from_env() as client:
 A submit is one insert in Postgres, then one pipelined write to Redis after the commit. If the
 doorbell cannot be rung (Redis away, the process dies right after commit), the task is still
 committed and the reconciler rings it later: a committed task always runs.
+
+A plain `submit` (no caller session) is one round trip to Postgres: a single INSERT … RETURNING
+in autocommit on a connection of the client's second, autocommit engine (no BEGIN/COMMIT, no
+pool pre-ping). Anything out of the ordinary — a taken idempotency key, a connection found dead —
+goes the unit-of-work way, as `submit_many` and `session=` submits always do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
 
+import asyncpg
 import structlog
 from redis.asyncio import Redis
 from sqlalchemy import event
+from sqlalchemy.engine.interfaces import PoolProxiedConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.util import greenlet_spawn
 
 from domain.entities import Conversation, Doorbell, Task, TaskAttempt
-from domain.exceptions import EntityNotFoundError, IdempotencyConflictError, InvalidInputError
+from domain.exceptions import (
+    EntityAlreadyExistsError,
+    EntityNotFoundError,
+    IdempotencyConflictError,
+    InvalidInputError,
+)
 from domain.interfaces import CancelResult, RetryResult
 from domain.payload import JsonValue
+from persistence import lifecycle
+from persistence.errors import translated
 from persistence.repositories import TaskRepository
 from persistence.session import UnitOfWork, create_engine, create_session_factory
+from persistence.sql import ConnectionExecutor, Row, Sql
 from worker.config import Settings
 from worker.dispatch import Dispatcher
 from worker.redis_conn import create_redis
@@ -80,6 +96,16 @@ class TaskClient:
         self.settings = settings
         self.engine = engine
         self.session_factory = create_session_factory(engine)
+        # Single-statement submits: the same database, in autocommit, without pre-ping.
+        self.autocommit_engine = create_engine(
+            engine.url,
+            pool_size=max(1, min(5, settings.db_pool_size)),
+            max_overflow=5,
+            statement_cache=settings.db_statement_cache,
+            application_name="tasklane-client",
+            autocommit=True,
+        )
+        self._autocommit = _AutocommitExecutor(self.autocommit_engine)
         self.redis = redis
         self.dispatcher = Dispatcher(redis, settings.queue)
         self._background: set[asyncio.Task[None]] = set()
@@ -116,6 +142,7 @@ class TaskClient:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.redis.aclose()
+        await self.autocommit_engine.dispose()
         await self.engine.dispose()
 
     # -- conversations ------------------------------------------------------------------------
@@ -166,9 +193,7 @@ class TaskClient:
             inserted = await self._insert(TaskRepository(session), [task])
             self._ring_after_commit(session, inserted.doorbells)
             return inserted.tasks[0]
-        async with UnitOfWork(self.session_factory) as uow:
-            inserted = await self._insert(uow.tasks, [task])
-            await uow.commit()
+        inserted = await self._insert_alone(task)
         await self._ring(inserted.doorbells)
         return inserted.tasks[0]
 
@@ -207,12 +232,67 @@ class TaskClient:
             queue=self.settings.queue,
         )
 
-    async def _insert(self, repo: TaskRepository, tasks: list[Task]) -> _Inserted:
+    def _dispatch_delays(self, tasks: Sequence[Task]) -> list[float]:
         # A task scheduled for later is dispatched by the reconciler once due; any other is
         # rung right after commit, and the reconciler leaves it alone for a redispatch period.
-        delays = [
-            0.0 if t.run_after is not None else self.settings.redispatch_seconds for t in tasks
+        return [0.0 if t.run_after is not None else self.settings.redispatch_seconds for t in tasks]
+
+    @staticmethod
+    def _doorbells(
+        tasks: Sequence[Task], delays: Sequence[float], new: Mapping[UUID, Task]
+    ) -> list[Doorbell]:
+        return [
+            Doorbell(t.id, t.runs, t.queue)
+            for t, d in zip(tasks, delays, strict=True)
+            if d and t.id in new
         ]
+
+    async def _insert_alone(self, task: Task) -> _Inserted:
+        """One task, no caller transaction: INSERT … RETURNING in autocommit, one round trip.
+
+        The input is checked (and encoded) before a connection is taken. A taken idempotency
+        key inserts nothing: the unit-of-work way then reads the existing task and compares. A
+        connection lost under the insert leaves it unknown whether the insert landed: the
+        unit-of-work way inserts the same task (same id) again, and finds it if it had.
+        """
+        delays = self._dispatch_delays([task])
+        try:
+            with translated("Task"):
+                inserted = await lifecycle.insert_tasks(
+                    self._autocommit,
+                    [task],
+                    dispatch_delays=delays,
+                    skip_taken_keys=task.idempotency_key is not None,
+                    max_input_bytes=self.settings.max_input_bytes,
+                )
+        except _ConnectionLost as lost:
+            log.info(
+                "submit.connection_lost", task_id=str(task.id), error=repr(lost.__cause__ or lost)
+            )
+            return await self._insert_again(task)
+        if not inserted:  # the idempotency key is taken
+            return await self._insert_in_transaction(task)
+        return _Inserted(inserted, self._doorbells([task], delays, {task.id: inserted[0]}))
+
+    async def _insert_in_transaction(self, task: Task) -> _Inserted:
+        async with UnitOfWork(self.session_factory) as uow:
+            inserted = await self._insert(uow.tasks, [task])
+            await uow.commit()
+        return inserted
+
+    async def _insert_again(self, task: Task) -> _Inserted:
+        """Insert `task` once more after its first insert may or may not have landed."""
+        try:
+            return await self._insert_in_transaction(task)
+        except EntityAlreadyExistsError:
+            # Our own id is taken: the first insert did land (a taken idempotency key inserts
+            # nothing and is handled by `_insert`, so this is the primary key).
+            existing = await self.get(task.id)
+            delays = self._dispatch_delays([task])
+            return _Inserted([existing], self._doorbells([task], delays, {task.id: existing}))
+
+    async def _insert(self, repo: TaskRepository, tasks: list[Task]) -> _Inserted:
+        delays = self._dispatch_delays(tasks)
         inserted = await repo.create_many(
             tasks,
             dispatch_delays=delays,
@@ -240,12 +320,7 @@ class TaskClient:
             ):
                 raise IdempotencyConflictError(task.idempotency_key, found.id)
             result.append(found)
-        doorbells = [
-            Doorbell(t.id, t.runs, t.queue)
-            for t, d in zip(tasks, delays, strict=True)
-            if d and t.id in new
-        ]
-        return _Inserted(result, doorbells)
+        return _Inserted(result, self._doorbells(tasks, delays, new))
 
     # -- dispatching --------------------------------------------------------------------------
 
@@ -342,3 +417,63 @@ class _AfterCommit:
 
     def rolled_back(self, _: Any) -> None:
         self.doorbells = []
+
+
+# Errors after which a connection is not to be used again. asyncpg's InternalClientError is what
+# a statement meets on a connection whose server has just said goodbye ("cannot switch to state
+# 12; another operation is in progress"); class 57 is the server terminating the session.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.OperatorInterventionError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+class _ConnectionLost(Exception):
+    """The connection was closed, or died under the statement (which may have committed)."""
+
+
+class _AutocommitExecutor:
+    """An `Executor` that runs each statement on a connection of its own from an autocommit
+    engine: the statement commits by itself, in one round trip.
+
+    The engine does not pre-ping, so a connection is checked here: one found closed in the pool,
+    or lost under the statement, is invalidated and `_ConnectionLost` raised (chained to the
+    cause). A statement that fails in Postgres leaves a healthy connection, which goes back to
+    the pool, and its error is raised as it is.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def fetch(self, stmt: Sql, **params: Any) -> Sequence[Row]:
+        fairy = await self.engine.raw_connection()
+        try:
+            conn = fairy.driver_connection
+            if conn is None or conn.is_closed():  # dropped while it sat in the pool
+                raise _ConnectionLost("the pooled connection was closed")
+            rows = await ConnectionExecutor(conn).fetch(stmt, **params)
+        except BaseException as exc:
+            if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _CONNECTION_ERRORS):
+                await _release(fairy)  # e.g. a foreign key violation: the connection is fine
+                raise
+            # Lost, or cancelled mid-statement: the connection is not to be used again.
+            fairy.invalidate(exc)  # outside a greenlet, this closes it at once
+            await asyncio.shield(_release(fairy))
+            if isinstance(exc, Exception) and not isinstance(exc, _ConnectionLost):
+                raise _ConnectionLost(repr(exc)) from exc
+            raise
+        await _release(fairy)
+        return rows
+
+    async def execute(self, stmt: Sql, **params: Any) -> None:
+        await self.fetch(stmt, **params)
+
+
+async def _release(fairy: PoolProxiedConnection) -> None:
+    # Checkin may close an overflow connection, which awaits: it needs SQLAlchemy's greenlet.
+    await greenlet_spawn(fairy.close)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -17,7 +20,8 @@ from domain.exceptions import (
 )
 from domain.value_objects import TaskStatus
 from persistence.session import UnitOfWork
-from tests.support import db
+from tests.support import databases, db
+from tests.support.pgproxy import PgProxy
 from worker.client import TaskClient, TaskSpec
 from worker.config import Settings
 from worker.runtime import WorkerRuntime
@@ -267,3 +271,134 @@ async def test_wait_times_out(client: TaskClient, conversation: Conversation) ->
     task = await client.submit("echo", {}, conversation_id=conversation.id)  # no worker running
     with pytest.raises(TimeoutError, match="still pending"):
         await client.wait(task.id, timeout=0.3)
+
+
+# -- a plain submit: one INSERT in autocommit, the unit-of-work way when anything is unusual -------
+
+
+def autocommit_checked_out(client: TaskClient) -> int:
+    return int(client.autocommit_engine.pool.checkedout())  # type: ignore[attr-defined]
+
+
+async def test_plain_submit_errors_name_what_is_missing_and_leave_no_connection_out(
+    client: TaskClient, conversation: Conversation, database_url: str
+) -> None:
+    missing = uuid.uuid4()
+    with pytest.raises(EntityNotFoundError, match=f"Conversation {missing} not found"):
+        await client.submit("echo", {}, conversation_id=missing)
+    with pytest.raises(EntityNotFoundError, match=f"Task {missing} not found"):
+        await client.submit("echo", {}, conversation_id=conversation.id, parent_task_id=missing)
+    with pytest.raises(InvalidInputError, match="not valid JSON"):
+        await client.submit("echo", {"x": float("nan")}, conversation_id=conversation.id)
+    assert autocommit_checked_out(client) == 0
+    # The connection that met the errors is fine and back in the pool.
+    task = await client.submit("echo", {"n": 1}, conversation_id=conversation.id)
+    assert (await client.get(task.id)).input == {"n": 1}
+    assert await count_tasks(database_url) == 1
+    assert autocommit_checked_out(client) == 0
+
+
+async def test_plain_submit_returns_the_stored_task_and_rings_once(
+    client: TaskClient, conversation: Conversation, settings: Settings
+) -> None:
+    task = await client.submit(
+        "echo", {"n": 1}, conversation_id=conversation.id, metadata={"m": 1}, max_attempts=2
+    )
+    assert task == await client.get(task.id)
+    assert (task.status, task.queue, task.metadata, task.max_attempts) == (
+        TaskStatus.PENDING,
+        settings.queue,
+        {"m": 1},
+        2,
+    )
+    assert await queued(settings) == 1
+    later = datetime.now(UTC) + timedelta(hours=1)
+    await client.submit("echo", {}, conversation_id=conversation.id, run_after=later)
+    assert await queued(settings) == 1  # a scheduled task is left to the reconciler
+
+
+async def test_submit_while_redis_is_down_is_committed(
+    settings: Settings, conversation: Conversation, database_url: str
+) -> None:
+    down = replace(settings, redis_url="redis://127.0.0.1:1/0")  # nothing listens there
+    async with TaskClient.from_settings(down) as client:
+        task = await client.submit("echo", {"n": 1}, conversation_id=conversation.id)
+        keyed = await client.submit(
+            "echo", {"n": 2}, conversation_id=conversation.id, idempotency_key="k"
+        )
+    assert (await db.value(database_url, "SELECT count(*) FROM tasks")) == 2
+    rows = await db.value(
+        database_url,
+        "SELECT count(*) FROM tasks WHERE id = ANY($1::uuid[])"
+        " AND status = 'pending' AND dispatch_after > now()",
+        [task.id, keyed.id],
+    )
+    assert rows == 2  # left to the reconciler after its redispatch period
+
+
+async def test_plain_submit_after_its_pooled_connection_was_terminated(
+    client: TaskClient, conversation: Conversation, database_url: str, database: str
+) -> None:
+    await client.submit("echo", {"n": 1}, conversation_id=conversation.id)
+    terminated = await db.value(
+        database_url,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = $1 AND application_name = 'tasklane-client'",
+        database,
+    )
+    assert terminated >= 1
+    await asyncio.sleep(0.1)  # the goodbye reaches the idle pooled connections
+    task = await client.submit("echo", {"n": 2}, conversation_id=conversation.id)
+    assert (await client.get(task.id)).input == {"n": 2}
+    assert await count_tasks(database_url) == 2
+    assert autocommit_checked_out(client) == 0
+
+
+@pytest.fixture
+def proxy() -> Iterator[PgProxy]:
+    server = PgProxy(databases.SERVER_URL).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("key", [None, "k1"])
+async def test_plain_submit_whose_answer_is_lost_after_commit_is_found_not_duplicated(
+    settings: Settings,
+    database: str,
+    database_url: str,
+    conversation: Conversation,
+    proxy: PgProxy,
+    key: str | None,
+) -> None:
+    proxied = replace(settings, database_url=databases.url_for(database, proxy.server_url()))
+    async with TaskClient.from_settings(proxied) as client:
+        fired = proxy.drop_after_commit("INSERT INTO tasks")
+        task = await client.submit(
+            "echo", {"n": 1}, conversation_id=conversation.id, idempotency_key=key
+        )
+        assert fired.is_set()
+        assert autocommit_checked_out(client) == 0
+        assert (await client.get(task.id)).input == {"n": 1}
+    assert await count_tasks(database_url) == 1
+
+
+async def test_plain_submit_on_a_connection_the_server_just_dropped(
+    settings: Settings,
+    database: str,
+    database_url: str,
+    conversation: Conversation,
+    proxy: PgProxy,
+) -> None:
+    proxied = replace(settings, database_url=databases.url_for(database, proxy.server_url()))
+    proxy.linger = 0.5  # the connection looks open although the server said goodbye
+    async with TaskClient.from_settings(proxied) as client:
+        fired = proxy.terminate_after_answer("INSERT INTO tasks")
+        first = await client.submit("echo", {"n": 1}, conversation_id=conversation.id)
+        assert fired.is_set()
+        second = await client.submit("echo", {"n": 2}, conversation_id=conversation.id)
+        assert autocommit_checked_out(client) == 0
+        assert [(await client.get(t.id)).input for t in (first, second)] == [{"n": 1}, {"n": 2}]
+    assert await count_tasks(database_url) == 2
+    # Let the proxy finish lingering: stopping it mid-linger prints a traceback from its thread,
+    # and Python 3.11 may then fail an AST compile in ours (a race in its recursion counter).
+    await asyncio.sleep(proxy.linger + 0.1)
