@@ -28,7 +28,7 @@ class Batcher(Generic[Item, Result]):
         run: RunBatch[Item, Result],
         *,
         busy: Callable[[], bool],
-        window: float = 0.004,
+        window: float = 0.002,
         max_size: int = 100,
     ) -> None:
         """`run(items)` executes one statement for all items and returns one result per item,

@@ -85,7 +85,7 @@ class LifecycleStore:
         config: LifecycleConfig,
         *,
         busy: Callable[[], bool] = lambda: False,
-        batch_window: float = 0.004,
+        batch_window: float = 0.002,
         batch_max: int = 100,
     ) -> None:
         self.pool = pool
