@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -75,9 +76,8 @@ def private_redis() -> Iterator[services.PrivateRedis]:
     server.stop()
 
 
-@pytest.fixture
-async def queue(redis_url: str) -> AsyncIterator[str]:
-    """A queue name of this test's own; its doorbells are removed afterwards."""
+@contextlib.asynccontextmanager
+async def _own_queue(redis_url: str) -> AsyncIterator[str]:
     name = services.unique_queue()
     yield name
     client = Redis.from_url(redis_url)
@@ -87,6 +87,29 @@ async def queue(redis_url: str) -> AsyncIterator[str]:
         await client.delete(name, *keys)
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def queue(redis_url: str) -> AsyncIterator[str]:
+    """A queue name of this test's own; its doorbells are removed afterwards."""
+    async with _own_queue(redis_url) as name:
+        yield name
+
+
+@pytest.fixture
+async def other_queue(redis_url: str) -> AsyncIterator[str]:
+    """A second queue of this test's own, cleaned up the same way."""
+    async with _own_queue(redis_url) as name:
+        yield name
+
+
+@pytest.fixture
+def processes() -> Iterator[list[workers.WorkerProcess]]:
+    """Worker processes a test starts; all stopped at the end, whatever happened."""
+    started: list[workers.WorkerProcess] = []
+    yield started
+    for process in started:
+        process.stop()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -184,14 +183,6 @@ async def test_cancelling_the_last_open_child_resumes_the_parent(
 
 
 # -- several worker processes ------------------------------------------------------------------
-
-
-@pytest.fixture
-def processes() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for process in started:
-        process.stop()
 
 
 def start(processes: list[WorkerProcess], settings: Settings) -> WorkerProcess:

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -23,15 +22,6 @@ from worker.config import Settings
 from worker.dispatch import Dispatcher
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def processes() -> Iterator[list[WorkerProcess]]:
-    """Worker processes a test starts; all stopped at the end, whatever happened."""
-    started: list[WorkerProcess] = []
-    yield started
-    for process in started:
-        process.stop()
 
 
 def start(processes: list[WorkerProcess], settings: Settings, **kwargs: object) -> WorkerProcess:

@@ -51,15 +51,6 @@ COMPLETE_SQL = ["%SET status = 'completed'%"]
 
 
 @pytest.fixture
-def processes() -> Iterator[list[WorkerProcess]]:
-    """Worker processes a test starts; stopped at the end whatever happened."""
-    started: list[WorkerProcess] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
-@pytest.fixture
 def proxy() -> Iterator[PgProxy]:
     server = PgProxy(databases.SERVER_URL).start()
     yield server
@@ -533,7 +524,7 @@ async def test_an_answer_followed_by_the_servers_goodbye_stands(
     processes: list[WorkerProcess],
 ) -> None:
     """The completion commits and is answered; the server drops the connection right after,
-    before the pool's reset query on release. The answer must stand: not a failed finish (the
+    before it is back in the pool. The answer must stand: not a failed finish (the
     lease would run out and the handler run again), nor a retry that finds its own write and
     calls the run discarded."""
     proxy.linger = 1.0

@@ -14,7 +14,6 @@ import random
 import signal
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from redis.asyncio import Redis
 
 from domain.entities import Conversation, Doorbell, Task
 from persistence.session import UnitOfWork
-from tests.support import db, services
+from tests.support import db
 from tests.support.invariants import check_invariants, idle_in_transaction
 from tests.support.producer import STALL_ENV, ProducerProcess
 from tests.support.workers import WorkerProcess, settings_env
@@ -41,28 +40,6 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def processes() -> Iterator[list[WorkerProcess]]:
-    """Worker processes a test starts; all stopped at the end, whatever happened."""
-    started: list[WorkerProcess] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
-@pytest.fixture
-async def other_queue(redis_url: str) -> AsyncIterator[str]:
-    """A second queue of this test's own; its doorbells are removed afterwards."""
-    name = services.unique_queue()
-    yield name
-    redis = Redis.from_url(redis_url)
-    try:
-        job_ids = await redis.zrange(name, 0, -1)
-        await redis.delete(name, *[b"arq:job:" + job_id for job_id in job_ids])
-    finally:
-        await redis.aclose()
 
 
 def spawn(
