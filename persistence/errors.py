@@ -27,6 +27,24 @@ UNDEFINED_TABLE = "42P01"
 
 RETRYABLE_SQLSTATES = frozenset({SERIALIZATION_FAILURE, DEADLOCK_DETECTED})
 
+# Errors after which a connection is not to be used again (the pool opens another). A fenced
+# statement may simply be run again on a new one; whether it had committed is for the caller to
+# find out.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # class 08
+    # Class 57: the server ended the session (admin or crash shutdown, cannot connect now) or
+    # cancelled the statement.
+    asyncpg.OperatorInterventionError,
+    asyncpg.InterfaceError,
+    # What asyncpg raises for a statement on a connection whose server has just said goodbye
+    # (its FATAL message read, its end of stream not yet): "cannot switch to state 12; another
+    # operation (2) is in progress". The statement was never sent.
+    asyncpg.InternalClientError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
 # Foreign keys by constraint name: which entity a violation says is missing.
 _FK_TARGETS = {
     "fk_tasks_conversation_id_conversations": ("Conversation", "conversation_id"),

@@ -25,32 +25,20 @@ from domain.entities import Doorbell, Task
 from domain.value_objects import AttemptOutcome
 from persistence import lifecycle
 from persistence.batching import Batcher
-from persistence.errors import RETRYABLE_SQLSTATES
+from persistence.errors import CONNECTION_ERRORS, RETRYABLE_SQLSTATES
 from persistence.sql import ConnectionExecutor, Executor
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Errors after which the same fenced operation is simply run again.
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    # What asyncpg raises for a statement on a connection whose server has just said goodbye
-    # (its FATAL message read, its end of stream not yet): "cannot switch to state 12; another
-    # operation (2) is in progress". The statement was never sent.
-    asyncpg.InternalClientError,
-    ConnectionError,
-    OSError,
-    asyncio.TimeoutError,
-)
 _ATTEMPTS = 4
 
 
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError) and exc.sqlstate in RETRYABLE_SQLSTATES:
         return True
-    return isinstance(exc, _CONNECTION_ERRORS)
+    return isinstance(exc, CONNECTION_ERRORS)
 
 
 async def _landed_before(ex: Executor, task: Task, outcome: AttemptOutcome) -> bool:

@@ -46,7 +46,7 @@ from domain.exceptions import (
 from domain.interfaces import CancelResult, RetryResult
 from domain.payload import JsonValue
 from persistence import lifecycle
-from persistence.errors import translated
+from persistence.errors import CONNECTION_ERRORS, translated
 from persistence.repositories import TaskRepository
 from persistence.session import UnitOfWork, create_engine, create_session_factory
 from persistence.sql import ConnectionExecutor, Row, Sql
@@ -419,20 +419,6 @@ class _AfterCommit:
         self.doorbells = []
 
 
-# Errors after which a connection is not to be used again. asyncpg's InternalClientError is what
-# a statement meets on a connection whose server has just said goodbye ("cannot switch to state
-# 12; another operation is in progress"); class 57 is the server terminating the session.
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.OperatorInterventionError,
-    ConnectionError,
-    OSError,
-    asyncio.TimeoutError,
-)
-
-
 class _ConnectionLost(Exception):
     """The connection was closed, or died under the statement (which may have committed)."""
 
@@ -458,7 +444,7 @@ class _AutocommitExecutor:
                 raise _ConnectionLost("the pooled connection was closed")
             rows = await ConnectionExecutor(conn).fetch(stmt, **params)
         except BaseException as exc:
-            if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _CONNECTION_ERRORS):
+            if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, CONNECTION_ERRORS):
                 await _release(fairy)  # e.g. a foreign key violation: the connection is fine
                 raise
             # Lost, or cancelled mid-statement: the connection is not to be used again.
