@@ -1,7 +1,7 @@
 """tasklane's benchmark: how much of arq's raw speed survives the lifecycle bookkeeping.
 
-    uv run python bench/run.py            # the full run (15–25 minutes on 2 shared cores)
-    uv run python bench/run.py --quick    # a smaller run, under 90 seconds
+    uv run python bench/run.py            # the full run (about 6 minutes on 2 cores)
+    uv run python bench/run.py --quick    # a smaller run, under a minute
     uv run python bench/run.py --cases bare,lifecycle --concurrency 100 --poll-delay 0.01
     uv run python bench/run.py --profile /tmp/prof   # py-spy on a bare and a lifecycle worker
 
