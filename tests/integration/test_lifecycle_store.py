@@ -1,0 +1,78 @@
+"""The worker's batched statements on real PostgreSQL: claims and completions of concurrent runs
+share one statement, and a batch that fails is retried row by row, so one bad row never fails
+its neighbours."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from domain.entities import Conversation
+from persistence import pg
+from persistence.store import LifecycleConfig, LifecycleStore
+from worker.client import TaskClient
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[LifecycleStore]:
+    pool = await pg.create_pool(database_url, max_size=2)
+    store = LifecycleStore(
+        pool,
+        LifecycleConfig(
+            worker_id="batch-test",
+            lease_seconds=30.0,
+            default_max_attempts=3,
+            retry_base_seconds=1.0,
+            retry_max_seconds=60.0,
+            redispatch_seconds=30.0,
+        ),
+        busy=lambda: True,  # every claim and root completion goes through the batchers
+        batch_window=0.05,
+    )
+    yield store
+    await store.close()
+
+
+async def test_one_bad_completion_does_not_fail_its_batch(
+    store: LifecycleStore, client: TaskClient, conversation: Conversation, database_url: str
+) -> None:
+    submitted = [
+        await client.submit("echo", {"i": i}, conversation_id=conversation.id) for i in range(4)
+    ]
+
+    claimed = await asyncio.gather(*(store.claim(task.id) for task in submitted))
+    assert all(task is not None for task in claimed)
+    outputs = ['{"ok": 0}', '{"ok": 1}', '{"not json', '{"ok": 3}']
+    finishes = await asyncio.gather(
+        *(
+            store.complete(task, output)
+            for task, output in zip(claimed, outputs, strict=True)
+            if task is not None
+        ),
+        return_exceptions=True,
+    )
+
+    assert [getattr(f, "landed", None) for f in finishes] == [True, True, None, True]
+    assert isinstance(finishes[2], asyncpg.DataError)
+    rows = {task.id: await client.get(task.id) for task in submitted}
+    assert [rows[t.id].status.value for t in submitted] == [
+        "completed",
+        "completed",
+        "running",
+        "completed",
+    ]
+    assert rows[submitted[3].id].output == {"ok": 3}
+
+
+async def test_a_duplicate_claim_in_one_batch_gets_the_task_once(
+    store: LifecycleStore, client: TaskClient, conversation: Conversation
+) -> None:
+    task = await client.submit("echo", {}, conversation_id=conversation.id)
+
+    claims = await asyncio.gather(*(store.claim(task.id) for _ in range(3)))
+
+    assert sum(claim is not None for claim in claims) == 1
+    assert (await client.get(task.id)).attempts == 1
