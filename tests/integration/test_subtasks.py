@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 import pytest
 
@@ -11,7 +10,7 @@ from domain.entities import Conversation
 from domain.value_objects import TaskStatus
 from persistence.session import UnitOfWork
 from tests.support import db
-from tests.support.workers import WorkerProcess
+from tests.support.workers import WorkerProcess, start_process
 from worker.client import TaskClient
 from worker.config import Settings
 from worker.runtime import WorkerRuntime
@@ -185,12 +184,6 @@ async def test_cancelling_the_last_open_child_resumes_the_parent(
 # -- several worker processes ------------------------------------------------------------------
 
 
-def start(processes: list[WorkerProcess], settings: Settings) -> WorkerProcess:
-    process = WorkerProcess(replace(settings, log_level="INFO"))
-    processes.append(process)
-    return process.wait_started()
-
-
 @pytest.mark.slow
 async def test_fifty_children_finishing_on_two_workers_resume_the_parent_once(
     client: TaskClient,
@@ -199,7 +192,7 @@ async def test_fifty_children_finishing_on_two_workers_resume_the_parent_once(
     database_url: str,
     processes: list[WorkerProcess],
 ) -> None:
-    workers = [start(processes, settings), start(processes, settings)]
+    workers = [start_process(processes, settings), start_process(processes, settings)]
     parents = [
         await client.submit("fanout", {"n": 50}, conversation_id=conversation.id) for _ in range(4)
     ]
@@ -230,7 +223,7 @@ async def test_the_tree_finishes_when_workers_are_killed(
     database_url: str,
     processes: list[WorkerProcess],
 ) -> None:
-    first = start(processes, settings)
+    first = start_process(processes, settings)
     parent = await client.submit(
         "t_collect",
         {"children": [{"agent": "t_marked_sleep", "input": {"seconds": 1.0}} for _ in range(3)]},
@@ -242,13 +235,13 @@ async def test_the_tree_finishes_when_workers_are_killed(
     )
     assert (await client.get(parent.id)).status is TaskStatus.WAITING
     first.kill()
-    second = start(processes, settings)
+    second = start_process(processes, settings)
     # And once more, while the parent is waiting again or being resumed.
     await db.eventually(
         lambda: db.marks(database_url, label="finished"), bool, timeout=30, what="a child finished"
     )
     second.kill()
-    start(processes, settings)
+    start_process(processes, settings)
     done = await client.wait(parent.id, timeout=60)
     assert done.status is TaskStatus.COMPLETED
     assert [c["status"] for c in done.output["children"]] == ["completed"] * 3

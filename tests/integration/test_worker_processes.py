@@ -16,19 +16,12 @@ from domain.value_objects import TaskStatus
 from tests.support import db
 from tests.support.databases import ROOT, create_database, drop_database, unique_name, url_for
 from tests.support.services import PrivateRedis
-from tests.support.workers import WorkerProcess, make_settings, settings_env
+from tests.support.workers import WorkerProcess, make_settings, settings_env, start_process
 from worker.client import TaskClient
 from worker.config import Settings
 from worker.dispatch import Dispatcher
 
 pytestmark = pytest.mark.slow
-
-
-def start(processes: list[WorkerProcess], settings: Settings, **kwargs: object) -> WorkerProcess:
-    settings = replace(settings, log_level="INFO")  # wait_started reads the worker.started line
-    process = WorkerProcess(settings, **kwargs)  # type: ignore[arg-type]
-    processes.append(process)
-    return process.wait_started()
 
 
 async def test_sigkill_mid_task_runs_it_again_once(
@@ -38,14 +31,14 @@ async def test_sigkill_mid_task_runs_it_again_once(
     database_url: str,
     processes: list[WorkerProcess],
 ) -> None:
-    first = start(processes, settings)
+    first = start_process(processes, settings)
     task = await client.submit("t_marked_sleep", {"seconds": 1.5}, conversation_id=conversation.id)
     await db.eventually(
         lambda: db.marks(database_url, task.id, "started"), bool, what="handler started"
     )
     first.kill()
 
-    second = start(processes, settings)
+    second = start_process(processes, settings)
     done = await client.wait(task.id, timeout=30)
     assert done.status is TaskStatus.COMPLETED
     assert done.attempts == 2
@@ -66,7 +59,7 @@ async def test_sigterm_lets_a_short_handler_finish(
     database_url: str,
     processes: list[WorkerProcess],
 ) -> None:
-    worker = start(processes, settings)  # grace period: 2 s
+    worker = start_process(processes, settings)  # grace period: 2 s
     task = await client.submit("t_marked_sleep", {"seconds": 0.5}, conversation_id=conversation.id)
     await db.eventually(
         lambda: db.marks(database_url, task.id, "started"), bool, what="handler started"
@@ -84,7 +77,7 @@ async def test_sigterm_releases_a_long_handler_without_spending_an_attempt(
     database_url: str,
     processes: list[WorkerProcess],
 ) -> None:
-    worker = start(processes, settings)
+    worker = start_process(processes, settings)
     task = await client.submit("t_marked_sleep", {"seconds": 6}, conversation_id=conversation.id)
     await db.eventually(
         lambda: db.marks(database_url, task.id, "started"), bool, what="handler started"
@@ -96,7 +89,7 @@ async def test_sigterm_releases_a_long_handler_without_spending_an_attempt(
     assert [a["outcome"] for a in await db.attempts(database_url, task.id)] == ["released"]
     assert '"task.released"' in worker.output()
 
-    start(processes, settings)
+    start_process(processes, settings)
     done = await client.wait(task.id, timeout=30)
     assert (done.status, done.attempts) == (TaskStatus.COMPLETED, 1)
     assert [a["outcome"] for a in await db.attempts(database_url, task.id)] == [
@@ -112,8 +105,8 @@ async def test_two_workers_racing_on_one_task_write_it_once(
     database_url: str,
     processes: list[WorkerProcess],
 ) -> None:
-    start(processes, settings)
-    start(processes, settings)
+    start_process(processes, settings)
+    start_process(processes, settings)
     tasks = [
         await client.submit("t_count_runs", {"seconds": 0.1}, conversation_id=conversation.id)
         for _ in range(20)
@@ -150,7 +143,7 @@ async def test_flushdb_while_tasks_are_pending(
             await redis.flushdb()
         finally:
             await redis.aclose()
-    start(processes, settings)
+    start_process(processes, settings)
     rows = await db.wait_final(database_url, [t.id for t in tasks], timeout=30)
     assert sorted(r["output"]["y"] for r in rows) == sorted(i * i for i in range(30))
 
@@ -161,7 +154,7 @@ async def test_junk_bytes_in_the_queue_leave_the_process_running(
     settings: Settings,
     processes: list[WorkerProcess],
 ) -> None:
-    worker = start(processes, settings)
+    worker = start_process(processes, settings)
     redis = Redis.from_url(settings.redis_url)
     try:
         for i in range(20):
@@ -187,7 +180,7 @@ async def test_logs_carry_task_context_and_no_password(
     secret = "s3cr3t-Pa55word"
     url = url_for(database).replace("postgres@", f"postgres:{secret}@")
     settings = make_settings(url, redis_url, queue, log_level="INFO")
-    worker = start(processes, settings)
+    worker = start_process(processes, settings)
     task = await client.submit("fail", {"fail_times": 1}, conversation_id=conversation.id)
     await client.wait(task.id, timeout=15)
     worker.stop()
@@ -283,7 +276,7 @@ async def test_a_handler_that_ignores_cancellation_cannot_hold_up_shutdown(
     database_url: str,
     processes: list[WorkerProcess],
 ) -> None:
-    worker = start(processes, settings)  # grace 2 s; a cancelled handler gets 5 s to unwind
+    worker = start_process(processes, settings)  # grace 2 s; a cancelled handler gets 5 s to unwind
     task = await client.submit("t_stubborn", {"seconds": 120}, conversation_id=conversation.id)
     await db.eventually(lambda: db.marks(database_url, task.id, "started"), bool, what="started")
     worker.signal(signal.SIGTERM)
@@ -301,7 +294,7 @@ async def test_cancelling_a_handler_that_ignores_it_frees_its_slot(
     database_url: str,
     processes: list[WorkerProcess],
 ) -> None:
-    start(processes, replace(settings, concurrency=1))
+    start_process(processes, replace(settings, concurrency=1))
     stubborn = await client.submit("t_stubborn", {"seconds": 120}, conversation_id=conversation.id)
     await db.eventually(lambda: db.marks(database_url, stubborn.id, "started"), bool)
     await client.cancel(stubborn.id)

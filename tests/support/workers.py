@@ -168,3 +168,13 @@ class WorkerProcess:
                 self.process.kill()
                 self.process.wait(timeout=10)
         self._log.close()
+
+
+def start_process(
+    processes: list[WorkerProcess], settings: Settings, **kwargs: Any
+) -> WorkerProcess:
+    """Start a worker process with INFO logs (`wait_started` reads its worker.started line, tests
+    read the rest), add it to `processes` (the fixture stops them all) and wait until it serves."""
+    process = WorkerProcess(replace(settings, log_level="INFO"), **kwargs)
+    processes.append(process)
+    return process.wait_started()
