@@ -11,11 +11,12 @@ invariant checker, after the workers were stopped: they must still be alive then
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -159,36 +160,23 @@ async def insert_undispatched(
     return task_id
 
 
-async def ring(redis_url: str, queue: str, doorbells: list[Doorbell]) -> None:
+@contextlib.asynccontextmanager
+async def redis_at(redis_url: str) -> AsyncIterator[Redis]:
     redis = Redis.from_url(redis_url)
     try:
-        await Dispatcher(redis, queue).ring(doorbells)
+        yield redis
     finally:
         await redis.aclose()
+
+
+async def ring(redis_url: str, queue: str, doorbells: list[Doorbell]) -> None:
+    async with redis_at(redis_url) as redis:
+        await Dispatcher(redis, queue).ring(doorbells)
 
 
 async def queued(redis_url: str, queue: str) -> int:
-    redis = Redis.from_url(redis_url)
-    try:
+    async with redis_at(redis_url) as redis:
         return int(await redis.zcard(queue))
-    finally:
-        await redis.aclose()
-
-
-async def redis_set(redis_url: str, key: str) -> None:
-    redis = Redis.from_url(redis_url)
-    try:
-        await redis.set(key, b"1")
-    finally:
-        await redis.aclose()
-
-
-async def redis_exists(redis_url: str, key: str) -> bool:
-    redis = Redis.from_url(redis_url)
-    try:
-        return bool(await redis.exists(key))
-    finally:
-        await redis.aclose()
 
 
 async def outcomes(url: str, task_id: UUID) -> list[str]:
@@ -231,10 +219,12 @@ async def test_redis_restarted_empty_while_tasks_are_pending_and_running(
         what="4 handlers running",
     )
     assert await queued(private_redis.url, settings.queue) > 0  # pending doorbells in Redis…
-    await redis_set(private_redis.url, "restart-sentinel")
+    async with redis_at(private_redis.url) as redis:
+        await redis.set("restart-sentinel", b"1")
     private_redis.restart()  # …and now they are gone, with everything else
     # Not `queued(...) == 0`: a reconciler may already be ringing the lost doorbells again.
-    assert not await redis_exists(private_redis.url, "restart-sentinel")
+    async with redis_at(private_redis.url) as redis:
+        assert not await redis.exists("restart-sentinel")
     assert_alive(processes)
 
     ids = [t.id for t in running + pending]
