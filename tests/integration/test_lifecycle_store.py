@@ -76,3 +76,20 @@ async def test_a_duplicate_claim_in_one_batch_gets_the_task_once(
 
     assert sum(claim is not None for claim in claims) == 1
     assert (await client.get(task.id)).attempts == 1
+
+
+async def test_a_released_connection_never_carries_an_open_transaction(database_url: str) -> None:
+    # The pool skips asyncpg's reset query (see persistence.pg); the rollback must still happen.
+    pool = await pg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("INSERT INTO conversations (user_id) VALUES ('left-open')")
+        async with pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+            left = await conn.fetchval(
+                "SELECT count(*) FROM conversations WHERE user_id = 'left-open'"
+            )
+        assert left == 0
+    finally:
+        await pool.close()
