@@ -60,9 +60,14 @@ class StartupError(RuntimeError):
 # that key for ARGV[3] ms: what arq's `start_jobs` does per job with WATCH, EXISTS, ZSCORE and
 # MULTI/PSETEX/EXEC. Returns [job id, score, …] of those started, a "" separator, then the
 # members whose score is -inf (junk, see TasklaneWorker).
+# The key's value is when it was set, in ms of Redis's clock (arq writes "1"): the reconciler
+# reads it to tell a doorbell whose worker died before claiming its task (see
+# `Dispatcher.ring_again`) from one being claimed right now.
 _START_DOORBELLS = """
 local started, junk = {}, {}
 local now = tonumber(ARGV[1])
+local clock = redis.call('TIME')
+local started_at = clock[1] * 1000 + math.floor(clock[2] / 1000)
 for i = 4, #ARGV do
   local job_id = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], job_id)
@@ -71,7 +76,7 @@ for i = 4, #ARGV do
     table.insert(junk, job_id)
   elseif n and n ~= 0 and n <= now
       and redis.call('EXISTS', ARGV[2] .. job_id) == 0 then
-    redis.call('PSETEX', ARGV[2] .. job_id, ARGV[3], '1')
+    redis.call('PSETEX', ARGV[2] .. job_id, ARGV[3], started_at)
     table.insert(started, job_id)
     table.insert(started, score)
   end

@@ -10,16 +10,23 @@ queue score is a constant instead of the ringer's clock: a worker whose clock ru
 producer's would otherwise not see the doorbell until its own clock caught up. Equal scores are
 served in job-id order, and job ids start with the task id (time-ordered), so older tasks go
 first.
+
+A doorbell a worker has started stays queued behind arq's in-progress key until its job ends. If
+that worker dies between starting it and claiming the task in Postgres, the task stays pending
+and its doorbell blocked for as long as the key lives (longer than any task may run). The
+reconciler re-rings pending tasks that nobody claimed in time with `ring_again`, which also
+clears such stale keys.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from arq.constants import expires_extra_ms, job_key_prefix
+from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 from domain.entities import Doorbell
 from worker.serialization import serialize
@@ -28,11 +35,28 @@ JOB_FUNCTION = "run_task"
 # arq treats a zero score as "no such job"; any constant in the past will do.
 DUE_NOW_SCORE = 1
 
+# Deletes each in-progress key (KEYS) set more than ARGV[1] ms ago by Redis's clock; the value is
+# when it was set (see worker.app), or arq's "1", which reads as long ago. Returns those deleted.
+_CLEAR_STALE_STARTS = """
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+local cleared = {}
+for _, key in ipairs(KEYS) do
+  local started_at = tonumber(redis.call('GET', key))
+  if started_at and now - started_at >= tonumber(ARGV[1]) then
+    redis.call('DEL', key)
+    table.insert(cleared, key)
+  end
+end
+return cleared
+"""
+
 
 class Dispatcher:
     def __init__(self, redis: Redis, queue: str) -> None:
         self.redis = redis
         self.queue = queue
+        self._clear_stale_starts: AsyncScript | None = None
 
     async def ring(self, doorbells: Sequence[Doorbell]) -> None:
         """Queue each doorbell on its task's queue (or this dispatcher's)."""
@@ -47,6 +71,24 @@ class Dispatcher:
                 pipe.set(job_key_prefix + doorbell.job_id, job, px=expires_extra_ms, nx=True)
                 pipe.zadd(doorbell.queue or self.queue, {doorbell.job_id: DUE_NOW_SCORE}, nx=True)
             await pipe.execute()
+
+    async def ring_again(
+        self, doorbells: Sequence[Doorbell], *, stale_after_seconds: float
+    ) -> list[Doorbell]:
+        """Ring doorbells for tasks that are still pending although rung before, and unblock
+        those a worker started more than `stale_after_seconds` ago without claiming the task:
+        a claim takes milliseconds, so that worker died (or lost Postgres; if it comes back,
+        Postgres lets only one claim win). Returns the doorbells unblocked."""
+        await self.ring(doorbells)
+        if not doorbells:
+            return []
+        if self._clear_stale_starts is None:
+            self._clear_stale_starts = self.redis.register_script(_CLEAR_STALE_STARTS)
+        by_key = {in_progress_key_prefix + d.job_id: d for d in doorbells}
+        cleared = await self._clear_stale_starts(
+            keys=list(by_key), args=[int(stale_after_seconds * 1000)]
+        )
+        return [by_key[key.decode()] for key in cleared]
 
     async def forget(self, doorbells: Sequence[Doorbell]) -> None:
         """Take these doorbells off their queues, whether or not a job is running for them."""

@@ -3,9 +3,10 @@
 Each tick (TASKLANE_RECONCILE_SECONDS) it refreshes this worker's row in `workers`, rescues
 running tasks whose lease expired, resumes waiting parents nobody resumed, and rings the
 doorbells of due pending tasks that have none (inserted by plain SQL, a producer that died after
-commit, Redis that lost its data, a retry whose backoff has passed). Every step takes a bounded
-batch with SKIP LOCKED, so any number of workers reconcile at once without stepping on each
-other, and a backlog of any size is worked through a batch at a time.
+commit, Redis that lost its data, a retry whose backoff has passed) or whose doorbell a worker
+took and died before claiming the task. Every step takes a bounded batch with SKIP LOCKED, so
+any number of workers reconcile at once without stepping on each other, and a backlog of any
+size is worked through a batch at a time.
 
 It runs as its own asyncio task, never in a job slot: busy slots never delay it.
 """
@@ -110,7 +111,7 @@ class Reconciler:
         total = 0
         for _ in range(DISPATCH_BATCHES_PER_TICK):
             rung = await self.store.dispatch_due(
-                queue=self.settings.queue, limit=DISPATCH_BATCH, ring=self.dispatcher.ring
+                queue=self.settings.queue, limit=DISPATCH_BATCH, ring=self._ring_due
             )
             total += rung
             if rung < DISPATCH_BATCH:
@@ -118,3 +119,16 @@ class Reconciler:
         if total:
             self.log.info("reconcile.dispatched", doorbells=total)
         return total
+
+    async def _ring_due(self, doorbells: list[Doorbell]) -> None:
+        # A due task was either never rung (inserted by SQL, its producer died, Redis lost it)
+        # or rung at least redispatch_seconds ago and still not claimed.
+        unblocked = await self.dispatcher.ring_again(
+            doorbells, stale_after_seconds=self.settings.redispatch_seconds
+        )
+        for doorbell in unblocked:
+            self.log.warning(
+                "doorbell.unblocked",
+                task_id=str(doorbell.task_id),
+                reason="a worker started it and never claimed the task",
+            )

@@ -87,6 +87,12 @@ async def test_starts_due_queued_doorbells_and_marks_them_in_progress(
         assert await in_progress(arq_redis, due) == [True, True, True]
         ttl_ms = await arq_redis.pttl(in_progress_key_prefix + due[0])
         assert 0 < ttl_ms <= worker.in_progress_timeout_s * 1000
+        # Each key says when it was set, by Redis's clock: the reconciler judges staleness by it.
+        seconds, micros = await arq_redis.time()
+        redis_now_ms = int(seconds) * 1000 + int(micros) // 1000
+        for job_id in due:
+            started_at = int(await arq_redis.get(in_progress_key_prefix + job_id))
+            assert redis_now_ms - 5_000 < started_at <= redis_now_ms
     finally:
         await stop(worker)
         await arq_redis.delete(*(in_progress_key_prefix + job_id for job_id in due))

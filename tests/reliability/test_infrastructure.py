@@ -24,6 +24,7 @@ from uuid import UUID
 
 import asyncpg
 import pytest
+from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
 from domain.entities import Conversation, Doorbell
@@ -108,6 +109,19 @@ async def terminate_worker_backends(
         waiting_on_lock,
     )
     return sum(1 for row in rows if row[0])
+
+
+async def waiting_on_lock(url: str, query: list[str]) -> int:
+    """How many worker statements like one of `query` wait for a lock."""
+    count: int = await db.value(
+        url,
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name LIKE $1"
+        " AND query LIKE ANY($2::text[]) AND wait_event_type = 'Lock'",
+        WORKER_APP,
+        query,
+    )
+    return count
 
 
 async def drop_connection_of(url: str, query: list[str], *, times: int) -> None:
@@ -299,6 +313,43 @@ async def test_connection_dropped_during_claim(
     assert await outcomes(database_url, task_id) == ["completed"]
     assert await run_marks(database_url) == {task_id: 1}
     await stop_and_check(database_url, processes)
+
+
+async def test_a_worker_killed_between_taking_a_doorbell_and_claiming_its_task(
+    settings: Settings,
+    database_url: str,
+    conversation: Conversation,
+    processes: list[WorkerProcess],
+) -> None:
+    """A worker marks a doorbell in progress in Redis, then claims its task in Postgres. Killed
+    in between, it leaves the task pending and the doorbell behind arq's in-progress key, which
+    outlives any task (here six minutes): other workers skip it. The reconciler sees that
+    nobody claimed the task and unblocks the doorbell."""
+    victim = start_process(processes, settings)
+    task_id = await insert_undispatched(
+        database_url, conversation.id, settings.queue, "t_count_runs", {}
+    )
+    async with TableLock(database_url):
+        await ring(settings.redis_url, settings.queue, [Doorbell(task_id, 0)])
+        await db.eventually(
+            lambda: waiting_on_lock(database_url, CLAIM_SQL), bool, what="the claim waiting"
+        )
+        victim.kill()
+        # The server has not noticed yet: its backend would claim once the lock is gone.
+        await drop_connection_of(database_url, CLAIM_SQL, times=1)
+    assert (await db.task_row(database_url, task_id))["status"] == "pending"
+    async with redis_at(settings.redis_url) as redis:
+        blocked_for_ms = await redis.pttl(in_progress_key_prefix + Doorbell(task_id, 0).job_id)
+    assert blocked_for_ms > 300_000
+    # Its redispatch delay passes (insert_undispatched held it back an hour).
+    await db.query(database_url, "UPDATE tasks SET dispatch_after = now() WHERE id = $1", task_id)
+
+    survivor = start_process(processes, settings)
+    rows = await db.wait_final(database_url, [task_id], timeout=30)
+    assert (rows[0]["status"], rows[0]["attempts"]) == ("completed", 1)
+    assert await run_marks(database_url) == {task_id: 1}
+    logs = await stop_and_check(database_url, [survivor], task_ids=[task_id])
+    assert '"doorbell.unblocked"' in logs
 
 
 async def test_connection_dropped_during_heartbeat(
