@@ -92,6 +92,15 @@ async def stop_and_check(
     return logs
 
 
+# Worker backends of this database, optionally only those running a statement like one of $2
+# (a text[]), optionally only those waiting for a lock ($3).
+WORKER_BACKENDS = (
+    "FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE $1"
+    " AND ($2::text[] IS NULL OR query LIKE ANY($2::text[]))"
+    " AND (NOT $3 OR wait_event_type = 'Lock')"
+)
+
+
 async def terminate_worker_backends(
     url: str, *, query: list[str] | None = None, waiting_on_lock: bool = False
 ) -> int:
@@ -100,10 +109,7 @@ async def terminate_worker_backends(
     hit."""
     rows = await db.query(
         url,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND application_name LIKE $1"
-        " AND ($2::text[] IS NULL OR query LIKE ANY($2::text[]))"
-        " AND (NOT $3 OR wait_event_type = 'Lock')",
+        f"SELECT pg_terminate_backend(pid) {WORKER_BACKENDS}",
         WORKER_APP,
         query,
         waiting_on_lock,
@@ -113,14 +119,7 @@ async def terminate_worker_backends(
 
 async def waiting_on_lock(url: str, query: list[str]) -> int:
     """How many worker statements like one of `query` wait for a lock."""
-    count: int = await db.value(
-        url,
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND application_name LIKE $1"
-        " AND query LIKE ANY($2::text[]) AND wait_event_type = 'Lock'",
-        WORKER_APP,
-        query,
-    )
+    count: int = await db.value(url, f"SELECT count(*) {WORKER_BACKENDS}", WORKER_APP, query, True)
     return count
 
 
