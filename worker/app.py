@@ -37,7 +37,7 @@ from persistence.session import UnitOfWork, create_engine, create_session_factor
 from persistence.store import LifecycleConfig, LifecycleStore
 from worker.agents import AgentSpec, load_agents
 from worker.config import Settings, redact_url
-from worker.dispatch import JOB_FUNCTION, Dispatcher
+from worker.dispatch import JOB_FUNCTION, REDIS_NOW_MS_LUA, Dispatcher
 from worker.logs import configure_logging, get_logger
 from worker.reconciler import Reconciler
 from worker.redis_conn import redis_settings
@@ -60,14 +60,14 @@ class StartupError(RuntimeError):
 # that key for ARGV[3] ms: what arq's `start_jobs` does per job with WATCH, EXISTS, ZSCORE and
 # MULTI/PSETEX/EXEC. Returns [job id, score, …] of those started, a "" separator, then the
 # members whose score is -inf (junk, see TasklaneWorker).
-# The key's value is when it was set, in ms of Redis's clock (arq writes "1"): the reconciler
-# reads it to tell a doorbell whose worker died before claiming its task (see
-# `Dispatcher.ring_again`) from one being claimed right now.
-_START_DOORBELLS = """
+# The key's value is when it was set (REDIS_NOW_MS_LUA): the reconciler reads it to tell a
+# doorbell whose worker died before claiming its task (see `Dispatcher.ring_again`) from one being
+# claimed right now.
+_START_DOORBELLS = (
+    REDIS_NOW_MS_LUA
+    + """
 local started, junk = {}, {}
 local now = tonumber(ARGV[1])
-local clock = redis.call('TIME')
-local started_at = clock[1] * 1000 + math.floor(clock[2] / 1000)
 for i = 4, #ARGV do
   local job_id = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], job_id)
@@ -76,7 +76,7 @@ for i = 4, #ARGV do
     table.insert(junk, job_id)
   elseif n and n ~= 0 and n <= now
       and redis.call('EXISTS', ARGV[2] .. job_id) == 0 then
-    redis.call('PSETEX', ARGV[2] .. job_id, ARGV[3], started_at)
+    redis.call('PSETEX', ARGV[2] .. job_id, ARGV[3], now_ms)
     table.insert(started, job_id)
     table.insert(started, score)
   end
@@ -85,6 +85,7 @@ table.insert(started, '')
 for _, job_id in ipairs(junk) do table.insert(started, job_id) end
 return started
 """
+)
 
 
 class TasklaneWorker(Worker):

@@ -35,21 +35,29 @@ JOB_FUNCTION = "run_task"
 # arq treats a zero score as "no such job"; any constant in the past will do.
 DUE_NOW_SCORE = 1
 
-# Deletes each in-progress key (KEYS) set more than ARGV[1] ms ago by Redis's clock; the value is
-# when it was set (see worker.app), or arq's "1", which reads as long ago. Returns those deleted.
-_CLEAR_STALE_STARTS = """
+# Lua: `now_ms`, Redis's clock in ms. A started doorbell's in-progress key holds this, taken when
+# it was set (worker.app's start script; arq itself writes "1").
+REDIS_NOW_MS_LUA = """
 local clock = redis.call('TIME')
-local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
+"""
+
+# Deletes each in-progress key (KEYS) set more than ARGV[1] ms ago; arq's "1" reads as long ago.
+# Returns those deleted.
+_CLEAR_STALE_STARTS = (
+    REDIS_NOW_MS_LUA
+    + """
 local cleared = {}
 for _, key in ipairs(KEYS) do
   local started_at = tonumber(redis.call('GET', key))
-  if started_at and now - started_at >= tonumber(ARGV[1]) then
+  if started_at and now_ms - started_at >= tonumber(ARGV[1]) then
     redis.call('DEL', key)
     table.insert(cleared, key)
   end
 end
 return cleared
 """
+)
 
 
 class Dispatcher:
