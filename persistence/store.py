@@ -23,7 +23,7 @@ import asyncpg
 
 from domain.entities import Doorbell, Task
 from domain.value_objects import AttemptOutcome
-from persistence import lifecycle
+from persistence import batching, lifecycle
 from persistence.batching import Batcher
 from persistence.errors import CONNECTION_ERRORS, RETRYABLE_SQLSTATES
 from persistence.sql import ConnectionExecutor, Executor
@@ -73,8 +73,8 @@ class LifecycleStore:
         config: LifecycleConfig,
         *,
         busy: Callable[[], bool] = lambda: False,
-        batch_window: float = 0.002,
-        batch_max: int = 100,
+        batch_window: float = batching.WINDOW_SECONDS,
+        batch_max: int = batching.MAX_SIZE,
     ) -> None:
         self.pool = pool
         self.config = config
