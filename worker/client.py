@@ -32,6 +32,7 @@ import asyncpg
 import structlog
 from redis.asyncio import Redis
 from sqlalchemy import event
+from sqlalchemy.engine import URL
 from sqlalchemy.engine.interfaces import PoolProxiedConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.util import greenlet_spawn
@@ -91,20 +92,26 @@ def parse_task_id(value: UUID | str) -> UUID:
         raise InvalidInputError(f"not a task id (expected a UUID): {value!r:.80}") from None
 
 
+def _client_engine(url: str | URL, settings: Settings, *, autocommit: bool = False) -> AsyncEngine:
+    """One of a producer's two engines: up to 10 connections each (5 kept, 5 more under load),
+    fewer if TASKLANE_DB_POOL_SIZE is below 5."""
+    return create_engine(
+        url,
+        pool_size=max(1, min(5, settings.db_pool_size)),
+        max_overflow=5,
+        statement_cache=settings.db_statement_cache,
+        application_name="tasklane-client",
+        autocommit=autocommit,
+    )
+
+
 class TaskClient:
     def __init__(self, *, settings: Settings, engine: AsyncEngine, redis: Redis) -> None:
         self.settings = settings
         self.engine = engine
         self.session_factory = create_session_factory(engine)
         # Single-statement submits: the same database, in autocommit, without pre-ping.
-        self.autocommit_engine = create_engine(
-            engine.url,
-            pool_size=max(1, min(5, settings.db_pool_size)),
-            max_overflow=5,
-            statement_cache=settings.db_statement_cache,
-            application_name="tasklane-client",
-            autocommit=True,
-        )
+        self.autocommit_engine = _client_engine(engine.url, settings, autocommit=True)
         self._autocommit = _AutocommitExecutor(self.autocommit_engine)
         self.redis = redis
         self.dispatcher = Dispatcher(redis, settings.queue)
@@ -117,13 +124,7 @@ class TaskClient:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TaskClient:
-        engine = create_engine(
-            settings.database_url,
-            pool_size=max(1, min(5, settings.db_pool_size)),
-            max_overflow=5,
-            statement_cache=settings.db_statement_cache,
-            application_name="tasklane-client",
-        )
+        engine = _client_engine(settings.database_url, settings)
         redis = create_redis(settings.redis_url, retries=PRODUCER_REDIS_RETRIES)
         return cls(settings=settings, engine=engine, redis=redis)
 

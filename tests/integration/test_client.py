@@ -19,6 +19,7 @@ from domain.exceptions import (
     InvalidInputError,
 )
 from domain.value_objects import TaskStatus
+from persistence import pg
 from persistence.session import UnitOfWork
 from tests.support import databases, db
 from tests.support.pgproxy import PgProxy
@@ -402,3 +403,40 @@ async def test_plain_submit_on_a_connection_the_server_just_dropped(
     # Let the proxy finish lingering: stopping it mid-linger prints a traceback from its thread,
     # and Python 3.11 may then fail an AST compile in ours (a race in its recursion counter).
     await asyncio.sleep(proxy.linger + 0.1)
+
+
+async def test_a_client_holds_at_most_twenty_connections(
+    client: TaskClient, conversation: Conversation, database_url: str
+) -> None:
+    """What the README's Deployment section promises: 10 connections for plain submits, 10 for
+    everything else. Inserts are held behind a table lock so that every submit keeps its
+    connection; 60 at once fill both pools and no more."""
+    lock = await pg.connect(database_url)
+    await lock.execute("BEGIN; LOCK TABLE tasks IN EXCLUSIVE MODE")
+    try:
+        submits = [
+            asyncio.ensure_future(client.submit("echo", {}, conversation_id=conversation.id))
+            for _ in range(30)
+        ] + [
+            asyncio.ensure_future(client.submit_many([TaskSpec("echo", {}, conversation.id)]))
+            for _ in range(30)
+        ]
+        blocked = await db.eventually(
+            lambda: client_backends(database_url), lambda n: n >= 20, what="both pools full"
+        )
+        await asyncio.sleep(0.5)  # time for any connection beyond the bound to show up
+        assert (blocked, await client_backends(database_url)) == (20, 20)
+    finally:
+        await lock.execute("ROLLBACK")
+        await lock.close()
+        await asyncio.gather(*submits)  # every submit ends, and returns its connections
+    assert await db.value(database_url, "SELECT count(*) FROM tasks") == 60
+
+
+async def client_backends(url: str) -> int:
+    count: int = await db.value(
+        url,
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name = 'tasklane-client'",
+    )
+    return count
