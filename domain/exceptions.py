@@ -53,6 +53,18 @@ class ConcurrentUpdateError(DomainError):
         )
 
 
+class TaskNotEditableError(DomainError):
+    """An operator's edit of a task that has already started (or finished)."""
+
+    def __init__(self, task_id: UUID, status: str) -> None:
+        self.task_id = task_id
+        self.status = status
+        super().__init__(
+            f"task {task_id} is {status}: only a pending task can be edited "
+            "(its run_after, max_attempts and metadata)"
+        )
+
+
 class InvalidInputError(DomainError, ValueError):
     """Input rejected before anything was written."""
 

@@ -1,6 +1,8 @@
 """Repository interfaces. Persistence implements them; callers depend only on these.
 
-No method commits: the caller's unit of work owns the transaction.
+No method commits: the caller's unit of work owns the transaction. A lifecycle step that issues
+several statements keeps them atomic by itself (one transaction when it runs on a bare
+connection), so that each step commits or fails as a whole.
 """
 
 from __future__ import annotations
@@ -11,14 +13,8 @@ from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 from uuid import UUID
 
-from domain.entities import (
-    Agent,
-    Conversation,
-    ConversationWithTasks,
-    Doorbell,
-    Task,
-    TaskAttempt,
-)
+from domain.entities import Agent, Conversation, Doorbell, Task, TaskAttempt, WorkerInfo
+from domain.policies import Backoff
 from domain.value_objects import TaskStatus
 
 T = TypeVar("T")
@@ -30,6 +26,43 @@ class Page(Generic[T]):
     total: int
     page: int
     page_size: int
+
+
+# -- what lifecycle steps return ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """A run's final write: did it land, and which tasks to dispatch once it has committed (its
+    new subtasks, a parent it resumed)."""
+
+    landed: bool
+    doorbells: list[Doorbell] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    """Why a doorbell claimed nothing."""
+
+    reason: str
+    due_in_seconds: float | None = None  # set when the task is pending but not due yet
+
+
+@dataclass(frozen=True, slots=True)
+class Rescued:
+    """A running task whose lease ran out, now pending again (or failed, its attempts spent)."""
+
+    task_id: UUID
+    runs: int
+    status: TaskStatus
+    queue: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredChild:
+    task_id: UUID
+    run: int
+    parent_id: UUID
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,23 +90,26 @@ class RetryResult:
 
 
 class ITaskRepository(Protocol):
+    # -- create and read -----------------------------------------------------------------------
+
     async def create(self, task: Task) -> Task: ...
 
     async def create_many(self, tasks: Sequence[Task]) -> list[Task]: ...
 
     async def get_by_id(self, task_id: UUID) -> Task | None: ...
 
-    async def get_by_idempotency_key(self, key: str) -> Task | None: ...
-
-    async def update(self, task: Task) -> Task: ...
+    async def get_by_idempotency_keys(self, keys: Sequence[str]) -> dict[str, Task]: ...
 
     async def find_pending_for_agent(
-        self, agent_id: str, *, limit: int = 100, skip_locked: bool = False
+        self,
+        agent_id: str | Sequence[str],
+        *,
+        limit: int = 100,
+        queue: str | None = None,
+        skip_locked: bool = False,
     ) -> list[Task]: ...
 
     async def get_subtasks(self, parent_task_id: UUID) -> list[Task]: ...
-
-    async def get_descendants(self, task_id: UUID) -> list[Task]: ...
 
     async def search(
         self,
@@ -95,13 +131,49 @@ class ITaskRepository(Protocol):
 
     async def list_attempts(self, task_id: UUID) -> list[TaskAttempt]: ...
 
-    async def cancel(self, task_id: UUID) -> CancelResult: ...
+    async def update(self, task: Task) -> Task: ...
 
-    async def retry(self, task_id: UUID) -> RetryResult: ...
+    # -- the lifecycle -------------------------------------------------------------------------
 
-    async def count_prunable(
-        self, *, older_than: datetime, statuses: Sequence[TaskStatus]
-    ) -> int: ...
+    async def claim(
+        self,
+        ids: Sequence[UUID],
+        *,
+        worker_id: str,
+        lease_seconds: float,
+        default_max_attempts: int,
+        queue: str | None = None,
+    ) -> list[Task]: ...
+
+    async def heartbeat(self, held: Mapping[UUID, int], *, lease_seconds: float) -> set[UUID]: ...
+
+    async def complete(
+        self, task: Task, output_json: str, children: Sequence[Task] = (), *, dispatch_delay: float
+    ) -> Finish: ...
+
+    async def fail(self, task: Task, error: str, *, dispatch_delay: float) -> Finish: ...
+
+    async def retry_later(self, task: Task, error: str, *, delay_seconds: float) -> bool: ...
+
+    async def release(self, task: Task) -> bool: ...
+
+    async def wait(
+        self, task: Task, children: Sequence[Task], *, dispatch_delay: float
+    ) -> Finish: ...
+
+    async def cancel(self, task_id: UUID, *, dispatch_delay: float = 0.0) -> CancelResult: ...
+
+    async def retry(self, task_id: UUID, *, dispatch_delay: float = 0.0) -> RetryResult: ...
+
+    async def rescue_roots(self, *, limit: int, backoff: Backoff) -> list[Rescued]: ...
+
+    async def rescue_child(
+        self, expired: ExpiredChild, *, backoff: Backoff, dispatch_delay: float
+    ) -> tuple[Rescued | None, Doorbell | None]: ...
+
+    async def mark_due_dispatched(
+        self, *, queue: str, limit: int, redispatch_seconds: float
+    ) -> list[Doorbell]: ...
 
     async def prune_batch(
         self, *, older_than: datetime, statuses: Sequence[TaskStatus], batch_size: int = 1000
@@ -113,14 +185,18 @@ class IConversationRepository(Protocol):
 
     async def get_by_id(self, conversation_id: UUID) -> Conversation | None: ...
 
-    async def find_by_user(self, user_id: str, *, limit: int = 100) -> list[Conversation]: ...
-
-    async def find_with_tasks(self, user_id: str) -> list[ConversationWithTasks]: ...
-
 
 class IAgentRepository(Protocol):
     async def upsert(self, agent: Agent) -> Agent: ...
 
     async def get_by_id(self, agent_id: str) -> Agent | None: ...
 
-    async def list_all(self) -> list[Agent]: ...
+
+class IWorkerRepository(Protocol):
+    async def touch(
+        self, *, worker_id: str, hostname: str, pid: int, queue: str, agents: Sequence[str]
+    ) -> None: ...
+
+    async def list_live(
+        self, *, queue: str | None = None, within_seconds: float = 30.0
+    ) -> list[WorkerInfo]: ...

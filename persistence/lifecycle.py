@@ -1,392 +1,322 @@
-"""Lifecycle operations: the statements of `lifecycle_sql` with their arguments and results.
+"""The worker's lifecycle steps on its pool: a unit of work per step, `TaskRepository` inside.
 
-Every function takes an `Executor` and runs in whatever transaction the caller opened: the
-worker's hot path passes a plain asyncpg connection, a unit of work passes its session. Functions
-whose docstring says "in a transaction" issue several statements that must commit together.
+This is a thin policy around the repository, which owns every statement and transaction:
+- each step opens a `PooledUnitOfWork` and calls one repository step in it;
+- deadlocks, serialization failures and dropped connections are retried with a jittered backoff
+  (every lifecycle statement is fenced by status and run, so running one twice never applies it
+  twice; the repository recognises its own write whose answer was lost). A run's final write is
+  retried for as long as its lease lasts: past that the task is rescued and the write would be
+  fenced off anyway;
+- claims and root completions of concurrent jobs are grouped into one statement when the worker
+  is busy (`Batcher`); a batch that fails is retried item by item, so one bad row never fails
+  its neighbours;
+- a claim whose connection died around its commit may have claimed: the next claim of those
+  tasks adopts the ones already running under this worker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 from uuid import UUID
 
+import asyncpg
+
 from domain.entities import Doorbell, Task
-from domain.value_objects import AttemptOutcome, TaskStatus
-from persistence import lifecycle_sql as q
-from persistence.mappers import insert_params, task_from_row
-from persistence.sql import Executor, Row
+from domain.interfaces import Finish, Miss, Rescued
+from domain.policies import Backoff
+from persistence import batching
+from persistence.batching import Batcher
+from persistence.errors import CONNECTION_ERRORS, RETRYABLE_SQLSTATES
+from persistence.session import PooledUnitOfWork
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_ATTEMPTS = 4
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.PostgresError) and exc.sqlstate in RETRYABLE_SQLSTATES:
+        return True
+    return isinstance(exc, CONNECTION_ERRORS)
 
 
 @dataclass(frozen=True, slots=True)
-class Finished:
-    """A run's final write landed. `parent_id` is set when the task is somebody's subtask."""
+class LifecycleConfig:
+    worker_id: str
+    lease_seconds: float
+    default_max_attempts: int
+    retry_base_seconds: float
+    retry_max_seconds: float
+    redispatch_seconds: float
+    queue: str | None = None  # the only queue whose tasks this worker claims (None: any)
 
-    task_id: UUID
-    parent_id: UUID | None
-
-
-@dataclass(frozen=True, slots=True)
-class Rescued:
-    task_id: UUID
-    runs: int
-    status: TaskStatus
-    queue: str
-
-
-def _uuid(value: Any) -> UUID:
-    return value if type(value) is UUID else UUID(str(value))
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(self.retry_base_seconds, self.retry_max_seconds)
 
 
-# -- insert -------------------------------------------------------------------------------------
+Step = Callable[[PooledUnitOfWork], Awaitable[T]]
 
 
-async def insert_tasks(
-    ex: Executor,
-    tasks: Sequence[Task],
-    *,
-    dispatch_delays: Sequence[float],
-    skip_taken_keys: bool = False,
-    max_input_bytes: int | None = None,
-) -> list[Task]:
-    """Insert tasks in one statement; returns the inserted rows in the order of `tasks`.
-
-    With `skip_taken_keys`, a task whose idempotency key is already taken is left out of the
-    result (the caller reads the existing task instead).
-    """
-    if not tasks:
-        return []
-    params = insert_params(tasks, dispatch_delays=dispatch_delays, max_input_bytes=max_input_bytes)
-    stmt = q.INSERT_TASKS_SKIP_TAKEN_KEYS if skip_taken_keys else q.INSERT_TASKS
-    rows = await ex.fetch(stmt, **params)
-    by_id = {task.id: task for task in map(task_from_row, rows)}
-    return [by_id[t.id] for t in tasks if t.id in by_id]
-
-
-# -- claim and heartbeat ------------------------------------------------------------------------
-
-
-async def claim(
-    ex: Executor,
-    ids: Sequence[UUID],
-    *,
-    worker_id: str,
-    lease_seconds: float,
-    default_max_attempts: int,
-    queue: str | None = None,
-) -> list[Task]:
-    """pending (and due) → running for each id that still can be (and is in `queue`, if
-    given); the others are skipped."""
-    rows = await ex.fetch(
-        q.CLAIM,
-        ids=list(ids),
-        worker_id=worker_id,
-        lease_seconds=float(lease_seconds),
-        default_max_attempts=default_max_attempts,
-        queue=queue,
-    )
-    return [task_from_row(row) for row in rows]
-
-
-async def adopt(
-    ex: Executor, ids: Sequence[UUID], *, worker_id: str, lease_seconds: float
-) -> list[Task]:
-    """The tasks among `ids` running under `worker_id`, their leases renewed: claims of ours that
-    committed although we never heard back."""
-    if not ids:
-        return []
-    rows = await ex.fetch(
-        q.ADOPT, ids=list(ids), worker_id=worker_id, lease_seconds=float(lease_seconds)
-    )
-    return [task_from_row(row) for row in rows]
-
-
-@dataclass(frozen=True, slots=True)
-class Miss:
-    """Why a doorbell claimed nothing."""
-
-    reason: str
-    due_in_seconds: float | None = None  # set when the task is pending but not due yet
-
-
-async def explain_miss(ex: Executor, task_id: UUID, *, queue: str | None = None) -> Miss:
-    rows = await ex.fetch(q.EXPLAIN_MISS, id=task_id)
-    if not rows:
-        return Miss("no such task")
-    row = rows[0]
-    if queue is not None and row["queue"] != queue:
-        return Miss(f"belongs to queue {row['queue']!r}, not {queue!r}: left to its workers")
-    status = row["status"]
-    due_in = float(row["due_in_seconds"])
-    if status == TaskStatus.PENDING and due_in > 0:
-        return Miss(f"pending but not due for {due_in:.1f}s", due_in_seconds=due_in)
-    max_attempts = row["max_attempts"]
-    if (
-        status == TaskStatus.PENDING
-        and max_attempts is not None
-        and row["attempts"] >= max_attempts
-    ):
-        return Miss(
-            f"pending with all {max_attempts} attempts used; raise max_attempts or cancel it"
+class Lifecycle:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        config: LifecycleConfig,
+        *,
+        busy: Callable[[], bool] = lambda: False,
+        batch_window: float = batching.WINDOW_SECONDS,
+        batch_max: int = batching.MAX_SIZE,
+    ) -> None:
+        self.pool = pool
+        self.config = config
+        self._claims: Batcher[UUID, Task | None] = Batcher(
+            "claim", self._claim_batch, busy=busy, window=batch_window, max_size=batch_max
         )
-    return Miss(f"already {status} (run {row['runs']})")
-
-
-async def heartbeat(ex: Executor, held: Mapping[UUID, int], *, lease_seconds: float) -> set[UUID]:
-    """Extend the lease of every run in `held` (task id → run); return the ids no longer ours."""
-    if not held:
-        return set()
-    ids = list(held)
-    rows = await ex.fetch(
-        q.HEARTBEAT,
-        ids=ids,
-        runs=[held[i] for i in ids],
-        lease_seconds=float(lease_seconds),
-    )
-    return {_uuid(row["id"]) for row in rows if not row["ours"]}
-
-
-# -- finish -------------------------------------------------------------------------------------
-
-
-async def complete(ex: Executor, items: Sequence[tuple[UUID, int, str]]) -> list[Finished]:
-    """running → completed for each (task id, run, output JSON) whose run still holds the task."""
-    rows = await ex.fetch(
-        q.COMPLETE,
-        ids=[i[0] for i in items],
-        runs=[i[1] for i in items],
-        outputs=[i[2] for i in items],
-    )
-    return [_finished(row) for row in rows]
-
-
-async def fail(ex: Executor, task_id: UUID, run: int, error: str) -> Finished | None:
-    rows = await ex.fetch(q.FAIL, id=task_id, run=run, error=error)
-    return _finished(rows[0]) if rows else None
-
-
-async def retry_later(
-    ex: Executor, task_id: UUID, run: int, error: str, *, delay_seconds: float
-) -> bool:
-    rows = await ex.fetch(
-        q.RETRY_LATER, id=task_id, run=run, error=error, delay_seconds=float(delay_seconds)
-    )
-    return bool(rows)
-
-
-async def release(ex: Executor, task_id: UUID, run: int) -> bool:
-    return bool(await ex.fetch(q.RELEASE, id=task_id, run=run))
-
-
-async def runs_with_outcome(
-    ex: Executor, runs: Sequence[tuple[UUID, int]], outcome: AttemptOutcome
-) -> set[UUID]:
-    """The tasks among `runs` (task id, run) whose run already ended with `outcome`: a fenced
-    finish that found nothing to change had in fact landed, its answer lost with its connection."""
-    if not runs:
-        return set()
-    rows = await ex.fetch(
-        q.RUNS_WITH_OUTCOME,
-        ids=[task_id for task_id, _ in runs],
-        runs=[run for _, run in runs],
-        outcome=outcome.value,
-    )
-    return {_uuid(row["task_id"]) for row in rows}
-
-
-def _finished(row: Row) -> Finished:
-    parent = row["parent_task_id"]
-    return Finished(_uuid(row["id"]), _uuid(parent) if parent is not None else None)
-
-
-# -- subtasks -----------------------------------------------------------------------------------
-
-
-async def lock_task(ex: Executor, task_id: UUID) -> Row | None:
-    rows = await ex.fetch(q.LOCK_TASK, id=task_id)
-    return rows[0] if rows else None
-
-
-async def resume_if_done(
-    ex: Executor, parent_id: UUID, *, dispatch_delay: float
-) -> Doorbell | None:
-    """waiting → pending when no child of `parent_id` is unfinished. In the parent-locked
-    transaction that just changed a child."""
-    rows = await ex.fetch(q.RESUME_IF_DONE, id=parent_id, dispatch_delay=float(dispatch_delay))
-    if not rows:
-        return None
-    return Doorbell(_uuid(rows[0]["id"]), rows[0]["runs"], rows[0]["queue"])
-
-
-async def insert_children(
-    ex: Executor, children: Sequence[Task], *, dispatch_delay: float
-) -> list[Doorbell]:
-    """Insert spawned subtasks; returns the doorbells to ring once the transaction commits.
-
-    A child scheduled for later (`run_after` set) is left to the reconciler, which rings it
-    once it is due."""
-    delays = [0.0 if child.run_after is not None else dispatch_delay for child in children]
-    inserted = await insert_tasks(ex, children, dispatch_delays=delays)
-    return [Doorbell(t.id, t.runs, t.queue) for t, d in zip(inserted, delays, strict=True) if d]
-
-
-async def wait_for_children(
-    ex: Executor,
-    task_id: UUID,
-    run: int,
-    children: Sequence[Task],
-    *,
-    dispatch_delay: float,
-) -> list[Doorbell] | None:
-    """In a transaction: running → waiting and the children inserted; `None` if the run had lost
-    its claim (then nothing is written). With no children the task resumes at once."""
-    if not await ex.fetch(q.WAIT, id=task_id, run=run):
-        return None
-    doorbells = await insert_children(ex, children, dispatch_delay=dispatch_delay)
-    if not children:
-        resumed = await resume_if_done(ex, task_id, dispatch_delay=dispatch_delay)
-        doorbells.extend([resumed] if resumed else [])
-    return doorbells
-
-
-async def children_of(ex: Executor, task_id: UUID) -> list[Task]:
-    return [task_from_row(row) for row in await ex.fetch(q.CHILDREN, id=task_id)]
-
-
-async def stranded_waiting(ex: Executor, *, min_age_seconds: float, limit: int) -> list[UUID]:
-    rows = await ex.fetch(q.STRANDED_WAITING, min_age_seconds=float(min_age_seconds), limit=limit)
-    return [_uuid(row["id"]) for row in rows]
-
-
-# -- cancel and operator retry ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Cancelled:
-    cancelled: int  # tasks that changed, the target included
-    resumed_parent: Doorbell | None
-
-
-async def cancel_tree(ex: Executor, task_id: UUID, *, dispatch_delay: float) -> Cancelled | None:
-    """In a transaction: cancel the task and every unfinished descendant. Locks the parent
-    first, then the subtree by depth and id. `None` if there is no such task."""
-    rows = await ex.fetch(q.PARENT_OF, id=task_id)
-    if not rows:
-        return None
-    parent = rows[0]["parent_task_id"]
-    parent_id = _uuid(parent) if parent is not None else None
-    if parent_id is not None:
-        await lock_task(ex, parent_id)
-    subtree = await ex.fetch(q.LOCK_SUBTREE, id=task_id)
-    ids = [_uuid(row["id"]) for row in subtree]
-    done = await ex.fetch(q.CANCEL_MANY, ids=ids, root_id=task_id)
-    resumed = None
-    if parent_id is not None and any(_uuid(row["id"]) == task_id for row in done):
-        resumed = await resume_if_done(ex, parent_id, dispatch_delay=dispatch_delay)
-    return Cancelled(cancelled=len(done), resumed_parent=resumed)
-
-
-async def operator_retry(ex: Executor, task_id: UUID, *, dispatch_delay: float) -> Task | None:
-    """failed → pending with fresh attempts; `None` if the task is not failed."""
-    rows = await ex.fetch(q.OPERATOR_RETRY, id=task_id, dispatch_delay=float(dispatch_delay))
-    return task_from_row(rows[0]) if rows else None
-
-
-# -- reconciler ---------------------------------------------------------------------------------
-
-
-async def rescue_roots(
-    ex: Executor, *, limit: int, retry_base_seconds: float, retry_max_seconds: float
-) -> list[Rescued]:
-    rows = await ex.fetch(
-        q.RESCUE_ROOTS,
-        limit=limit,
-        retry_base_seconds=float(retry_base_seconds),
-        retry_max_seconds=float(retry_max_seconds),
-    )
-    return [_rescued(row) for row in rows]
-
-
-async def expired_children(ex: Executor, *, limit: int) -> list[tuple[UUID, int, UUID]]:
-    rows = await ex.fetch(q.EXPIRED_CHILDREN, limit=limit)
-    return [(_uuid(r["id"]), r["runs"], _uuid(r["parent_task_id"])) for r in rows]
-
-
-async def rescue_child(
-    ex: Executor,
-    task_id: UUID,
-    run: int,
-    parent_id: UUID,
-    *,
-    retry_base_seconds: float,
-    retry_max_seconds: float,
-    dispatch_delay: float,
-) -> tuple[Rescued | None, Doorbell | None]:
-    """In a transaction: rescue one expired child under its parent's lock; resume the parent
-    if the child failed for good and was the last one unfinished."""
-    await lock_task(ex, parent_id)
-    rows = await ex.fetch(
-        q.RESCUE_ONE,
-        id=task_id,
-        run=run,
-        retry_base_seconds=float(retry_base_seconds),
-        retry_max_seconds=float(retry_max_seconds),
-    )
-    if not rows:
-        return None, None
-    rescued = _rescued(rows[0])
-    resumed = None
-    if rescued.status is TaskStatus.FAILED:
-        resumed = await resume_if_done(ex, parent_id, dispatch_delay=dispatch_delay)
-    return rescued, resumed
-
-
-def _rescued(row: Row) -> Rescued:
-    return Rescued(_uuid(row["id"]), row["runs"], TaskStatus(row["status"]), row["queue"])
-
-
-async def dispatch_due(
-    ex: Executor,
-    *,
-    queue: str,
-    limit: int,
-    redispatch_seconds: float,
-    ring: Callable[[list[Doorbell]], Awaitable[None]],
-) -> list[Doorbell]:
-    """In a transaction: ring the doorbells of up to `limit` due pending tasks of `queue` and
-    mark them dispatched. If `ring` fails nothing is marked, and the next tick tries again."""
-    rows = await ex.fetch(q.DUE_FOR_DISPATCH, queue=queue, limit=limit)
-    doorbells = [Doorbell(_uuid(row["id"]), row["runs"], queue) for row in rows]
-    if doorbells:
-        await ring(doorbells)
-        await ex.execute(
-            q.MARK_DISPATCHED,
-            ids=[d.task_id for d in doorbells],
-            redispatch_seconds=float(redispatch_seconds),
+        self._completions: Batcher[tuple[Task, str], bool] = Batcher(
+            "complete", self._complete_batch, busy=busy, window=batch_window, max_size=batch_max
         )
-    return doorbells
+        self._finish_patience = config.lease_seconds
+        # Tasks whose last claim statement got no answer: it may have committed all the same.
+        self._unsure_claims: set[UUID] = set()
 
+    async def close(self) -> None:
+        await self._claims.drain()
+        await self._completions.drain()
+        await self.pool.close()
 
-# -- workers ------------------------------------------------------------------------------------
+    # -- plumbing -------------------------------------------------------------------------------
 
+    async def run(
+        self,
+        name: str,
+        step: Step[T],
+        *,
+        transaction: bool = False,
+        patience: float | None = None,
+    ) -> T:
+        """Run `step` in a unit of work on a pooled connection, retrying transient failures
+        with a jittered backoff: `_ATTEMPTS` tries, or for `patience` seconds."""
+        deadline = None if patience is None else asyncio.get_running_loop().time() + patience
+        attempt = 0
+        while True:
+            attempt += 1
+            answered = False
+            try:
+                async with PooledUnitOfWork(self.pool, transaction=transaction) as uow:
+                    result = await step(uow)
+                    if transaction:
+                        await uow.commit()
+                    answered = True
+            except Exception as exc:
+                if answered:
+                    # The answer (and the commit) arrived; only handing the connection back failed,
+                    # the server having dropped it just then (the pool opens another). Run again,
+                    # the step would find its own write and miss it.
+                    log.warning("%s: connection lost after its answer (%r)", name, exc)
+                    return result
+                delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
+                out_of_time = (
+                    attempt >= _ATTEMPTS
+                    if deadline is None
+                    else asyncio.get_running_loop().time() + delay > deadline
+                )
+                if out_of_time or not _retryable(exc):
+                    raise
+                log.warning("%s failed (%r); retry %d in %.2fs", name, exc, attempt, delay)
+                await asyncio.sleep(delay)
+            else:
+                return result
 
-async def touch_worker(
-    ex: Executor, *, worker_id: str, hostname: str, pid: int, queue: str, agents: Iterable[str]
-) -> None:
-    await ex.execute(
-        q.TOUCH_WORKER,
-        id=worker_id,
-        hostname=hostname,
-        pid=pid,
-        queue=queue,
-        agents=sorted(agents),
-    )
+    # -- claim and heartbeat --------------------------------------------------------------------
 
+    async def claim(self, task_id: UUID) -> Task | None:
+        """pending → running for this worker, or None (a duplicate or stale doorbell)."""
+        return await self._claims.submit(task_id)
 
-async def forget_worker(ex: Executor, worker_id: str) -> None:
-    await ex.execute(q.FORGET_WORKER, id=worker_id)
+    async def _claim_batch(self, ids: list[UUID]) -> list[Task | None]:
+        cfg = self.config
+        wanted = sorted(set(ids))
 
+        async def step(uow: PooledUnitOfWork) -> list[Task]:
+            # A claim whose connection died around its commit may have claimed: retried, it
+            # would miss its own claim, and the task would sit running until its lease ran out,
+            # an attempt spent and its handler never run. Take up what it got first.
+            unsure = [task_id for task_id in wanted if task_id in self._unsure_claims]
+            try:
+                adopted = await uow.tasks.adopt(
+                    unsure, worker_id=cfg.worker_id, lease_seconds=cfg.lease_seconds
+                )
+                claimed = await uow.tasks.claim(
+                    wanted,
+                    worker_id=cfg.worker_id,
+                    lease_seconds=cfg.lease_seconds,
+                    default_max_attempts=cfg.default_max_attempts,
+                    queue=cfg.queue,
+                )
+            except BaseException:
+                self._unsure_claims.update(wanted)
+                raise
+            self._unsure_claims.difference_update(wanted)
+            if adopted:
+                log.warning("adopted %d claim(s) that committed without an answer", len(adopted))
+            return adopted + claimed
 
-async def forget_old_workers(ex: Executor) -> None:
-    await ex.execute(q.FORGET_OLD_WORKERS)
+        claimed = {task.id: task for task in await self.run("claim", step)}
+        # Duplicate doorbells for one task inside a batch: only the first gets the claim.
+        return [claimed.pop(task_id, None) for task_id in ids]
+
+    async def claim_due(self, agents: Sequence[str], *, limit: int) -> list[Task]:
+        """Claim up to `limit` due tasks of these agents straight from Postgres, oldest due
+        first: how a worker keeps working while Redis (the doorbells) is away."""
+        cfg = self.config
+
+        async def step(uow: PooledUnitOfWork) -> list[Task]:
+            due = await uow.tasks.find_pending_for_agent(
+                agents, limit=limit, queue=cfg.queue, skip_locked=True
+            )
+            return await uow.tasks.claim(
+                [task.id for task in due],
+                worker_id=cfg.worker_id,
+                lease_seconds=cfg.lease_seconds,
+                default_max_attempts=cfg.default_max_attempts,
+                queue=cfg.queue,
+            )
+
+        if limit <= 0 or not agents:
+            return []
+        return await self.run("claim-due", step, transaction=True)
+
+    async def explain_miss(self, task_id: UUID) -> Miss:
+        return await self.run(
+            "explain", lambda uow: uow.tasks.explain_miss(task_id, queue=self.config.queue)
+        )
+
+    async def heartbeat(self, held: Mapping[UUID, int]) -> set[UUID]:
+        """Extend the leases of the runs in `held`; return the task ids that are no longer ours."""
+        return await self.run(
+            "heartbeat",
+            lambda uow: uow.tasks.heartbeat(held, lease_seconds=self.config.lease_seconds),
+        )
+
+    async def subtasks(self, task_id: UUID) -> list[Task]:
+        return await self.run("subtasks", lambda uow: uow.tasks.get_subtasks(task_id))
+
+    # -- finish ---------------------------------------------------------------------------------
+
+    async def complete(self, task: Task, output_json: str, children: Sequence[Task] = ()) -> Finish:
+        """running → completed (with any fire-and-forget subtasks). Plain root tasks take the
+        batched path."""
+        if task.parent_task_id is None and not children:
+            return Finish(await self._completions.submit((task, output_json)))
+        return await self._finish(
+            "complete",
+            lambda uow: uow.tasks.complete(
+                task, output_json, children, dispatch_delay=self.config.redispatch_seconds
+            ),
+        )
+
+    async def _complete_batch(self, items: list[tuple[Task, str]]) -> list[bool]:
+        landed = await self._finish("complete", lambda uow: uow.tasks.complete_roots(items))
+        return [task.id in landed for task, _ in items]
+
+    async def fail(self, task: Task, error: str) -> Finish:
+        return await self._finish(
+            "fail",
+            lambda uow: uow.tasks.fail(task, error, dispatch_delay=self.config.redispatch_seconds),
+        )
+
+    async def retry_later(self, task: Task, error: str, *, delay_seconds: float) -> bool:
+        return await self._finish(
+            "retry",
+            lambda uow: uow.tasks.retry_later(task, error, delay_seconds=delay_seconds),
+        )
+
+    async def release(self, task: Task) -> bool:
+        return await self._finish("release", lambda uow: uow.tasks.release(task))
+
+    async def wait(self, task: Task, children: Sequence[Task]) -> Finish:
+        return await self._finish(
+            "wait",
+            lambda uow: uow.tasks.wait(
+                task, children, dispatch_delay=self.config.redispatch_seconds
+            ),
+        )
+
+    async def _finish(self, name: str, step: Step[T]) -> T:
+        return await self.run(name, step, patience=self._finish_patience)
+
+    # -- reconciler -----------------------------------------------------------------------------
+
+    async def rescue_expired(self, *, limit: int) -> tuple[list[Rescued], list[Doorbell]]:
+        """Rescue running tasks whose lease expired: roots in one statement, subtasks one by one
+        (each under its parent's lock). Returns what was rescued and the parents that resumed
+        because a rescued child failed for good."""
+        cfg = self.config
+        rescued = await self.run(
+            "rescue", lambda uow: uow.tasks.rescue_roots(limit=limit, backoff=cfg.backoff)
+        )
+        doorbells: list[Doorbell] = []
+        for expired in await self.run(
+            "rescue", lambda uow: uow.tasks.expired_children(limit=limit)
+        ):
+            one, resumed = await self.run(
+                "rescue-child",
+                lambda uow, expired=expired: uow.tasks.rescue_child(  # type: ignore[misc]
+                    expired, backoff=cfg.backoff, dispatch_delay=cfg.redispatch_seconds
+                ),
+            )
+            rescued.extend([one] if one else [])
+            doorbells.extend([resumed] if resumed else [])
+        return rescued, doorbells
+
+    async def resume_stranded(self, *, min_age_seconds: float, limit: int) -> list[Doorbell]:
+        return await self.run(
+            "resume-stranded",
+            lambda uow: uow.tasks.resume_stranded(
+                min_age_seconds=min_age_seconds,
+                limit=limit,
+                dispatch_delay=self.config.redispatch_seconds,
+            ),
+        )
+
+    async def mark_due_dispatched(self, *, queue: str, limit: int) -> list[Doorbell]:
+        return await self.run(
+            "dispatch",
+            lambda uow: uow.tasks.mark_due_dispatched(
+                queue=queue, limit=limit, redispatch_seconds=self.config.redispatch_seconds
+            ),
+        )
+
+    async def unmark_dispatched(self, doorbells: Sequence[Doorbell]) -> None:
+        ids = [d.task_id for d in doorbells]
+        await self.run("undispatch", lambda uow: uow.tasks.unmark_dispatched(ids))
+
+    # -- this worker's row ----------------------------------------------------------------------
+
+    async def touch_worker(
+        self, *, hostname: str, pid: int, queue: str, agents: Sequence[str]
+    ) -> None:
+        await self.run(
+            "touch-worker",
+            lambda uow: uow.workers.touch(
+                worker_id=self.config.worker_id,
+                hostname=hostname,
+                pid=pid,
+                queue=queue,
+                agents=agents,
+            ),
+        )
+
+    async def forget_worker(self) -> None:
+        await self.run("forget-worker", lambda uow: uow.workers.forget(self.config.worker_id))
+
+    async def forget_old_workers(self) -> None:
+        await self.run("forget-old-workers", lambda uow: uow.workers.forget_old())

@@ -1,8 +1,6 @@
-"""Builds repositories bound to one session (the unit of work uses it)."""
+"""Builds repositories bound to one executor (a unit of work uses it)."""
 
 from __future__ import annotations
-
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from persistence.repositories import (
     AgentRepository,
@@ -11,31 +9,24 @@ from persistence.repositories import (
     WorkerRepository,
 )
 from persistence.repositories.report_repository import ReportRepository
+from persistence.sql import Executor
 
 
 class RepositoryFactory:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+    def __init__(self, ex: Executor) -> None:
+        self.ex = ex
 
     def create_task_repository(self) -> TaskRepository:
-        return TaskRepository(self.session)
+        return TaskRepository(self.ex)
 
     def create_conversation_repository(self) -> ConversationRepository:
-        return ConversationRepository(self.session)
+        return ConversationRepository(self.ex)
 
     def create_agent_repository(self) -> AgentRepository:
-        return AgentRepository(self.session)
+        return AgentRepository(self.ex)
 
     def create_worker_repository(self) -> WorkerRepository:
-        return WorkerRepository(self.session)
+        return WorkerRepository(self.ex)
 
     def create_report_repository(self) -> ReportRepository:
-        return ReportRepository(self.session)
-
-
-def create_task_repository(session: AsyncSession) -> TaskRepository:
-    return TaskRepository(session)
-
-
-def create_report_repository(session: AsyncSession) -> ReportRepository:
-    return ReportRepository(session)
+        return ReportRepository(self.ex)

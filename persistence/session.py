@@ -1,8 +1,12 @@
-"""Engine, session factory and the unit of work.
+"""Engines, session factory and the units of work.
 
-Transactions belong to the caller: repositories flush, the unit of work commits. Leaving
+Transactions belong to the caller: repositories never commit, the unit of work does. Leaving
 `async with uow:` without `await uow.commit()` rolls back. Work that must only happen once the
 data is durable (sending doorbells to Redis) is registered with `uow.after_commit(...)`.
+
+Two kinds of unit share the repositories (built by `RepositoryFactory` on an `Executor`):
+`UnitOfWork` on a SQLAlchemy session, for producers, the CLI and operators, and
+`PooledUnitOfWork` on one of the worker's pooled asyncpg connections, for lifecycle steps.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
+import asyncpg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -22,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
 
 from domain.payload import decode_json
 from persistence.repository_factory import RepositoryFactory
+from persistence.sql import ConnectionExecutor, Executor, SessionExecutor
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,19 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
     return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
 
 
-class UnitOfWork:
+class _Repositories:
+    """The repositories of a unit of work, all bound to its one executor."""
+
+    def _bind(self, ex: Executor) -> None:
+        repos = RepositoryFactory(ex)
+        self.tasks = repos.create_task_repository()
+        self.conversations = repos.create_conversation_repository()
+        self.agents = repos.create_agent_repository()
+        self.workers = repos.create_worker_repository()
+        self.reports = repos.create_report_repository()
+
+
+class UnitOfWork(_Repositories):
     """One session, one transaction, the repositories bound to it.
 
     ```
@@ -102,12 +120,7 @@ class UnitOfWork:
     async def __aenter__(self) -> Self:
         self._session = self._session_factory()
         self._after_commit = []
-        repos = RepositoryFactory(self._session)
-        self.tasks = repos.create_task_repository()
-        self.conversations = repos.create_conversation_repository()
-        self.agents = repos.create_agent_repository()
-        self.workers = repos.create_worker_repository()
-        self.reports = repos.create_report_repository()
+        self._bind(SessionExecutor(self._session))
         return self
 
     async def __aexit__(
@@ -143,3 +156,52 @@ class UnitOfWork:
     async def rollback(self) -> None:
         self._after_commit = []
         await self.session.rollback()
+
+
+class PooledUnitOfWork(_Repositories):
+    """A unit of work on one pooled asyncpg connection: the worker's lifecycle steps.
+
+    Each repository step is atomic on its own (one statement, or one transaction it opens
+    itself), so a step commits or fails whole and needs nothing around it. With
+    `transaction=True` the unit is one transaction across several steps, committed by
+    `commit()` and rolled back if left without it.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, transaction: bool = False) -> None:
+        self._pool = pool
+        self._want_transaction = transaction
+        self._conn: asyncpg.pool.PoolConnectionProxy | None = None
+        self._transaction: asyncpg.transaction.Transaction | None = None
+
+    async def __aenter__(self) -> Self:
+        self._conn = await self._pool.acquire()
+        try:
+            if self._want_transaction:
+                self._transaction = self._conn.transaction()
+                await self._transaction.start()
+        except BaseException:
+            await self._pool.release(self._conn)
+            raise
+        self._bind(ConnectionExecutor(self._conn))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        assert conn is not None
+        try:
+            if self._transaction is not None:
+                transaction, self._transaction = self._transaction, None
+                await transaction.rollback()
+        finally:
+            await self._pool.release(conn)
+
+    async def commit(self) -> None:
+        if self._transaction is None:
+            raise RuntimeError("this unit of work has no transaction to commit")
+        transaction, self._transaction = self._transaction, None
+        await transaction.commit()

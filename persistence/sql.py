@@ -1,30 +1,49 @@
-"""SQL written once, run two ways.
+"""One executor abstraction for every repository: a unit of work's session or a pooled connection.
 
-Lifecycle statements are plain SQL with `:name` parameters. Inside a unit of work they run through
-the SQLAlchemy session (same transaction as everything else); on the worker's hot path they run on
-a plain asyncpg connection, which needs `$n` placeholders. `Sql` holds both forms, compiled once.
+Repositories issue statements through an `Executor` and never know which one they have:
+- `SessionExecutor` runs in a SQLAlchemy `AsyncSession`'s transaction (the `UnitOfWork` that
+  producers, the CLI and operators use);
+- `ConnectionExecutor` runs on a plain asyncpg connection (the worker's hot path, where the
+  ORM's per-statement cost would be most of the work), in autocommit unless a repository method
+  asks for `atomic()`;
+- `AutocommitExecutor` runs one statement on a connection of its own from an autocommit engine
+  (a producer's single-statement submit).
 
-Write casts as `CAST(:x AS type)`, never `:x::type` (SQLAlchemy's `text()` would misread it).
+Statements are either `Sql` — plain SQL with `:name` parameters, compiled once to asyncpg's `$n`
+form — or SQLAlchemy Core statements (allow-listed filters and pagination), which the connection
+executor compiles for asyncpg. Write casts as `CAST(:x AS type)`, never `:x::type` (SQLAlchemy's
+`text()` would misread it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import asyncpg
 from sqlalchemy import TextClause, text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
+from sqlalchemy.engine.interfaces import PoolProxiedConnection
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.sql import Executable
+from sqlalchemy.util import greenlet_spawn
+
+from persistence.errors import CONNECTION_ERRORS
 
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+_DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
 
 
 class Row(Protocol):
     """A result row read by column name: an asyncpg Record or a SQLAlchemy RowMapping."""
 
     def __getitem__(self, key: str, /) -> Any: ...
+
+    def items(self) -> Iterable[tuple[str, Any]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,32 +70,123 @@ class Sql:
         return [params[name] for name in self.names]
 
 
+Statement = Sql | Executable
+
+
 class Executor(Protocol):
-    """Runs `Sql` in whatever transaction its connection is in."""
+    """Runs statements in whatever transaction its connection is in."""
 
-    async def fetch(self, stmt: Sql, **params: Any) -> Sequence[Row]: ...
+    async def fetch(self, stmt: Statement, **params: Any) -> Sequence[Row]: ...
 
-    async def execute(self, stmt: Sql, **params: Any) -> None: ...
+    async def execute(self, stmt: Statement, **params: Any) -> None: ...
+
+    def atomic(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Statements inside commit together: a transaction of their own on a bare connection,
+        nothing more inside a unit of work's transaction."""
+        ...
 
 
 class SessionExecutor:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def fetch(self, stmt: Sql, **params: Any) -> Sequence[Row]:
-        result = await self.session.execute(stmt.clause, params)
+    async def fetch(self, stmt: Statement, **params: Any) -> Sequence[Row]:
+        clause = stmt.clause if isinstance(stmt, Sql) else stmt
+        result = await self.session.execute(clause, params or None)
         return cast("Sequence[Row]", result.mappings().all())
 
-    async def execute(self, stmt: Sql, **params: Any) -> None:
-        await self.session.execute(stmt.clause, params)
+    async def execute(self, stmt: Statement, **params: Any) -> None:
+        clause = stmt.clause if isinstance(stmt, Sql) else stmt
+        await self.session.execute(clause, params or None)
+
+    @contextlib.asynccontextmanager
+    async def atomic(self) -> AsyncIterator[None]:
+        yield  # the unit of work's transaction already holds everything together
+
+
+def compile_core(stmt: Executable) -> tuple[str, list[Any]]:
+    """A Core statement as asyncpg SQL with its positional arguments, bound as SQLAlchemy binds
+    them (a JSON value becomes JSON text, which the pool's jsonb codec takes)."""
+    compiled = stmt.compile(dialect=_DIALECT, compile_kwargs={"render_postcompile": True})  # type: ignore[attr-defined]
+    processors = compiled._bind_processors
+    args = []
+    for name in compiled.positiontup or ():
+        value = compiled.params[name]
+        process = processors.get(name)
+        args.append(process(value) if process is not None else value)
+    return compiled.string, args
 
 
 class ConnectionExecutor:
     def __init__(self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
         self.conn = conn
 
-    async def fetch(self, stmt: Sql, **params: Any) -> Sequence[Row]:
-        return cast("Sequence[Row]", await self.conn.fetch(stmt.pg, *stmt.args(params)))
+    async def fetch(self, stmt: Statement, **params: Any) -> Sequence[Row]:
+        if isinstance(stmt, Sql):
+            return cast("Sequence[Row]", await self.conn.fetch(stmt.pg, *stmt.args(params)))
+        query, args = compile_core(stmt)
+        return cast("Sequence[Row]", await self.conn.fetch(query, *args))
 
-    async def execute(self, stmt: Sql, **params: Any) -> None:
-        await self.conn.execute(stmt.pg, *stmt.args(params))
+    async def execute(self, stmt: Statement, **params: Any) -> None:
+        if isinstance(stmt, Sql):
+            await self.conn.execute(stmt.pg, *stmt.args(params))
+        else:
+            query, args = compile_core(stmt)
+            await self.conn.execute(query, *args)
+
+    @contextlib.asynccontextmanager
+    async def atomic(self) -> AsyncIterator[None]:
+        if self.conn.is_in_transaction():
+            yield
+            return
+        async with self.conn.transaction():
+            yield
+
+
+class ConnectionLost(Exception):
+    """The connection was closed, or died under the statement (which may have committed)."""
+
+
+class AutocommitExecutor:
+    """An `Executor` that runs each statement on a connection of its own from an autocommit
+    engine: the statement commits by itself, in one round trip (no BEGIN/COMMIT, no pre-ping).
+
+    A connection is checked here instead: one found closed in the pool, or lost under the
+    statement, is invalidated and `ConnectionLost` raised (chained to the cause). A statement that
+    fails in Postgres leaves a healthy connection, which goes back to the pool, and its error is
+    raised as it is. `atomic()` is refused: every statement here commits alone.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def fetch(self, stmt: Statement, **params: Any) -> Sequence[Row]:
+        fairy = await self.engine.raw_connection()
+        try:
+            conn = fairy.driver_connection
+            if conn is None or conn.is_closed():  # dropped while it sat in the pool
+                raise ConnectionLost("the pooled connection was closed")
+            rows = await ConnectionExecutor(conn).fetch(stmt, **params)
+        except BaseException as exc:
+            if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, CONNECTION_ERRORS):
+                await _release(fairy)  # e.g. a foreign key violation: the connection is fine
+                raise
+            # Lost, or cancelled mid-statement: the connection is not to be used again.
+            fairy.invalidate(exc)  # outside a greenlet, this closes it at once
+            await asyncio.shield(_release(fairy))
+            if isinstance(exc, Exception) and not isinstance(exc, ConnectionLost):
+                raise ConnectionLost(repr(exc)) from exc
+            raise
+        await _release(fairy)
+        return rows
+
+    async def execute(self, stmt: Statement, **params: Any) -> None:
+        await self.fetch(stmt, **params)
+
+    def atomic(self) -> contextlib.AbstractAsyncContextManager[None]:
+        raise TypeError("an autocommit executor runs single statements only")
+
+
+async def _release(fairy: PoolProxiedConnection) -> None:
+    # Checkin may close an overflow connection, which awaits: it needs SQLAlchemy's greenlet.
+    await greenlet_spawn(fairy.close)

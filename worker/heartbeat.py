@@ -12,7 +12,7 @@ from typing import Any
 from uuid import UUID
 
 from domain.entities import Task
-from persistence.store import LifecycleStore
+from persistence.lifecycle import Lifecycle
 
 
 @dataclass(slots=True)
@@ -32,8 +32,8 @@ class TrackedRun:
 
 
 class Heartbeat:
-    def __init__(self, store: LifecycleStore, *, interval: float, log: Any) -> None:
-        self.store = store
+    def __init__(self, lifecycle: Lifecycle, *, interval: float, log: Any) -> None:
+        self.lifecycle = lifecycle
         self.interval = interval
         self.log = log
         self._runs: dict[UUID, TrackedRun] = {}
@@ -64,7 +64,7 @@ class Heartbeat:
         held = {task_id: tracked.run for task_id, tracked in self._runs.items()}
         if not held:
             return
-        for task_id in await self.store.heartbeat(held):
+        for task_id in await self.lifecycle.heartbeat(held):
             tracked = self._runs.get(task_id)
             if tracked is not None and tracked.run == held[task_id] and not tracked.handler.done():
                 tracked.lost_signal.set_result(None)

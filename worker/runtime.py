@@ -17,14 +17,12 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from domain.entities import Doorbell, Task
 from domain.exceptions import InvalidInputError
+from domain.interfaces import Finish
 from domain.payload import UnreadableJson, encode_json
-from domain.policies import retry_delay
-from persistence.session import UnitOfWork
-from persistence.store import Finish, LifecycleStore
+from persistence.lifecycle import Lifecycle
 from worker.agents import AgentSpec, PermanentError, Retry, TaskContext, WaitForSubtasks
 from worker.config import Settings
 from worker.dispatch import Dispatcher
@@ -77,19 +75,17 @@ class WorkerRuntime:
         *,
         settings: Settings,
         worker_id: str,
-        store: LifecycleStore,
+        lifecycle: Lifecycle,
         dispatcher: Dispatcher,
         agents: Mapping[str, AgentSpec],
-        session_factory: async_sessionmaker[AsyncSession],
     ) -> None:
         self.settings = settings
         self.worker_id = worker_id
-        self.store = store
+        self.lifecycle = lifecycle
         self.dispatcher = dispatcher
         self.agents = dict(agents)
-        self.session_factory = session_factory
         self.log = structlog.get_logger("tasklane.worker")
-        self.heartbeat = Heartbeat(store, interval=settings.heartbeat_seconds, log=self.log)
+        self.heartbeat = Heartbeat(lifecycle, interval=settings.heartbeat_seconds, log=self.log)
         self.in_flight = 0
         self._running: dict[UUID, int] = {}  # task id → the run this process is running
 
@@ -99,6 +95,7 @@ class WorkerRuntime:
     # -- the job -----------------------------------------------------------------------------------
 
     async def run(self, raw_task_id: object) -> None:
+        """A doorbell: claim the task, run it, write how it ended."""
         task_id = _parse_task_id(raw_task_id)
         if task_id is None:
             self.log.warning("doorbell.malformed", value=repr(raw_task_id)[:200])
@@ -106,31 +103,46 @@ class WorkerRuntime:
         self.in_flight += 1
         try:
             task = await self._claim(task_id)
-            if task is None:
-                return
-            if self._running.get(task.id) == task.runs:
-                # A claim adopted after a dropped connection (LifecycleStore.claim) can hand
-                # back a run that a duplicate doorbell is already running here.
-                self.log.info("doorbell.ignored", task_id=str(task_id), reason="running here")
-                return
-            self._running[task.id] = task.runs
-            try:
-                await self._run_claimed(task)
-            finally:
-                if self._running.get(task.id) == task.runs:
-                    del self._running[task.id]
+            if task is not None:
+                await self._run_once(task)
         finally:
             self.in_flight -= 1
 
+    async def run_claimed(self, task: Task) -> None:
+        """A task this worker claimed straight from Postgres (while Redis is away): run it and
+        write how it ended."""
+        self.in_flight += 1
+        try:
+            await self._run_once(task)
+        finally:
+            self.in_flight -= 1
+
+    async def claim_due(self, limit: int) -> list[Task]:
+        """Claim up to `limit` due tasks of the agents this worker serves, from Postgres."""
+        return await self.lifecycle.claim_due(sorted(self.agents), limit=limit)
+
+    async def _run_once(self, task: Task) -> None:
+        if self._running.get(task.id) == task.runs:
+            # A claim adopted after a dropped connection (Lifecycle.claim) can hand back a run
+            # that a duplicate doorbell is already running here.
+            self.log.info("doorbell.ignored", task_id=str(task.id), reason="running here")
+            return
+        self._running[task.id] = task.runs
+        try:
+            await self._run_claimed(task)
+        finally:
+            if self._running.get(task.id) == task.runs:
+                del self._running[task.id]
+
     async def _claim(self, task_id: UUID) -> Task | None:
-        claiming = asyncio.ensure_future(self.store.claim(task_id))
+        claiming = asyncio.ensure_future(self.lifecycle.claim(task_id))
         try:
             task = await asyncio.shield(claiming)
         except asyncio.CancelledError:
             # Shutting down mid-claim: whatever the claim got is handed straight back.
             task, _ = await _finish_regardless(claiming)
             if task is not None:
-                await _finish_regardless(self.store.release(task))
+                await _finish_regardless(self.lifecycle.release(task))
             raise
         except Exception as exc:
             # Postgres unreachable: the doorbell is spent, the task stays pending and the
@@ -143,7 +155,7 @@ class WorkerRuntime:
 
     async def _explain_miss(self, task_id: UUID) -> None:
         try:
-            miss = await self.store.explain_miss(task_id)
+            miss = await self.lifecycle.explain_miss(task_id)
         except Exception as exc:
             self.log.warning("doorbell.ignored", task_id=str(task_id), reason=repr(exc))
             return
@@ -242,8 +254,7 @@ class WorkerRuntime:
         return Failed(_describe(exc))
 
     async def _subtasks(self, task_id: UUID) -> list[Task]:
-        async with UnitOfWork(self.session_factory) as uow:
-            return await uow.tasks.get_subtasks(task_id)
+        return await self.lifecycle.subtasks(task_id)
 
     # -- finishing ---------------------------------------------------------------------------------
 
@@ -263,12 +274,11 @@ class WorkerRuntime:
             case Lost():
                 return Finish(False)
             case Completed(output_json, children):
-                finish = await self.store.complete(task, output_json, children)
+                finish = await self.lifecycle.complete(task, output_json, children)
                 self._report(finish, "task.completed", duration_ms=elapsed_ms)
                 return finish
             case Waiting(children):
-                doorbells = await self.store.wait_for_children(task, children)
-                finish = Finish(doorbells is not None, doorbells or [])
+                finish = await self.lifecycle.wait(task, children)
                 self._report(finish, "task.waiting", subtasks=len(children))
                 return finish
             case Failed(error, permanent, retry_after):
@@ -278,19 +288,17 @@ class WorkerRuntime:
     async def _fail_or_retry(
         self, task: Task, error: str, permanent: bool, retry_after: float | None
     ) -> Finish:
-        max_attempts = task.max_attempts or self.settings.max_attempts
-        if permanent or task.attempts >= max_attempts:
-            finish = await self.store.fail(task, error)
+        delay = task.retry_delay_after_failure(
+            permanent=permanent,
+            retry_after=retry_after,
+            default_max_attempts=self.settings.max_attempts,
+            backoff=self.settings.backoff,
+        )
+        if delay is None:
+            finish = await self.lifecycle.fail(task, error)
             self._report(finish, "task.failed", error=error, attempts=task.attempts)
             return finish
-        delay = retry_after
-        if delay is None:
-            delay = retry_delay(
-                task.attempts,
-                base_seconds=self.settings.retry_base_seconds,
-                max_seconds=self.settings.retry_max_seconds,
-            )
-        landed = await self.store.retry_later(task, error, delay_seconds=delay)
+        landed = await self.lifecycle.retry_later(task, error, delay_seconds=delay)
         finish = Finish(landed)
         self._report(finish, "task.retrying", error=error, retry_in_seconds=round(delay, 3))
         return finish
@@ -305,7 +313,7 @@ class WorkerRuntime:
 
     async def _release(self, task: Task) -> None:
         try:
-            released = await self.store.release(task)
+            released = await self.lifecycle.release(task)
         except Exception as exc:
             self.log.error("task.release_failed", error=repr(exc))
             return

@@ -1,7 +1,10 @@
-"""Generic repository: CRUD, safe filters and pagination over one ORM model.
+"""Generic repository: CRUD, safe filters and pagination over one mapped table.
 
 Differences from the seed guide, on purpose:
-- it flushes and never commits: the caller's unit of work owns the transaction;
+- it runs through an `Executor` (persistence.sql), so the same repository serves a unit of
+  work's session and the worker's pooled asyncpg connections; rows come back as mappings and
+  become entities in `_to_entity` (no identity map that lifecycle statements could leave stale);
+- it never commits: the caller's unit of work owns the transaction;
 - driver errors are translated in one place (`persistence.errors`) and chained: a unique
   violation and a foreign-key violation become *different* domain errors;
 - filter fields come from an allow-list of mapped columns. An unknown field raises
@@ -12,17 +15,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, delete, func, inspect, select
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import ColumnProperty
+from sqlalchemy import ColumnElement, Select, Table, delete, func, select
 from sqlalchemy.sql.sqltypes import BigInteger, Integer, SmallInteger, String, Uuid
 
 from domain.exceptions import InvalidFilterError, InvalidInputError
-from persistence.errors import translate
+from persistence.errors import translated
 from persistence.models import Base
+from persistence.sql import Executor, Row, Statement
 
 TModel = TypeVar("TModel", bound=Base)
 TEntity = TypeVar("TEntity")
@@ -31,71 +32,41 @@ MAX_PAGE_SIZE = 1000
 
 
 class BaseRepository(Generic[TModel, TEntity]):
-    """Subclasses set `filterable_fields` and implement `_to_entity` / `_to_model`."""
+    """Subclasses set `filterable_fields` and implement `_to_entity` (a row by column name)."""
 
     filterable_fields: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, session: AsyncSession, model_class: type[TModel], entity_name: str) -> None:
-        self.session = session
+    def __init__(self, ex: Executor, model_class: type[TModel], entity_name: str) -> None:
+        self._ex = ex
         self.model_class = model_class
         self.entity_name = entity_name
-        self._columns = {
-            prop.key: prop.columns[0]
-            for prop in inspect(model_class).attrs
-            if isinstance(prop, ColumnProperty)
-        }
-        unknown = self.filterable_fields - self._columns.keys()
+        self.table: Table = model_class.__table__  # type: ignore[assignment]
+        unknown = self.filterable_fields - set(self.table.c.keys())
         if unknown:
             raise TypeError(f"{type(self).__name__}.filterable_fields names no column: {unknown}")
-        self._primary_key = inspect(model_class).primary_key[0]
+        [self._primary_key] = self.table.primary_key.columns
 
-    # -- conversions (concrete repositories implement these) ----------------------------------
-
-    def _to_entity(self, model: TModel) -> TEntity:
+    def _to_entity(self, row: Row) -> TEntity:
         raise NotImplementedError
 
-    def _to_model(self, entity: TEntity) -> TModel:
-        raise NotImplementedError
+    # -- statements, with driver errors translated ---------------------------------------------
+
+    async def _fetch(self, stmt: Statement, **params: Any) -> Sequence[Row]:
+        with translated(self.entity_name):
+            return await self._ex.fetch(stmt, **params)
+
+    async def _entities(self, stmt: Statement, **params: Any) -> list[TEntity]:
+        return [self._to_entity(row) for row in await self._fetch(stmt, **params)]
 
     # -- CRUD ---------------------------------------------------------------------------------
 
-    async def _get_by_id(self, entity_id: object) -> TModel | None:
-        # populate_existing: lifecycle statements change rows behind the ORM's back, so a model
-        # cached in this session's identity map may be stale.
-        stmt = (
-            select(self.model_class)
-            .where(self._primary_key == entity_id)
-            .execution_options(populate_existing=True)
-        )
-        try:
-            return (await self.session.execute(stmt)).scalar_one_or_none()
-        except SQLAlchemyError as exc:
-            translate(exc, self.entity_name)
-
-    async def _create(self, model: TModel) -> TModel:
-        self.session.add(model)
-        try:
-            await self.session.flush()
-        except SQLAlchemyError as exc:
-            if model in self.session:  # a failed flush may already have expunged it
-                self.session.expunge(model)
-            translate(exc, self.entity_name)
-        return model
-
-    async def _update(self, model: TModel) -> TModel:
-        try:
-            await self.session.flush()
-        except SQLAlchemyError as exc:
-            translate(exc, self.entity_name)
-        return model
+    async def _get_by_id(self, entity_id: object) -> TEntity | None:
+        found = await self._entities(select(self.table).where(self._primary_key == entity_id))
+        return found[0] if found else None
 
     async def _delete(self, entity_id: object) -> bool:
-        stmt = delete(self.model_class).where(self._primary_key == entity_id)
-        try:
-            result = await self.session.execute(stmt)
-        except SQLAlchemyError as exc:
-            translate(exc, self.entity_name)
-        return bool(getattr(result, "rowcount", 0))
+        stmt = delete(self.table).where(self._primary_key == entity_id).returning(self._primary_key)
+        return bool(await self._fetch(stmt))
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -105,7 +76,7 @@ class BaseRepository(Generic[TModel, TEntity]):
         for field, value in (filters or {}).items():
             if field not in self.filterable_fields:
                 raise InvalidFilterError(self.entity_name, str(field), self.filterable_fields)
-            column = self._columns[field]
+            column = self.table.c[field]
             if isinstance(value, list | tuple | set | frozenset):
                 values = [self._coerce(field, column, v) for v in value]
                 conditions.append(column.in_(values))
@@ -136,11 +107,9 @@ class BaseRepository(Generic[TModel, TEntity]):
         return value
 
     def _select(
-        self,
-        filters: Mapping[str, Any] | None,
-        order_by: Sequence[Any] = (),
+        self, filters: Mapping[str, Any] | None, order_by: Sequence[Any] = ()
     ) -> Select[Any]:
-        stmt = select(self.model_class).where(*self._conditions(filters))
+        stmt = select(self.table).where(*self._conditions(filters))
         return stmt.order_by(*order_by) if order_by else stmt
 
     async def _find_many(
@@ -150,16 +119,14 @@ class BaseRepository(Generic[TModel, TEntity]):
         limit: int = 100,
         offset: int = 0,
         order_by: Sequence[Any] = (),
-    ) -> list[TModel]:
+    ) -> list[TEntity]:
         _check_window(limit, offset)
-        stmt = self._select(filters, order_by).limit(limit).offset(offset)
-        stmt = stmt.execution_options(populate_existing=True)
-        try:
-            return list(
-                cast("Sequence[TModel]", (await self.session.execute(stmt)).scalars().all())
-            )
-        except SQLAlchemyError as exc:
-            translate(exc, self.entity_name)
+        return await self._entities(self._select(filters, order_by).limit(limit).offset(offset))
+
+    async def _count(self, filters: Mapping[str, Any] | None = None) -> int:
+        stmt = select(func.count().label("n")).select_from(self._select(filters).subquery())
+        [row] = await self._fetch(stmt)
+        return int(row["n"])
 
     async def _find_paginated(
         self,
@@ -168,16 +135,11 @@ class BaseRepository(Generic[TModel, TEntity]):
         page: int = 1,
         page_size: int = 50,
         order_by: Sequence[Any] = (),
-    ) -> tuple[list[TModel], int]:
+    ) -> tuple[list[TEntity], int]:
         if page < 1:
             raise InvalidInputError(f"page must be at least 1, got {page}")
         _check_window(page_size, (page - 1) * page_size)  # before the count: bad input, no SQL
-        stmt = self._select(filters)
-        count = select(func.count()).select_from(stmt.order_by(None).subquery())
-        try:
-            total = int((await self.session.execute(count)).scalar_one())
-        except SQLAlchemyError as exc:
-            translate(exc, self.entity_name)
+        total = await self._count(filters)
         items = await self._find_many(
             filters, limit=page_size, offset=(page - 1) * page_size, order_by=order_by
         )

@@ -7,19 +7,19 @@ computed with the database clock, like every other time decision in tasklane.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Integer, Select, extract, func, literal, select
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
+from sqlalchemy import Select, extract, func, select
 
 from domain.value_objects import FINISHED_STATUSES, TaskStatus
-from persistence.errors import translate
-from persistence.models import TaskAttemptModel, TaskModel
+from persistence.errors import translated
+from persistence.models import TaskModel
+from persistence.repositories.task_sql import SUBTREE
+from persistence.sql import Executor, Row, Sql
 
 # A row of `tasks`: {column name: value}, uuids as UUID, timestamps as aware datetimes.
 TaskRow = dict[str, Any]
@@ -27,8 +27,18 @@ TaskRow = dict[str, Any]
 TASKS = TaskModel.__table__
 TASK_COLUMNS: tuple[str, ...] = tuple(c.name for c in TASKS.columns)
 
-# A parent loop made by hand with SQL must not make the tree query recurse forever.
-MAX_TREE_DEPTH = 1000
+# A tree with how long each task's handler runs took (running ones count until now).
+TREE = Sql(
+    SUBTREE
+    + """
+SELECT t.*, tree.depth AS _depth,
+       (SELECT COALESCE(sum(EXTRACT(EPOCH FROM COALESCE(a.finished_at, now()) - a.started_at)), 0)
+        FROM task_attempts AS a WHERE a.task_id = t.id) AS _run_seconds
+FROM tasks AS t JOIN tree ON t.id = tree.id
+WHERE NOT tree.is_cycle
+ORDER BY tree.depth, t.created_at, t.id
+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +58,8 @@ class StatusCount:
 
 
 class ReportRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
+    def __init__(self, ex: Executor) -> None:
+        self._ex = ex
 
     async def now(self) -> datetime:
         """The database clock."""
@@ -83,49 +93,12 @@ class ReportRepository:
     async def tree(self, task_id: UUID) -> list[TreeNode]:
         """The task and every task below it, breadth first, children in creation order.
 
-        One recursive query; empty if the task does not exist.
+        One recursive query (the walk `task_sql.SUBTREE`); empty if the task does not exist.
         """
-        tree = (
-            select(TaskModel.id, literal(0, Integer).label("depth"))
-            .where(TaskModel.id == task_id)
-            .cte("tree", recursive=True)
-        )
-        child = aliased(TaskModel)
-        tree = tree.union_all(
-            select(child.id, tree.c.depth + 1)
-            .join(tree, child.parent_task_id == tree.c.id)
-            .where(tree.c.depth < MAX_TREE_DEPTH)
-        )
-        attempts = TaskAttemptModel.__table__
-        run_seconds = (
-            select(
-                func.coalesce(
-                    func.sum(
-                        extract(
-                            "epoch",
-                            func.coalesce(attempts.c.finished_at, func.now())
-                            - attempts.c.started_at,
-                        )
-                    ),
-                    0,
-                )
-            )
-            .where(attempts.c.task_id == TASKS.c.id)
-            .scalar_subquery()
-        )
-        stmt = (
-            select(TASKS, tree.c.depth.label("_depth"), run_seconds.label("_run_seconds"))
-            .join(tree, TASKS.c.id == tree.c.id)
-            .order_by(tree.c.depth, TASKS.c.created_at, TASKS.c.id)
-        )
         nodes: list[TreeNode] = []
-        seen: set[UUID] = set()
-        for row in await self._rows(stmt):
-            depth = row.pop("_depth")
-            seconds = row.pop("_run_seconds")
-            if row["id"] in seen:  # only a hand-made parent loop reaches a task twice
-                continue
-            seen.add(row["id"])
+        for found in await self._fetch(TREE, id=task_id):
+            row = dict(found.items())
+            depth, seconds = row.pop("_depth"), row.pop("_run_seconds")
             nodes.append(TreeNode(row, int(depth), float(seconds)))
         return nodes
 
@@ -185,22 +158,16 @@ class ReportRepository:
 
     # -- plumbing -------------------------------------------------------------------------------
 
+    async def _fetch(self, stmt: Select[Any] | Sql, **params: Any) -> Sequence[Row]:
+        with translated("Task"):
+            return await self._ex.fetch(stmt, **params)
+
     async def _rows(self, stmt: Select[Any]) -> list[TaskRow]:
-        try:
-            result = await self.session.execute(stmt)
-        except SQLAlchemyError as exc:
-            translate(exc, "Task")
-        return [dict(row) for row in result.mappings().all()]
+        return [dict(row.items()) for row in await self._fetch(stmt)]
 
     async def _tuples(self, stmt: Select[Any]) -> list[tuple[Any, ...]]:
-        try:
-            result = await self.session.execute(stmt)
-        except SQLAlchemyError as exc:
-            translate(exc, "Task")
-        return [tuple(row) for row in result.all()]
+        return [tuple(value for _, value in row.items()) for row in await self._fetch(stmt)]
 
     async def _scalar(self, stmt: Select[Any]) -> Any:
-        try:
-            return (await self.session.execute(stmt)).scalar_one()
-        except SQLAlchemyError as exc:
-            translate(exc, "Task")
+        [row] = await self._fetch(stmt)
+        return next(value for _, value in row.items())

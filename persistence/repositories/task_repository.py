@@ -1,9 +1,18 @@
-"""Task persistence: CRUD and queries on the ORM, lifecycle writes through `persistence.lifecycle`.
+"""Task persistence, the lifecycle included: the one place that writes the `tasks` table.
 
-Reads go through the ORM (with `populate_existing`, since lifecycle statements change rows
-behind the identity map's back). Writes are explicit statements: inserts are one `unnest`
-statement for any number of tasks, `update` is guarded by the row version, and the lifecycle
-operations an operator triggers (cancel, retry) share their SQL with the worker.
+Every lifecycle step (claim, heartbeat, each finish outcome, release, cancel, retry, rescue,
+dispatch bookkeeping) is a method here, built from the guarded statements of `task_sql` and
+atomic on its own: a step of several statements runs them in one transaction (`Executor.atomic`),
+so it commits or fails as a whole whether it runs in a unit of work's session or on one of the
+worker's pooled connections. Domain `Task`s go in and come out.
+
+Steps that touch a subtask lock rows in one order, written once in `_lock_family`: the parent,
+then the task, then its subtree by depth and id (see docs/architecture.md). Siblings finishing
+at the same time serialise on their parent's row, so exactly one of them resumes it.
+
+A fenced write that changes nothing either lost its claim or already landed on an earlier try
+whose answer was lost with its connection: `_landed_before` tells them apart by the run's history
+row, which only the run itself ever gives that outcome.
 """
 
 from __future__ import annotations
@@ -13,9 +22,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 from uuid import UUID
 
-from sqlalchemy import Integer, String, and_, cast, delete, exists, func, literal, select, update
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import String, and_, cast, delete, exists, func, select, update
 from sqlalchemy.orm import aliased
 
 from domain.entities import Doorbell, Task, TaskAttempt
@@ -23,57 +30,30 @@ from domain.exceptions import (
     ConcurrentUpdateError,
     EntityNotFoundError,
     InvalidInputError,
-    InvalidTransitionError,
+    TaskNotEditableError,
 )
-from domain.interfaces import CancelResult, ITaskRepository, Page, RetryResult
+from domain.interfaces import (
+    CancelResult,
+    ExpiredChild,
+    Finish,
+    ITaskRepository,
+    Miss,
+    Page,
+    Rescued,
+    RetryResult,
+)
 from domain.payload import encode_json
-from domain.value_objects import FINISHED_STATUSES, UNFINISHED_STATUSES, TaskStatus
-from persistence import lifecycle
-from persistence.errors import translate
-from persistence.mappers import attempt_from_row, task_from_row
-from persistence.models import TaskAttemptModel, TaskModel
+from domain.policies import Backoff
+from domain.value_objects import FINISHED_STATUSES, UNFINISHED_STATUSES, AttemptOutcome, TaskStatus
+from persistence.mappers import attempt_from_row, insert_params, task_from_row
+from persistence.models import TaskModel
+from persistence.repositories import task_sql as q
 from persistence.repositories.base_repository import BaseRepository
-from persistence.sql import SessionExecutor
+from persistence.sql import Executor, Row
 
-# Fields `update` writes: the entity's state. Lease and dispatch bookkeeping belong to the
-# lifecycle statements and are never overwritten from an entity read earlier.
-_UPDATABLE = (
-    "status",
-    "output",
-    "error",
-    "metadata",
-    "attempts",
-    "max_attempts",
-    "run_after",
-    "worker_id",
-    "started_at",
-    "completed_at",
-    "step",
-)
-
-
-def _can_lead_to(target: TaskStatus) -> frozenset[TaskStatus]:
-    """Statuses from which `target` is reached by zero or more moves of the transition table.
-
-    An entity read once may take several steps before `update` writes it (pending → running →
-    completed), so `update` checks reachability, not one step: a final state leads nowhere.
-    """
-    found, frontier = {target}, [target]
-    while frontier:
-        for source in TaskStatus.sources_of(frontier.pop()):
-            if source not in found:
-                found.add(source)
-                frontier.append(source)
-    return frozenset(found)
-
-
-# (column name, attribute name) of every mapped column: `metadata` lives in `metadata_`.
-_COLUMN_ATTRS = [(p.columns[0].name, p.key) for p in TaskModel.__mapper__.column_attrs]
-
-
-def _model_row(model: TaskModel) -> dict[str, Any]:
-    """The ORM model as a row keyed by column name, for the shared row → entity mapper."""
-    return {column: getattr(model, attr) for column, attr in _COLUMN_ATTRS}
+# What an operator may change on a task that has not started (`update`). Everything else moves
+# only through the lifecycle's fenced statements.
+EDITABLE_FIELDS = ("run_after", "max_attempts", "metadata")
 
 
 class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
@@ -93,12 +73,11 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         }
     )
 
-    def __init__(self, session: AsyncSession) -> None:
-        super().__init__(session, TaskModel, "Task")
-        self._sql = SessionExecutor(session)
+    def __init__(self, ex: Executor) -> None:
+        super().__init__(ex, TaskModel, "Task")
 
-    def _to_entity(self, model: TaskModel) -> Task:
-        return task_from_row(_model_row(model))
+    def _to_entity(self, row: Row) -> Task:
+        return task_from_row(row)
 
     # -- create ---------------------------------------------------------------------------------
 
@@ -113,98 +92,52 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         skip_taken_keys: bool = False,
         max_input_bytes: int | None = None,
     ) -> list[Task]:
-        """Insert `tasks` in one statement.
+        """Insert `tasks` in one statement; returns the inserted rows in the order of `tasks`.
 
         `dispatch_delays[i]` is how long the reconciler leaves task i alone (the caller rings
         its doorbell after commit); by default 0: the reconciler dispatches it at its next tick.
+        With `skip_taken_keys`, a task whose idempotency key is already taken is left out of the
+        result (the caller reads the existing task instead).
         """
+        if not tasks:
+            return []
         delays = list(dispatch_delays) if dispatch_delays is not None else [0.0] * len(tasks)
-        try:
-            return await lifecycle.insert_tasks(
-                self._sql,
-                tasks,
-                dispatch_delays=delays,
-                skip_taken_keys=skip_taken_keys,
-                max_input_bytes=max_input_bytes,
-            )
-        except SQLAlchemyError as exc:
-            translate(exc, self.entity_name)
+        params = insert_params(tasks, dispatch_delays=delays, max_input_bytes=max_input_bytes)
+        stmt = q.INSERT_TASKS_SKIP_TAKEN_KEYS if skip_taken_keys else q.INSERT_TASKS
+        by_id = {task.id: task for task in await self._entities(stmt, **params)}
+        return [by_id[t.id] for t in tasks if t.id in by_id]
 
     # -- read -----------------------------------------------------------------------------------
 
     async def get_by_id(self, task_id: UUID) -> Task | None:
-        model = await self._get_by_id(task_id)
-        return self._to_entity(model) if model is not None else None
+        found = await self._entities(q.TASK_BY_ID, id=task_id)
+        return found[0] if found else None
 
-    async def get_by_idempotency_key(self, key: str) -> Task | None:
-        found = await self._find_many({"idempotency_key": key}, limit=1)
-        return self._to_entity(found[0]) if found else None
-
-    # Lookups by a caller's list of keys return every match: no page-size window applies.
-
-    async def get_many_by_idempotency_keys(self, keys: Sequence[str]) -> dict[str, Task]:
+    async def get_by_idempotency_keys(self, keys: Sequence[str]) -> dict[str, Task]:
+        """Every task holding one of `keys`, by key."""
         if not keys:
             return {}
-        stmt = self._select({"idempotency_key": list(set(keys))})
-        found = await self._entities(stmt.execution_options(populate_existing=True))
+        found = await self._entities(q.TASKS_BY_KEYS, keys=sorted(set(keys)))
         return {t.idempotency_key: t for t in found if t.idempotency_key}
 
-    async def get_many(self, task_ids: Sequence[UUID]) -> list[Task]:
-        if not task_ids:
-            return []
-        stmt = self._select({"id": list(set(task_ids))})
-        return await self._entities(stmt.execution_options(populate_existing=True))
-
     async def find_pending_for_agent(
-        self, agent_id: str, *, limit: int = 100, skip_locked: bool = False
+        self,
+        agent_id: str | Sequence[str],
+        *,
+        limit: int = 100,
+        queue: str | None = None,
+        skip_locked: bool = False,
     ) -> list[Task]:
-        """Due pending tasks of an agent, oldest first. With `skip_locked` the rows are locked
-        for this transaction and rows locked by others are skipped (claiming)."""
-        stmt = (
-            select(TaskModel)
-            .where(
-                TaskModel.agent_id == agent_id,
-                TaskModel.status == TaskStatus.PENDING.value,
-                TaskModel.run_after <= func.now(),
-            )
-            .order_by(TaskModel.created_at, TaskModel.id)
-            .limit(limit)
-            .execution_options(populate_existing=True)
-        )
-        if skip_locked:
-            stmt = stmt.with_for_update(skip_locked=True)
-        return await self._entities(stmt)
+        """Due pending tasks of an agent (or of any of several), oldest due first, optionally of
+        one queue. With `skip_locked` the rows are locked until the caller's transaction ends and
+        rows others hold are skipped, so concurrent claimers split the work."""
+        agents = [agent_id] if isinstance(agent_id, str) else list(agent_id)
+        stmt = q.PENDING_FOR_AGENTS_LOCKED if skip_locked else q.PENDING_FOR_AGENTS
+        return await self._entities(stmt, agent_ids=agents, queue=queue, limit=limit)
 
     async def get_subtasks(self, parent_task_id: UUID) -> list[Task]:
         """Children in creation order (id breaks ties, so the order is stable)."""
-        stmt = (
-            select(TaskModel)
-            .where(TaskModel.parent_task_id == parent_task_id)
-            .order_by(TaskModel.created_at, TaskModel.id)
-            .execution_options(populate_existing=True)
-        )
-        return await self._entities(stmt)
-
-    async def get_descendants(self, task_id: UUID) -> list[Task]:
-        """Every task below `task_id`, breadth first, children in creation order."""
-        tree = (
-            select(TaskModel.id, literal(1, Integer).label("depth"))
-            .where(TaskModel.parent_task_id == task_id)
-            .cte("tree", recursive=True)
-        )
-        child = aliased(TaskModel)
-        tree = tree.union(
-            select(child.id, tree.c.depth + 1)
-            .join(tree, child.parent_task_id == tree.c.id)
-            .where(tree.c.depth < 1000)  # a parent loop made by hand must not recurse forever
-        )
-        stmt = (
-            select(TaskModel)
-            .join(tree, TaskModel.id == tree.c.id)
-            .order_by(tree.c.depth, TaskModel.created_at, TaskModel.id)
-            .execution_options(populate_existing=True)
-        )
-        return await self._entities(stmt)
+        return await self._entities(q.CHILDREN, id=parent_task_id)
 
     async def search(
         self,
@@ -216,28 +149,20 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         limit: int = 100,
     ) -> list[Task]:
         """Newest first. `text` matches anywhere in the input's JSON text, case-insensitively."""
-        conditions = self._conditions(
-            {
-                k: v
-                for k, v in (
-                    ("conversation_id", conversation_id),
-                    ("agent_id", agent_id),
-                    ("status", status.value if status is not None else None),
-                )
-                if v is not None
-            }
-        )
+        filters = {
+            k: v
+            for k, v in (
+                ("conversation_id", conversation_id),
+                ("agent_id", agent_id),
+                ("status", status.value if status is not None else None),
+            )
+            if v is not None
+        }
+        stmt = self._select(filters, (self.table.c.created_at.desc(), self.table.c.id))
         if text:
             pattern = "%" + text.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_")
-            conditions.append(cast(TaskModel.input, String).ilike(pattern + "%", escape="\\"))
-        stmt = (
-            select(TaskModel)
-            .where(*conditions)
-            .order_by(TaskModel.created_at.desc(), TaskModel.id)
-            .limit(limit)
-            .execution_options(populate_existing=True)
-        )
-        return await self._entities(stmt)
+            stmt = stmt.where(cast(self.table.c.input, String).ilike(pattern + "%", escape="\\"))
+        return await self._entities(stmt.limit(limit))
 
     async def find_paginated(
         self,
@@ -246,107 +171,377 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         page_size: int = 50,
         filters: Mapping[str, Any] | None = None,
     ) -> Page[Task]:
-        models, total = await self._find_paginated(
+        items, total = await self._find_paginated(
             filters,
             page=page,
             page_size=page_size,
-            order_by=(TaskModel.created_at.desc(), TaskModel.id),
+            order_by=(self.table.c.created_at.desc(), self.table.c.id),
         )
-        return Page([self._to_entity(m) for m in models], total, page, page_size)
+        return Page(items, total, page, page_size)
 
     async def list_attempts(self, task_id: UUID) -> list[TaskAttempt]:
-        stmt = (
-            select(TaskAttemptModel.__table__)
-            .where(TaskAttemptModel.task_id == task_id)
-            .order_by(TaskAttemptModel.run)
-        )
-        try:
-            rows = (await self.session.execute(stmt)).mappings().all()
-        except SQLAlchemyError as exc:
-            translate(exc, "TaskAttempt")
-        return [attempt_from_row(row) for row in rows]
+        return [attempt_from_row(row) for row in await self._fetch(q.ATTEMPTS_OF, id=task_id)]
 
-    async def _entities(self, stmt: Any) -> list[Task]:
-        try:
-            models = (await self.session.execute(stmt)).scalars().all()
-        except SQLAlchemyError as exc:
-            translate(exc, self.entity_name)
-        return [self._to_entity(m) for m in models]
-
-    # -- update ---------------------------------------------------------------------------------
+    # -- an operator's edit ---------------------------------------------------------------------
 
     async def update(self, task: Task) -> Task:
-        """Write the entity's state if nobody changed the row since it was read.
+        """Write an operator's edit of a task that has not started: `run_after`, `max_attempts`
+        and `metadata` (EDITABLE_FIELDS), if nobody changed the row since it was read.
 
         Raises `ConcurrentUpdateError` when the row's version moved on, `EntityNotFoundError`
-        when it is gone, `InvalidTransitionError` when the stored status may not change to the
-        entity's: no path in the transition table leads there (final states stay final). Never
-        silently overwrites a concurrent change.
+        when it is gone, `InvalidTransitionError` when it is no longer pending. Lifecycle columns
+        (status, attempts, lease, run) move only through the lifecycle's fenced statements.
         """
-        output = task.output
-        encode_json(output, what="output")  # clear error for a bad payload before any SQL
-        encode_json(task.metadata, what="metadata")
-        values: dict[str, Any] = {name: getattr(task, name) for name in _UPDATABLE}
-        values["status"] = task.status.value
-        values["metadata_"] = values.pop("metadata")
+        encode_json(task.metadata, what="metadata")  # a clear error before any SQL
+        if task.max_attempts is not None and task.max_attempts < task.attempts:
+            raise InvalidInputError(
+                f"max_attempts {task.max_attempts} is below the {task.attempts} attempt(s) used"
+            )
+        table = self.table
         stmt = (
-            update(TaskModel)
+            update(table)
             .where(
-                TaskModel.id == task.id,
-                TaskModel.version == task.version,
-                TaskModel.status.in_([s.value for s in _can_lead_to(task.status)]),
+                table.c.id == task.id,
+                table.c.version == task.version,
+                table.c.status == TaskStatus.PENDING.value,
             )
-            .values(**values, version=TaskModel.version + 1, updated_at=func.now())
-            .returning(*TaskModel.__table__.c)
-            .execution_options(synchronize_session=False)
+            .values(
+                run_after=func.coalesce(task.run_after, func.now()),
+                max_attempts=task.max_attempts,
+                metadata=task.metadata,
+                # Its schedule may have moved: the reconciler looks at it again once it is due.
+                dispatch_after=func.now(),
+                version=table.c.version + 1,
+                updated_at=func.now(),
+            )
+            .returning(*table.c)
         )
-        try:
-            row = (await self.session.execute(stmt)).mappings().one_or_none()
-        except SQLAlchemyError as exc:
-            translate(exc, self.entity_name)
-        if row is None:
-            current = await self.get_by_id(task.id)
-            if current is None:
-                raise EntityNotFoundError("Task", task.id)
-            if current.version != task.version:
-                raise ConcurrentUpdateError("Task", task.id, task.version)
-            raise InvalidTransitionError(
-                current.status.value, task.status.value, task.id, "no path in the transition table"
+        found = await self._entities(stmt)
+        if found:
+            return found[0]
+        current = await self.get_by_id(task.id)
+        if current is None:
+            raise EntityNotFoundError("Task", task.id)
+        if current.version != task.version:
+            raise ConcurrentUpdateError("Task", task.id, task.version)
+        raise TaskNotEditableError(task.id, current.status.value)
+
+    # -- claim and heartbeat --------------------------------------------------------------------
+
+    async def claim(
+        self,
+        ids: Sequence[UUID],
+        *,
+        worker_id: str,
+        lease_seconds: float,
+        default_max_attempts: int,
+        queue: str | None = None,
+    ) -> list[Task]:
+        """pending (and due) → running for each id that still can be (and is in `queue`, if
+        given): attempts + 1, a new run (the fencing token), a lease; the others are skipped."""
+        return await self._entities(
+            q.CLAIM,
+            ids=sorted(set(ids)),
+            worker_id=worker_id,
+            lease_seconds=float(lease_seconds),
+            default_max_attempts=default_max_attempts,
+            queue=queue,
+        )
+
+    async def adopt(
+        self, ids: Sequence[UUID], *, worker_id: str, lease_seconds: float
+    ) -> list[Task]:
+        """The tasks among `ids` running under `worker_id`, their leases renewed: claims of ours
+        that committed although we never heard back."""
+        if not ids:
+            return []
+        return await self._entities(
+            q.ADOPT, ids=list(ids), worker_id=worker_id, lease_seconds=float(lease_seconds)
+        )
+
+    async def explain_miss(self, task_id: UUID, *, queue: str | None = None) -> Miss:
+        rows = await self._fetch(q.EXPLAIN_MISS, id=task_id)
+        if not rows:
+            return Miss("no such task")
+        row = rows[0]
+        if queue is not None and row["queue"] != queue:
+            return Miss(f"belongs to queue {row['queue']!r}, not {queue!r}: left to its workers")
+        status = row["status"]
+        due_in = float(row["due_in_seconds"])
+        if status == TaskStatus.PENDING and due_in > 0:
+            return Miss(f"pending but not due for {due_in:.1f}s", due_in_seconds=due_in)
+        max_attempts = row["max_attempts"]
+        if (
+            status == TaskStatus.PENDING
+            and max_attempts is not None
+            and row["attempts"] >= max_attempts
+        ):
+            return Miss(
+                f"pending with all {max_attempts} attempts used; raise max_attempts or cancel it"
             )
-        return task_from_row(row)
+        return Miss(f"already {status} (run {row['runs']})")
+
+    async def heartbeat(self, held: Mapping[UUID, int], *, lease_seconds: float) -> set[UUID]:
+        """Extend the lease of every run in `held` (task id → run); return the ids no longer
+        ours (cancelled, rescued, finished)."""
+        if not held:
+            return set()
+        ids = list(held)
+        rows = await self._fetch(
+            q.HEARTBEAT, ids=ids, runs=[held[i] for i in ids], lease_seconds=float(lease_seconds)
+        )
+        return {_uuid(row["id"]) for row in rows if not row["ours"]}
+
+    # -- finish ---------------------------------------------------------------------------------
+
+    async def complete_roots(self, items: Sequence[tuple[Task, str]]) -> set[UUID]:
+        """running → completed for many root tasks at once, each (task, output JSON) fenced by
+        its run. Returns the ids whose write landed (now or on an earlier try)."""
+        rows = await self._fetch(
+            q.COMPLETE,
+            ids=[task.id for task, _ in items],
+            runs=[task.runs for task, _ in items],
+            outputs=[output for _, output in items],
+        )
+        landed = {_uuid(row["id"]) for row in rows}
+        missed = [task for task, _ in items if task.id not in landed]
+        return landed | await self._runs_with_outcome(missed, AttemptOutcome.COMPLETED)
+
+    async def complete(
+        self, task: Task, output_json: str, children: Sequence[Task] = (), *, dispatch_delay: float
+    ) -> Finish:
+        """running → completed, with any fire-and-forget subtasks created in the same
+        transaction; the parent resumes if this was its last unfinished child."""
+
+        async def change() -> bool:
+            rows = await self._fetch(
+                q.COMPLETE, ids=[task.id], runs=[task.runs], outputs=[output_json]
+            )
+            return bool(rows)
+
+        return await self._finish_in_family(
+            task, change, AttemptOutcome.COMPLETED, children, dispatch_delay=dispatch_delay
+        )
+
+    async def fail(self, task: Task, error: str, *, dispatch_delay: float) -> Finish:
+        """running → failed with `error`; the parent resumes if this was its last open child."""
+
+        async def change() -> bool:
+            return bool(await self._fetch(q.FAIL, id=task.id, run=task.runs, error=error))
+
+        return await self._finish_in_family(
+            task, change, AttemptOutcome.FAILED, dispatch_delay=dispatch_delay
+        )
+
+    async def retry_later(self, task: Task, error: str, *, delay_seconds: float) -> bool:
+        """running → pending after `delay_seconds` (the reconciler rings it once due)."""
+        rows = await self._fetch(
+            q.RETRY_LATER,
+            id=task.id,
+            run=task.runs,
+            error=error,
+            delay_seconds=float(delay_seconds),
+        )
+        return bool(rows) or await self._landed_before(task, AttemptOutcome.RETRY)
+
+    async def release(self, task: Task) -> bool:
+        """running → pending, due at once, the attempt given back (graceful shutdown)."""
+        rows = await self._fetch(q.RELEASE, id=task.id, run=task.runs)
+        return bool(rows) or await self._landed_before(task, AttemptOutcome.RELEASED)
+
+    async def wait(self, task: Task, children: Sequence[Task], *, dispatch_delay: float) -> Finish:
+        """running → waiting with its new subtasks, in one transaction. With no children the task
+        resumes at once."""
+        async with self._ex.atomic():
+            if not await self._fetch(q.WAIT, id=task.id, run=task.runs):
+                # Lost its claim, or a retry whose first try landed (children and all: the
+                # reconciler rings their doorbells).
+                return Finish(await self._landed_before(task, AttemptOutcome.WAITING))
+            doorbells = await self._insert_children(children, dispatch_delay=dispatch_delay)
+            if not children:
+                doorbells += await self._resume_if_done(task.id, dispatch_delay=dispatch_delay)
+            return Finish(True, doorbells)
+
+    async def _finish_in_family(
+        self,
+        task: Task,
+        change: Any,
+        outcome: AttemptOutcome,
+        children: Sequence[Task] = (),
+        *,
+        dispatch_delay: float,
+    ) -> Finish:
+        """One transaction: lock the family in order, change the task, create its children, and
+        resume the parent if this task was its last unfinished child. A root task with no
+        children is a single statement and needs no transaction."""
+        parent_id = task.parent_task_id
+        if parent_id is None and not children:
+            return Finish(await change() or await self._landed_before(task, outcome))
+        async with self._ex.atomic():
+            await self._lock_family(parent_id)
+            if not await change():
+                return Finish(await self._landed_before(task, outcome))
+            doorbells = await self._insert_children(children, dispatch_delay=dispatch_delay)
+            if parent_id is not None:
+                doorbells += await self._resume_if_done(parent_id, dispatch_delay=dispatch_delay)
+            return Finish(True, doorbells)
+
+    async def _landed_before(self, task: Task, outcome: AttemptOutcome) -> bool:
+        """A fenced finish found nothing to change: had this very run's write already landed (a
+        retry whose first try lost its answer with its connection)?"""
+        return task.id in await self._runs_with_outcome([task], outcome)
+
+    async def _runs_with_outcome(self, tasks: Sequence[Task], outcome: AttemptOutcome) -> set[UUID]:
+        if not tasks:
+            return set()
+        rows = await self._fetch(
+            q.RUNS_WITH_OUTCOME,
+            ids=[t.id for t in tasks],
+            runs=[t.runs for t in tasks],
+            outcome=outcome.value,
+        )
+        return {_uuid(row["task_id"]) for row in rows}
+
+    # -- subtasks and the lock order ------------------------------------------------------------
+
+    async def _lock_family(
+        self, parent_id: UUID | None, subtree_of: UUID | None = None
+    ) -> list[UUID]:
+        """The one lock order of every transaction that changes a task with relatives: its
+        parent first, then the task (by the statement that changes it, or, for `subtree_of`,
+        the task and every descendant, by depth and id). Returns the subtree's ids."""
+        if parent_id is not None:
+            await self._fetch(q.LOCK_TASK, id=parent_id)
+        if subtree_of is None:
+            return []
+        return [_uuid(row["id"]) for row in await self._fetch(q.LOCK_SUBTREE, id=subtree_of)]
+
+    async def _resume_if_done(self, parent_id: UUID, *, dispatch_delay: float) -> list[Doorbell]:
+        """waiting → pending when no child of `parent_id` is unfinished; inside the transaction
+        that holds the parent's lock."""
+        rows = await self._fetch(
+            q.RESUME_IF_DONE, id=parent_id, dispatch_delay=float(dispatch_delay)
+        )
+        return [_doorbell(row) for row in rows]
+
+    async def _insert_children(
+        self, children: Sequence[Task], *, dispatch_delay: float
+    ) -> list[Doorbell]:
+        """Insert spawned subtasks; the doorbells to ring once the transaction commits. A child
+        scheduled for later (`run_after` set) is left to the reconciler, which rings it once due."""
+        if not children:
+            return []
+        delays = [0.0 if child.run_after is not None else dispatch_delay for child in children]
+        inserted = await self.create_many(children, dispatch_delays=delays)
+        return [Doorbell(t.id, t.runs, t.queue) for t, d in zip(inserted, delays, strict=True) if d]
+
+    async def resume_stranded(
+        self, *, min_age_seconds: float, limit: int, dispatch_delay: float
+    ) -> list[Doorbell]:
+        """Waiting parents whose children all finished but which nobody resumed (children
+        changed by hand in SQL, a crash between two transactions): resumed, each under its lock."""
+        rows = await self._fetch(
+            q.STRANDED_WAITING, min_age_seconds=float(min_age_seconds), limit=limit
+        )
+        doorbells: list[Doorbell] = []
+        for row in rows:
+            async with self._ex.atomic():
+                await self._lock_family(_uuid(row["id"]))
+                doorbells += await self._resume_if_done(
+                    _uuid(row["id"]), dispatch_delay=dispatch_delay
+                )
+        return doorbells
 
     # -- operator actions -----------------------------------------------------------------------
 
     async def cancel(self, task_id: UUID, *, dispatch_delay: float = 0.0) -> CancelResult:
-        """Cancel the task and its unfinished descendants (in this unit of work's transaction).
-
-        Cancelling a finished task changes nothing: `CancelResult.cancelled == 0`.
-        """
-        try:
-            result = await lifecycle.cancel_tree(self._sql, task_id, dispatch_delay=dispatch_delay)
-        except SQLAlchemyError as exc:
-            translate(exc, self.entity_name)
-        if result is None:
-            raise EntityNotFoundError("Task", task_id)
-        task = await self.get_by_id(task_id)
+        """Cancel the task and every unfinished descendant, in one transaction; the parent
+        resumes if this was its last unfinished child. A finished task changes nothing
+        (`CancelResult.cancelled == 0`)."""
+        async with self._ex.atomic():
+            rows = await self._fetch(q.PARENT_OF, id=task_id)
+            if not rows:
+                raise EntityNotFoundError("Task", task_id)
+            parent = rows[0]["parent_task_id"]
+            parent_id = _uuid(parent) if parent is not None else None
+            subtree = await self._lock_family(parent_id, subtree_of=task_id)
+            done = await self._fetch(q.CANCEL_MANY, ids=subtree, root_id=task_id)
+            doorbells: list[Doorbell] = []
+            if parent_id is not None and any(_uuid(row["id"]) == task_id for row in done):
+                doorbells = await self._resume_if_done(parent_id, dispatch_delay=dispatch_delay)
+            task = await self.get_by_id(task_id)
         assert task is not None
-        doorbells = [result.resumed_parent] if result.resumed_parent else []
-        return CancelResult(task=task, cancelled=result.cancelled, doorbells=doorbells)
+        return CancelResult(task=task, cancelled=len(done), doorbells=doorbells)
 
     async def retry(self, task_id: UUID, *, dispatch_delay: float = 0.0) -> RetryResult:
         """Operator retry: failed → pending with fresh attempts. Any other state: unchanged."""
-        try:
-            retried = await lifecycle.operator_retry(
-                self._sql, task_id, dispatch_delay=dispatch_delay
-            )
-        except SQLAlchemyError as exc:
-            translate(exc, self.entity_name)
-        if retried is not None:
+        rows = await self._fetch(q.OPERATOR_RETRY, id=task_id, dispatch_delay=float(dispatch_delay))
+        if rows:
+            retried = task_from_row(rows[0])
             return RetryResult(retried, True, [Doorbell(retried.id, retried.runs, retried.queue)])
         task = await self.get_by_id(task_id)
         if task is None:
             raise EntityNotFoundError("Task", task_id)
         return RetryResult(task, False, [])
+
+    # -- the reconciler -------------------------------------------------------------------------
+
+    async def rescue_roots(self, *, limit: int, backoff: Backoff) -> list[Rescued]:
+        """Root tasks whose lease ran out: pending again after a backoff, or failed with their
+        attempts spent. One statement for up to `limit` of them."""
+        rows = await self._fetch(
+            q.RESCUE_ROOTS,
+            limit=limit,
+            retry_base_seconds=float(backoff.base_seconds),
+            retry_max_seconds=float(backoff.max_seconds),
+        )
+        return [_rescued(row) for row in rows]
+
+    async def expired_children(self, *, limit: int) -> list[ExpiredChild]:
+        rows = await self._fetch(q.EXPIRED_CHILDREN, limit=limit)
+        return [ExpiredChild(_uuid(r["id"]), r["runs"], _uuid(r["parent_task_id"])) for r in rows]
+
+    async def rescue_child(
+        self, expired: ExpiredChild, *, backoff: Backoff, dispatch_delay: float
+    ) -> tuple[Rescued | None, Doorbell | None]:
+        """Rescue one expired subtask under its parent's lock; the parent resumes if the child
+        failed for good and was its last unfinished one."""
+        async with self._ex.atomic():
+            await self._lock_family(expired.parent_id)
+            rows = await self._fetch(
+                q.RESCUE_ONE,
+                id=expired.task_id,
+                run=expired.run,
+                retry_base_seconds=float(backoff.base_seconds),
+                retry_max_seconds=float(backoff.max_seconds),
+            )
+            if not rows:
+                return None, None
+            rescued = _rescued(rows[0])
+            resumed: list[Doorbell] = []
+            if rescued.status is TaskStatus.FAILED:
+                resumed = await self._resume_if_done(
+                    expired.parent_id, dispatch_delay=dispatch_delay
+                )
+            return rescued, resumed[0] if resumed else None
+
+    async def mark_due_dispatched(
+        self, *, queue: str, limit: int, redispatch_seconds: float
+    ) -> list[Doorbell]:
+        """Up to `limit` due pending tasks of `queue` that have no live doorbell, marked as
+        dispatched (not again for `redispatch_seconds`): the caller rings them after this
+        commits, and hands back with `unmark_dispatched` those it could not ring."""
+        rows = await self._fetch(
+            q.MARK_DUE_DISPATCHED,
+            queue=queue,
+            limit=limit,
+            redispatch_seconds=float(redispatch_seconds),
+        )
+        return [_doorbell(row) for row in rows]
+
+    async def unmark_dispatched(self, ids: Sequence[UUID]) -> None:
+        if ids:
+            await self._fetch(q.UNMARK_DISPATCHED, ids=list(ids))
 
     # -- pruning --------------------------------------------------------------------------------
 
@@ -357,27 +552,31 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
                 "prune only deletes finished tasks (completed, failed, cancelled); "
                 f"got {', '.join(s.value for s in unfinished) or 'no status'}"
             )
-        parent = aliased(TaskModel)
+        tasks = self.table
+        relative = aliased(TaskModel)
         open_parent = exists().where(
-            parent.id == TaskModel.parent_task_id,
-            parent.status.in_([s.value for s in UNFINISHED_STATUSES]),
+            relative.id == tasks.c.parent_task_id,
+            relative.status.in_([s.value for s in UNFINISHED_STATUSES]),
         )
         open_child = exists().where(
-            parent.parent_task_id == TaskModel.id,
-            parent.status.in_([s.value for s in UNFINISHED_STATUSES]),
+            relative.parent_task_id == tasks.c.id,
+            relative.status.in_([s.value for s in UNFINISHED_STATUSES]),
         )
         return and_(
-            TaskModel.status.in_([s.value for s in statuses]),
-            TaskModel.completed_at < older_than,
+            tasks.c.status.in_([s.value for s in statuses]),
+            tasks.c.completed_at < older_than,
             ~open_parent,  # a waiting parent still reads its children
             ~open_child,
         )
 
     async def count_prunable(self, *, older_than: datetime, statuses: Sequence[TaskStatus]) -> int:
         stmt = (
-            select(func.count()).select_from(TaskModel).where(self._prunable(older_than, statuses))
+            select(func.count().label("n"))
+            .select_from(self.table)
+            .where(self._prunable(older_than, statuses))
         )
-        return int((await self.session.execute(stmt)).scalar_one())
+        [row] = await self._fetch(stmt)
+        return int(row["n"])
 
     async def prune_batch(
         self, *, older_than: datetime, statuses: Sequence[TaskStatus], batch_size: int = 1000
@@ -385,15 +584,24 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         """Delete up to `batch_size` finished tasks (their attempts go with them); returns how
         many. The caller commits between batches so locks stay short."""
         victims = (
-            select(TaskModel.id)
+            select(self.table.c.id)
             .where(self._prunable(older_than, statuses))
             .limit(batch_size)
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         )
-        stmt = delete(TaskModel).where(TaskModel.id.in_(victims))
-        try:
-            result = await self.session.execute(stmt.execution_options(synchronize_session=False))
-        except SQLAlchemyError as exc:
-            translate(exc, self.entity_name)
-        return int(getattr(result, "rowcount", 0))
+        stmt = delete(self.table).where(self.table.c.id.in_(victims)).returning(self.table.c.id)
+        return len(await self._fetch(stmt))
+
+
+def _uuid(value: Any) -> UUID:
+    # asyncpg returns its own UUID type; entities hold the standard library's.
+    return value if type(value) is UUID else UUID(str(value))
+
+
+def _doorbell(row: Row) -> Doorbell:
+    return Doorbell(_uuid(row["id"]), row["runs"], row["queue"])
+
+
+def _rescued(row: Row) -> Rescued:
+    return Rescued(_uuid(row["id"]), row["runs"], TaskStatus(row["status"]), row["queue"])

@@ -1,51 +1,70 @@
+"""Registered worker processes: each refreshes its own row at every reconcile tick."""
+
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Iterable
 from typing import ClassVar
 
-from sqlalchemy import func, select
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from domain.entities import WorkerInfo
-from persistence.errors import translate
 from persistence.models import WorkerModel
 from persistence.repositories.base_repository import BaseRepository
+from persistence.sql import Executor, Row, Sql
 
-LIVE_WITHIN_SECONDS = 30
+# A worker is live when it refreshed its row within this many seconds (by the database clock).
+LIVE_WITHIN_SECONDS = 30.0
+
+TOUCH = Sql("""
+INSERT INTO workers (id, hostname, pid, queue, agents, started_at, last_seen_at)
+VALUES (:id, :hostname, :pid, :queue, CAST(:agents AS text[]), now(), now())
+ON CONFLICT (id) DO UPDATE SET last_seen_at = now()
+""")
+
+FORGET = Sql("DELETE FROM workers WHERE id = :id")
+
+# Rows of workers not seen for a day are history nobody reads.
+FORGET_OLD = Sql("DELETE FROM workers WHERE last_seen_at < now() - make_interval(days => 1)")
+
+LIVE = Sql("""
+SELECT id, hostname, pid, queue, agents, started_at, last_seen_at FROM workers
+WHERE last_seen_at > now() - make_interval(secs => :within_seconds)
+  AND (CAST(:queue AS text) IS NULL OR queue = CAST(:queue AS text))
+ORDER BY started_at, id
+""")
 
 
 class WorkerRepository(BaseRepository[WorkerModel, WorkerInfo]):
-    """Registered worker processes. Workers write their own rows (see `lifecycle.touch_worker`)."""
-
     filterable_fields: ClassVar[frozenset[str]] = frozenset({"id", "queue", "hostname"})
 
-    def __init__(self, session: AsyncSession) -> None:
-        super().__init__(session, WorkerModel, "Worker")
+    def __init__(self, ex: Executor) -> None:
+        super().__init__(ex, WorkerModel, "Worker")
 
-    def _to_entity(self, model: WorkerModel) -> WorkerInfo:
+    def _to_entity(self, row: Row) -> WorkerInfo:
         return WorkerInfo(
-            id=model.id,
-            hostname=model.hostname,
-            pid=model.pid,
-            queue=model.queue,
-            agents=tuple(model.agents),
-            started_at=model.started_at,
-            last_seen_at=model.last_seen_at,
+            id=row["id"],
+            hostname=row["hostname"],
+            pid=row["pid"],
+            queue=row["queue"],
+            agents=tuple(row["agents"]),
+            started_at=row["started_at"],
+            last_seen_at=row["last_seen_at"],
         )
+
+    async def touch(
+        self, *, worker_id: str, hostname: str, pid: int, queue: str, agents: Iterable[str]
+    ) -> None:
+        """Register this worker, or say it is still alive."""
+        await self._fetch(
+            TOUCH, id=worker_id, hostname=hostname, pid=pid, queue=queue, agents=sorted(agents)
+        )
+
+    async def forget(self, worker_id: str) -> None:
+        await self._fetch(FORGET, id=worker_id)
+
+    async def forget_old(self) -> None:
+        await self._fetch(FORGET_OLD)
 
     async def list_live(
         self, *, queue: str | None = None, within_seconds: float = LIVE_WITHIN_SECONDS
     ) -> list[WorkerInfo]:
         """Workers seen in the last `within_seconds`, by the database clock."""
-        stmt = select(WorkerModel).where(
-            WorkerModel.last_seen_at > func.now() - timedelta(seconds=within_seconds)
-        )
-        if queue is not None:
-            stmt = stmt.where(WorkerModel.queue == queue)
-        stmt = stmt.order_by(WorkerModel.started_at).execution_options(populate_existing=True)
-        try:
-            models = (await self.session.execute(stmt)).scalars().all()
-        except SQLAlchemyError as exc:
-            translate(exc, self.entity_name)
-        return [self._to_entity(m) for m in models]
+        return await self._entities(LIVE, within_seconds=float(within_seconds), queue=queue)

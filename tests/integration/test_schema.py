@@ -137,9 +137,9 @@ async def test_the_repository_reports_a_check_violation_as_bad_input(
     async with uow:
         task = await uow.tasks.get_by_id(task_id)
         assert task is not None
-        task.attempts = 5
+        task.max_attempts = 0
         task.metadata = {"password": "hunter2"}
-        with pytest.raises(InvalidInputError, match="ck_tasks_attempts_within_max") as info:
+        with pytest.raises(InvalidInputError, match="ck_tasks_max_attempts_positive") as info:
             await uow.tasks.update(task)
     # Postgres's DETAIL ("Failing row contains …") would copy the row into the message.
     assert "hunter2" not in str(info.value)

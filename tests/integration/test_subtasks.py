@@ -50,11 +50,11 @@ async def test_three_levels_deep(
     done = await client.wait(root.id, timeout=30)
     assert done.output == {"leaves": 8}
     async with UnitOfWork(client.session_factory) as uow:
-        descendants = await uow.tasks.get_descendants(root.id)
+        descendants = (await uow.reports.tree(root.id))[1:]
         first = await uow.tasks.get_subtasks(root.id)
         second = await uow.tasks.get_subtasks(root.id)
     assert len(descendants) == 2 + 4 + 8
-    assert all(t.status is TaskStatus.COMPLETED for t in descendants)
+    assert all(node.row["status"] == TaskStatus.COMPLETED for node in descendants)
     assert [t.id for t in first] == [t.id for t in second]
     assert [t.created_at for t in first] == sorted(t.created_at for t in first if t.created_at)
 
@@ -138,10 +138,10 @@ async def test_cancel_a_tree_while_children_run(
 
     # Every unfinished descendant is cancelled in the same transaction.
     async with UnitOfWork(client.session_factory) as uow:
-        tree = await uow.tasks.get_descendants(parent.id)
-    for task in tree:
-        assert task.status in (TaskStatus.CANCELLED, TaskStatus.COMPLETED), task
-    assert {t.status for t in tree if t.agent_id == "t_cancellable"} == {TaskStatus.CANCELLED}
+        tree = [node.row for node in await uow.reports.tree(parent.id)]
+    for row in tree:
+        assert row["status"] in (TaskStatus.CANCELLED, TaskStatus.COMPLETED), row
+    assert {r["status"] for r in tree if r["agent_id"] == "t_cancellable"} == {TaskStatus.CANCELLED}
 
     # The running handlers are interrupted within about one heartbeat (1 s here).
     await db.eventually(

@@ -1,4 +1,4 @@
-"""The lifecycle as SQL: every step one guarded statement.
+"""TaskRepository's SQL: the task lifecycle, every step one guarded statement, and its reads.
 
 Each status change here is generated from the transition table in `TaskStatus`: the `WHERE status
 IN (…)` guard of a statement moving tasks to X is `TaskStatus.sources_of(X)` (narrowed where the
@@ -6,11 +6,13 @@ step itself needs a narrower source, e.g. a claim only takes pending tasks). Run
 (heartbeat, finish) are fenced by `runs = :run`: a run that lost its claim changes nothing.
 
 All times come from the database clock (`now()`). `make_interval(secs => …)` turns seconds from
-Python into intervals.
+Python into intervals. How the statements compose into transactions, and in which order they take
+their locks, is `TaskRepository`'s business (see docs/architecture.md).
 """
 
 from __future__ import annotations
 
+from domain.policies import MAX_BACKOFF_EXPONENT
 from domain.value_objects import (
     FINISHED_STATUSES,
     UNFINISHED_STATUSES,
@@ -46,10 +48,13 @@ _MAX_ATTEMPTS = (
     " :default_max_attempts)"
 )
 
-# Exponential backoff with ±25 % jitter, evaluated in the database for set-based rescues.
+# Exponential backoff with ±25 % jitter, evaluated in the database for set-based rescues: the
+# formula of `domain.policies.retry_delay`, its exponent capped alike (2^64 is past any maximum;
+# uncapped, a task with thousands of attempts overflows float8 and fails the whole statement).
 _BACKOFF_SECONDS = (
     "LEAST(CAST(:retry_max_seconds AS float8),"
-    " CAST(:retry_base_seconds AS float8) * power(2, GREATEST(t.attempts - 1, 0)))"
+    " CAST(:retry_base_seconds AS float8)"
+    f" * power(2, LEAST(GREATEST(t.attempts - 1, 0), {MAX_BACKOFF_EXPONENT})))"
     " * (0.75 + random() * 0.5)"
 )
 
@@ -291,19 +296,27 @@ PARENT_OF = Sql("SELECT id, parent_task_id FROM tasks WHERE id = :id")
 
 # --- cancel ------------------------------------------------------------------------------------
 
-# The task and its descendants, locked ancestors first (depth, then id): the same order every
-# other parent-then-child transaction uses. CYCLE guards against parent loops made by hand.
-LOCK_SUBTREE = Sql("""
+# The one walk down a task tree: the task at :id (depth 0) and every descendant with its depth.
+# CYCLE stops at a parent loop made by hand with SQL. Any depth: the recursion is Postgres's.
+SUBTREE = """
 WITH RECURSIVE tree(id, depth) AS (
     SELECT id, 0 FROM tasks WHERE id = :id
     UNION ALL
     SELECT c.id, tree.depth + 1 FROM tasks AS c JOIN tree ON c.parent_task_id = tree.id
 ) CYCLE id SET is_cycle USING path
+"""
+
+# The subtree locked ancestors first (depth, then id): the lock order of every transaction that
+# changes tasks with relatives (TaskRepository._lock_family).
+LOCK_SUBTREE = Sql(
+    SUBTREE
+    + """
 SELECT t.id, t.status FROM tasks AS t JOIN tree ON t.id = tree.id
 WHERE NOT tree.is_cycle
 ORDER BY tree.depth, t.id
 FOR UPDATE OF t
-""")
+"""
+)
 
 CANCEL_MANY = Sql(f"""
 WITH done AS (
@@ -395,34 +408,50 @@ SELECT id, runs, status, queue FROM rescued
 
 # Due pending tasks of a queue that have no live doorbell: never dispatched (plain SQL insert),
 # dispatched too long ago (Redis lost it, a producer died after commit) or waiting out a backoff.
-# Locked (skipping rows others hold) until the doorbells are in Redis and the rows are marked.
-DUE_FOR_DISPATCH = Sql(f"""
-SELECT t.id, t.runs FROM tasks AS t
-WHERE t.status = '{PENDING}' AND t.queue = :queue
-  AND greatest(t.run_after, t.dispatch_after) <= now()
-ORDER BY greatest(t.run_after, t.dispatch_after)
-LIMIT :limit
-FOR UPDATE SKIP LOCKED
+# Marked dispatched in the same statement (rows others hold are skipped), so that the doorbells
+# are rung after the commit: no Redis call ever waits inside a Postgres transaction.
+MARK_DUE_DISPATCHED = Sql(f"""
+WITH due AS (
+    SELECT t.id FROM tasks AS t
+    WHERE t.status = '{PENDING}' AND t.queue = :queue
+      AND greatest(t.run_after, t.dispatch_after) <= now()
+    ORDER BY greatest(t.run_after, t.dispatch_after)
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks AS t SET dispatch_after = now() + make_interval(secs => :redispatch_seconds)
+FROM due WHERE t.id = due.id
+RETURNING t.id, t.runs, t.queue
 """)
 
-MARK_DISPATCHED = Sql("""
-UPDATE tasks SET dispatch_after = now() + make_interval(secs => :redispatch_seconds)
-WHERE id = ANY(CAST(:ids AS uuid[]))
+# Doorbells that could not be rung after all: due for the next tick again.
+UNMARK_DISPATCHED = Sql(f"""
+UPDATE tasks SET dispatch_after = now()
+WHERE id = ANY(CAST(:ids AS uuid[])) AND status = '{PENDING}'
 """)
 
-# --- workers -----------------------------------------------------------------------------------
+# --- reads -------------------------------------------------------------------------------------
 
-TOUCH_WORKER = Sql("""
-INSERT INTO workers (id, hostname, pid, queue, agents, started_at, last_seen_at)
-VALUES (:id, :hostname, :pid, :queue, CAST(:agents AS text[]), now(), now())
-ON CONFLICT (id) DO UPDATE SET last_seen_at = now()
-""")
+TASK_BY_ID = Sql(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :id")
 
-FORGET_WORKER = Sql("DELETE FROM workers WHERE id = :id")
-
-# Rows of workers not seen for a day are history nobody reads.
-FORGET_OLD_WORKERS = Sql(
-    "DELETE FROM workers WHERE last_seen_at < now() - make_interval(days => 1)"
+TASKS_BY_KEYS = Sql(
+    f"SELECT {TASK_COLUMNS} FROM tasks WHERE idempotency_key = ANY(CAST(:keys AS text[]))"
 )
 
-DATABASE_NOW = Sql("SELECT now() AS now")
+# Due pending tasks of some agents, oldest due first (ix_tasks_pending_agent). With FOR UPDATE
+# SKIP LOCKED (the `_LOCKED` variant) inside a transaction, two claimers never get the same row.
+_PENDING_FOR_AGENTS = f"""
+SELECT {TASK_COLUMNS} FROM tasks
+WHERE status = '{PENDING}' AND agent_id = ANY(CAST(:agent_ids AS text[]))
+  AND run_after <= now()
+  AND (CAST(:queue AS text) IS NULL OR queue = CAST(:queue AS text))
+ORDER BY run_after, id
+LIMIT :limit
+"""
+PENDING_FOR_AGENTS = Sql(_PENDING_FOR_AGENTS)
+PENDING_FOR_AGENTS_LOCKED = Sql(_PENDING_FOR_AGENTS + "FOR UPDATE SKIP LOCKED")
+
+ATTEMPTS_OF = Sql("""
+SELECT task_id, run, attempt, worker_id, started_at, finished_at, outcome, error
+FROM task_attempts WHERE task_id = :id ORDER BY run
+""")

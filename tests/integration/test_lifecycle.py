@@ -7,19 +7,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 
 from domain.entities import Conversation
+from domain.exceptions import InvalidInputError
 from persistence import pg
-from persistence.store import LifecycleConfig, LifecycleStore
+from persistence.lifecycle import Lifecycle, LifecycleConfig
 from worker.client import TaskClient
 
 
 @pytest.fixture
-async def store(database_url: str) -> AsyncIterator[LifecycleStore]:
+async def lifecycle(database_url: str) -> AsyncIterator[Lifecycle]:
     pool = await pg.create_pool(database_url, max_size=2)
-    store = LifecycleStore(
+    lifecycle = Lifecycle(
         pool,
         LifecycleConfig(
             worker_id="batch-test",
@@ -32,23 +32,23 @@ async def store(database_url: str) -> AsyncIterator[LifecycleStore]:
         busy=lambda: True,  # every claim and root completion goes through the batchers
         batch_window=0.05,
     )
-    yield store
-    await store.close()
+    yield lifecycle
+    await lifecycle.close()
 
 
 async def test_one_bad_completion_does_not_fail_its_batch(
-    store: LifecycleStore, client: TaskClient, conversation: Conversation, database_url: str
+    lifecycle: Lifecycle, client: TaskClient, conversation: Conversation, database_url: str
 ) -> None:
     submitted = [
         await client.submit("echo", {"i": i}, conversation_id=conversation.id) for i in range(4)
     ]
 
-    claimed = await asyncio.gather(*(store.claim(task.id) for task in submitted))
+    claimed = await asyncio.gather(*(lifecycle.claim(task.id) for task in submitted))
     assert all(task is not None for task in claimed)
     outputs = ['{"ok": 0}', '{"ok": 1}', '{"not json', '{"ok": 3}']
     finishes = await asyncio.gather(
         *(
-            store.complete(task, output)
+            lifecycle.complete(task, output)
             for task, output in zip(claimed, outputs, strict=True)
             if task is not None
         ),
@@ -56,7 +56,7 @@ async def test_one_bad_completion_does_not_fail_its_batch(
     )
 
     assert [getattr(f, "landed", None) for f in finishes] == [True, True, None, True]
-    assert isinstance(finishes[2], asyncpg.DataError)
+    assert isinstance(finishes[2], InvalidInputError)  # translated: bad input, not a retry
     rows = {task.id: await client.get(task.id) for task in submitted}
     assert [rows[t.id].status.value for t in submitted] == [
         "completed",
@@ -68,11 +68,11 @@ async def test_one_bad_completion_does_not_fail_its_batch(
 
 
 async def test_a_duplicate_claim_in_one_batch_gets_the_task_once(
-    store: LifecycleStore, client: TaskClient, conversation: Conversation
+    lifecycle: Lifecycle, client: TaskClient, conversation: Conversation
 ) -> None:
     task = await client.submit("echo", {}, conversation_id=conversation.id)
 
-    claims = await asyncio.gather(*(store.claim(task.id) for _ in range(3)))
+    claims = await asyncio.gather(*(lifecycle.claim(task.id) for _ in range(3)))
 
     assert sum(claim is not None for claim in claims) == 1
     assert (await client.get(task.id)).attempts == 1
