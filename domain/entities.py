@@ -8,13 +8,14 @@ trusts, so callers hand the entity the time they got from it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from domain.exceptions import AttemptsExhaustedError, InvalidInputError, InvalidTransitionError
 from domain.ids import new_id
 from domain.payload import JsonValue
+from domain.policies import Backoff
 from domain.value_objects import AttemptOutcome, TaskStatus
 
 DEFAULT_QUEUE = "tasklane"
@@ -86,9 +87,22 @@ class Task:
 
     # -- behaviour -------------------------------------------------------------------------------
 
-    def start(self, *, worker_id: str, lease_expires_at: datetime, at: datetime) -> None:
-        """A worker claimed the task: one more attempt, a new run (fencing token) and a lease."""
+    def start(
+        self,
+        *,
+        worker_id: str,
+        lease_expires_at: datetime,
+        at: datetime,
+        default_max_attempts: int | None = None,
+    ) -> None:
+        """A worker claimed the task: one more attempt, a new run (fencing token) and a lease.
+
+        A task submitted without `max_attempts` gets its default now, once: the agent's, else
+        the worker's (`default_max_attempts`), and keeps it from then on.
+        """
         self.status.check_transition(TaskStatus.RUNNING, self.id)  # a wrong state is the error
+        if self.max_attempts is None and default_max_attempts is not None:
+            self.max_attempts = default_max_attempts
         if not self.attempts_left:
             assert self.max_attempts is not None
             raise AttemptsExhaustedError(self.id, self.attempts, self.max_attempts)
@@ -163,13 +177,31 @@ class Task:
         self.run_after = at
         self.lease_expires_at = None
 
-    def expire_lease(self, *, at: datetime) -> None:
-        """The lease ran out (worker killed, loop blocked): retry, or fail if attempts are spent."""
+    def expire_lease(self, *, at: datetime, backoff_seconds: float = 0.0) -> None:
+        """The lease ran out (worker killed, loop blocked): retry after the backoff, or fail if
+        attempts are spent. Either way the error says where the lease was lost."""
         self._require(TaskStatus.RUNNING, TaskStatus.PENDING, "only a running task holds a lease")
+        error = f"lease expired on worker {self.worker_id or '?'}"
         if self.attempts_left:
-            self.retry(at=at)
+            self.retry(at=at, run_after=at + timedelta(seconds=backoff_seconds))
+            self.error = error
         else:
-            self.fail(f"lease expired after {self.attempts} attempt(s); attempts exhausted", at=at)
+            self.fail(error, at=at)
+
+    def retry_delay_after_failure(
+        self,
+        *,
+        permanent: bool,
+        retry_after: float | None,
+        default_max_attempts: int,
+        backoff: Backoff,
+    ) -> float | None:
+        """What a failed run leads to: None, fail now (a permanent error, or its attempts are
+        spent); else retry after that many seconds (the handler's `Retry(after=…)`, else the
+        backoff)."""
+        if permanent or self.attempts >= (self.max_attempts or default_max_attempts):
+            return None
+        return retry_after if retry_after is not None else backoff.delay(self.attempts)
 
     def _require(self, expected: TaskStatus, target: TaskStatus, reason: str) -> None:
         if self.status is not expected:
@@ -197,12 +229,6 @@ class Conversation:
     def __post_init__(self) -> None:
         if not self.user_id or not self.user_id.strip():
             raise InvalidInputError("user_id must be a non-empty string")
-
-
-@dataclass(slots=True)
-class ConversationWithTasks:
-    conversation: Conversation
-    tasks: list[Task]
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ from sqlalchemy.exc import ArgumentError
 
 from domain.entities import DEFAULT_QUEUE
 from domain.payload import DEFAULT_MAX_INPUT_BYTES
+from domain.policies import Backoff
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklane"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -53,6 +54,10 @@ class Settings:
     @property
     def heartbeat_seconds(self) -> float:
         return self.lease_seconds / 3
+
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(self.retry_base_seconds, self.retry_max_seconds)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

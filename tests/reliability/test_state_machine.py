@@ -2,24 +2,27 @@
 
 A `RuleBasedStateMachine` plays three simulated workers (their own worker ids, default
 max_attempts and rescue backoff), an operator and the clock against one real database, through
-the code the worker and the client run: `LifecycleStore` (claim, heartbeat, complete, fail,
-retry_later, release, wait_for_children, rescue, resume_stranded, dispatch_due) and
-`TaskRepository` (cancel, operator retry). Each worker remembers every run it ever claimed, so
-stale runs keep writing after their task was rescued, cancelled or claimed again.
+the code the worker and the client run: `Lifecycle` (claim, heartbeat, complete, fail,
+retry_later, release, wait, rescue, resume_stranded, dispatch marking), each step a unit of work
+around `TaskRepository`, and `TaskRepository` in a `UnitOfWork` (cancel, operator retry). Each
+worker remembers every run it ever claimed, so stale runs keep writing after their task was
+rescued, cancelled or claimed again.
 
-The model is a few lines of Python per step: a task's status, attempts, runs, step, which run
-holds the claim, whether its lease has run out, whether it is due and dispatchable, and how
-each run ended. After every step the database must match it exactly, every status change must
-be in the transition table, and final states must stay final (an operator's retry of a failed
-task aside). Time is the database's: leases expire by back-dating `lease_expires_at` and
-`run_after`, as River's rescuer tests do; nothing sleeps.
+The model is the domain itself: one `domain.Task` per task, moved by its own methods (`start`,
+`complete`, `fail`, `retry`, `release`, `wait`, `resume`, `expire_lease`, `cancel`) — the
+executable spec of the lifecycle, whose transition table also generates the SQL guards — plus
+what only a test sees: whether the lease ran out, whether the task is dispatchable, how each run
+ended. After every step the database must match the entities exactly, every status change must be
+in the transition table, and final states must stay final (an operator's retry of a failed task
+aside). Time is the database's: leases expire by back-dating `lease_expires_at` and `run_after`,
+as River's rescuer tests do; nothing sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
@@ -38,11 +41,12 @@ from hypothesis.stateful import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from domain.entities import Doorbell, Task
+from domain.entities import Task
+from domain.exceptions import AttemptsExhaustedError
 from domain.value_objects import ALLOWED_TRANSITIONS, TaskStatus
 from persistence import pg
+from persistence.lifecycle import Lifecycle, LifecycleConfig
 from persistence.session import UnitOfWork, create_engine, create_session_factory
-from persistence.store import LifecycleConfig, LifecycleStore
 from tests.support.invariants import check_invariants
 
 pytestmark = pytest.mark.reliability
@@ -92,25 +96,52 @@ SUBMISSIONS = st.fixed_dictionaries(SUBMISSION)
 # -- the model ------------------------------------------------------------------------------------
 
 
+# The model's clock: entity methods take the time of a change; only "due or not" is compared.
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+LATER = NOW + timedelta(hours=1)
+LEASE = timedelta(seconds=30)
+
+
 @dataclass
 class Model:
-    """What one task should look like in the database."""
+    """What one task should look like in the database: the domain entity, plus what the
+    database knows and the entity does not."""
 
-    id: UUID
-    agent: str
-    queue: str
-    parent: UUID | None
-    max_attempts: int | None
-    due: bool  # run_after <= now()
+    task: Task
     dispatchable: bool  # dispatch_after <= now()
-    status: str = PENDING
-    attempts: int = 0
-    runs: int = 0
-    step: int = 0
-    holder: str | None = None  # the worker whose run holds the claim (while running)
     lease_expired: bool = False
     outcomes: dict[int, str | None] = field(default_factory=dict)  # run → how it ended
     children: list[UUID] = field(default_factory=list)
+
+    @property
+    def id(self) -> UUID:
+        return self.task.id
+
+    @property
+    def status(self) -> str:
+        return self.task.status.value
+
+    @property
+    def parent(self) -> UUID | None:
+        return self.task.parent_task_id
+
+    @property
+    def due(self) -> bool:
+        return self.task.run_after is None or self.task.run_after <= NOW
+
+    def ended(self, outcome: str) -> None:
+        """The current run ended this way (the lease goes with it)."""
+        self.outcomes[self.task.runs] = outcome
+        self.lease_expired = False
+
+    def __repr__(self) -> str:
+        t = self.task
+        return (
+            f"Model(…{str(t.id)[-6:]} {t.agent_id} {t.queue} {t.status.value} "
+            f"attempts={t.attempts}/{t.max_attempts} runs={t.runs} step={t.step} "
+            f"holder={t.worker_id} due={self.due} dispatchable={self.dispatchable} "
+            f"expired={self.lease_expired} outcomes={self.outcomes})"
+        )
 
 
 @dataclass(frozen=True)
@@ -140,7 +171,7 @@ class Env:
         self.admin: asyncpg.Connection
         self.engine: AsyncEngine
         self.sessions: async_sessionmaker[AsyncSession]
-        self.stores: list[LifecycleStore] = []
+        self.lifecycles: list[Lifecycle] = []
         self.conversation_id: UUID
 
     def run(self, aw: Coroutine[Any, Any, T]) -> T:
@@ -151,8 +182,8 @@ class Env:
         self.admin = await pg.connect(self.url)
         self.engine = create_engine(self.url, pool_size=2, max_overflow=0)
         self.sessions = create_session_factory(self.engine)
-        self.stores = [
-            LifecycleStore(
+        self.lifecycles = [
+            Lifecycle(
                 self.pool,
                 LifecycleConfig(
                     worker_id=spec.id,
@@ -206,32 +237,31 @@ class LifecycleMachine(RuleBasedStateMachine):
     def run(self, aw: Coroutine[Any, Any, T]) -> T:
         return self.env.run(aw)
 
-    def store(self, worker: int) -> LifecycleStore:
-        return self.env.stores[worker]
+    def lifecycle(self, worker: int) -> Lifecycle:
+        return self.env.lifecycles[worker]
 
-    def resolved_max(self, m: Model, worker: int) -> int:
-        if m.max_attempts is not None:
-            return m.max_attempts
-        return AGENT_DEFAULTS[m.agent] or WORKERS[worker].default_max_attempts
+    @staticmethod
+    def default_max(m: Model, worker: int) -> int:
+        """What a claim resolves a task's missing max_attempts to: its agent's, else the
+        worker's."""
+        return AGENT_DEFAULTS[m.task.agent_id] or WORKERS[worker].default_max_attempts
 
     def holds(self, run: Run) -> bool:
         """The run still holds its task's claim: a fenced write of it lands."""
-        m = self.tasks[run.task.id]
-        return m.status == RUNNING and m.runs == run.task.runs
-
-    def finish(self, m: Model, status: str, outcome: str) -> None:
-        m.status, m.holder, m.lease_expired = status, None, False
-        m.outcomes[m.runs] = outcome
+        t = self.tasks[run.task.id].task
+        return t.status is TaskStatus.RUNNING and t.runs == run.task.runs
 
     def resume_if_done(self, parent_id: UUID | None) -> set[UUID]:
-        """RESUME_IF_DONE: a waiting parent whose children are all finished runs again."""
+        """A waiting parent whose children are all finished runs again."""
         if parent_id is None:
             return set()
         p = self.tasks[parent_id]
-        if p.status != WAITING or any(self.tasks[c].status in UNFINISHED for c in p.children):
+        if p.task.status is not TaskStatus.WAITING or any(
+            not self.tasks[c].task.is_finished for c in p.children
+        ):
             return set()
-        p.status, p.attempts, p.step = PENDING, 0, p.step + 1
-        p.due, p.dispatchable = True, False  # rung at once, so not dispatched again for a while
+        p.task.resume(at=NOW)
+        p.dispatchable = False  # rung at once, so not dispatched again for a while
         return {p.id}
 
     def descendants(self, task_id: UUID) -> list[UUID]:
@@ -250,20 +280,13 @@ class LifecycleMachine(RuleBasedStateMachine):
                 input={"child": i},
                 parent_task_id=parent.id,
                 max_attempts=data.draw(st.sampled_from([None, 1, 2]), label="max_attempts"),
-                queue=parent.queue,
+                queue=parent.task.queue,
             )
             for i in range(n)
         ]
         for child in children:
-            self.tasks[child.id] = Model(
-                id=child.id,
-                agent=child.agent_id,
-                queue=child.queue,
-                parent=parent.id,
-                max_attempts=child.max_attempts,
-                due=True,
-                dispatchable=False,  # rung after the commit: the reconciler leaves it alone
-            )
+            # Rung after the commit: the reconciler leaves it alone.
+            self.tasks[child.id] = Model(replace(child, run_after=NOW), dispatchable=False)
             parent.children.append(child.id)
         return children
 
@@ -304,41 +327,47 @@ class LifecycleMachine(RuleBasedStateMachine):
 
         [created] = self.run(insert())
         assert (created.status, created.runs) == (TaskStatus.PENDING, 0)
-        self.tasks[task.id] = Model(
-            id=task.id,
-            agent=agent,
-            queue=task.queue,
-            parent=None,
-            max_attempts=max_attempts,
-            due=not later,
-            dispatchable=not rung,
-        )
+        model_task = replace(task, run_after=LATER if later else NOW)
+        self.tasks[task.id] = Model(model_task, dispatchable=not rung)
 
     # -- workers: claim and heartbeat -------------------------------------------------------------
 
     def can_claim(self, m: Model, worker: int) -> bool:
-        return (
-            m.status == PENDING
-            and m.due
-            and m.queue == QUEUE
-            and m.attempts < self.resolved_max(m, worker)
-        )
+        """A claim starts the task, as its entity would: pending, due, on our queue, with an
+        attempt left once its max_attempts is resolved."""
+        if not (m.task.status is TaskStatus.PENDING and m.due and m.task.queue == QUEUE):
+            return False
+        try:
+            replace(m.task).start(
+                worker_id=WORKERS[worker].id,
+                lease_expires_at=NOW + LEASE,
+                at=NOW,
+                default_max_attempts=self.default_max(m, worker),
+            )
+        except AttemptsExhaustedError:
+            return False
+        return True
 
     def claimed(self, worker: int, m: Model, task: Task | None) -> None:
         """The claim the model expects went through: check what it returned, remember the run."""
         assert task is not None, f"not claimed: {m}"
-        m.max_attempts = self.resolved_max(m, worker)  # resolved and stored at the claim
-        m.status, m.attempts, m.runs = RUNNING, m.attempts + 1, m.runs + 1
-        m.holder, m.lease_expired = WORKERS[worker].id, False
-        m.outcomes[m.runs] = None
-        assert (task.id, task.runs, task.attempts) == (m.id, m.runs, m.attempts)
-        assert (task.worker_id, task.max_attempts) == (m.holder, m.max_attempts)
+        m.task.start(
+            worker_id=WORKERS[worker].id,
+            lease_expires_at=NOW + LEASE,
+            at=NOW,
+            default_max_attempts=self.default_max(m, worker),
+        )
+        m.outcomes[m.task.runs] = None
+        m.lease_expired = False
+        t = m.task
+        assert (task.id, task.runs, task.attempts) == (t.id, t.runs, t.attempts)
+        assert (task.worker_id, task.max_attempts) == (t.worker_id, t.max_attempts)
         self.runs.append(Run(worker, task))
 
     def expect_claim(self, worker: int, task_id: UUID) -> None:
         m = self.tasks[task_id]
         claimable = self.can_claim(m, worker)
-        task = self.run(self.store(worker).claim(task_id))
+        task = self.run(self.lifecycle(worker).claim(task_id))
         if claimable:
             self.claimed(worker, m, task)
         else:
@@ -356,20 +385,22 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     def claimable(self) -> list[UUID]:
         return sorted(
-            i for i, m in self.tasks.items() if m.status == PENDING and m.due and m.queue == QUEUE
+            i
+            for i, m in self.tasks.items()
+            if m.status == PENDING and m.due and m.task.queue == QUEUE
         )
 
     def check_miss(self, worker: int, m: Model) -> None:
         """The reason a worker logs for a doorbell that claimed nothing is the model's."""
-        reason = self.run(self.store(worker).explain_miss(m.id)).reason
-        if m.queue != QUEUE:
-            assert reason.startswith(f"belongs to queue {m.queue!r}"), reason
+        reason = self.run(self.lifecycle(worker).explain_miss(m.id)).reason
+        if m.task.queue != QUEUE:
+            assert reason.startswith(f"belongs to queue {m.task.queue!r}"), reason
         elif m.status == PENDING and not m.due:
             assert reason.startswith("pending but not due"), reason
         elif m.status == PENDING:
             assert reason.startswith("pending with all"), reason
         else:
-            assert reason == f"already {m.status} (run {m.runs})", reason
+            assert reason == f"already {m.status} (run {m.task.runs})", reason
 
     @precondition(lambda self: self.tasks)
     @rule(worker=st.integers(0, len(WORKERS) - 1), data=st.data())
@@ -401,7 +432,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         }
 
         async def claims() -> list[Task | None]:
-            return await asyncio.gather(*(self.store(BUSY).claim(i) for i in ids))
+            return await asyncio.gather(*(self.lifecycle(BUSY).claim(i) for i in ids))
 
         for index, (task_id, task) in enumerate(zip(ids, self.run(claims()), strict=True)):
             if index in winners:
@@ -429,12 +460,12 @@ class LifecycleMachine(RuleBasedStateMachine):
         expected = [self.holds(run) or self.landed_before(run, kind) for run, kind in items]
 
         async def finishes() -> list[Any]:
-            store = self.store(worker)
+            lifecycle = self.lifecycle(worker)
             return await asyncio.gather(
                 *(
-                    store.complete(run.task, '{"burst":true}')
+                    lifecycle.complete(run.task, '{"burst":true}')
                     if kind == COMPLETED
-                    else store.fail(run.task, "burst")
+                    else lifecycle.fail(run.task, "burst")
                     for run, kind in items
                 )
             )
@@ -445,7 +476,11 @@ class LifecycleMachine(RuleBasedStateMachine):
         for run, kind in items:  # (a write sent twice lands once: holds() is False then)
             if self.holds(run):
                 m = self.tasks[run.task.id]
-                self.finish(m, kind, kind)
+                if kind == COMPLETED:
+                    m.task.complete({"burst": True}, at=NOW)
+                else:
+                    m.task.fail("burst", at=NOW)
+                m.ended(kind)
                 parents.add(m.parent)
         resumed = set().union(*(self.resume_if_done(p) for p in sorted(parents, key=str)))
         rung = [d.task_id for f in results for d in f.doorbells]
@@ -463,11 +498,11 @@ class LifecycleMachine(RuleBasedStateMachine):
         pool = superseded if superseded and data.draw(st.booleans(), label="stale") else self.runs
         runs = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=4), label="held")
         held = {r.task.id: r.task.runs for r in runs}
-        lost = self.run(self.store(runs[0].worker).heartbeat(held))
+        lost = self.run(self.lifecycle(runs[0].worker).heartbeat(held))
         expected = set()
         for task_id, run in held.items():
             m = self.tasks[task_id]
-            if m.status == RUNNING and m.runs == run:
+            if m.status == RUNNING and m.task.runs == run:
                 m.lease_expired = False
             else:
                 expected.add(task_id)
@@ -476,7 +511,7 @@ class LifecycleMachine(RuleBasedStateMachine):
     # -- workers: finishing a run (current or stale) ----------------------------------------------
 
     def landed_before(self, run: Run, outcome: str) -> bool:
-        """The store treats a finish whose run already ended this way as its own retry."""
+        """The repository treats a finish whose run already ended this way as its own retry."""
         return self.tasks[run.task.id].outcomes.get(run.task.runs) == outcome
 
     FINISHES = ("complete", "complete", "fail", "retry_later", "release", "wait", "wait")
@@ -487,7 +522,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             "fail": self.fail,
             "retry_later": self.retry_later,
             "release": self.release,
-            "wait": self.wait_for_children,
+            "wait": self.wait,
         }
         finishes[kind](run, data)
 
@@ -514,67 +549,75 @@ class LifecycleMachine(RuleBasedStateMachine):
         m = self.tasks[run.task.id]
         holds, before = self.holds(run), self.landed_before(run, COMPLETED)
         children = self.new_children(m, n, data) if holds else []
-        finish = self.run(self.store(run.worker).complete(run.task, '{"done":true}', children))
+        finish = self.run(self.lifecycle(run.worker).complete(run.task, '{"done":true}', children))
         assert finish.landed == (holds or before)
         if not holds:
             assert finish.doorbells == []
             return
-        self.finish(m, COMPLETED, COMPLETED)
+        m.task.complete({"done": True}, at=NOW)
+        m.ended(COMPLETED)
         expected = {c.id for c in children} | self.resume_if_done(m.parent)
         assert {d.task_id for d in finish.doorbells} == expected
 
     def fail(self, run: Run, data: st.DataObject) -> None:
         m = self.tasks[run.task.id]
         holds, before = self.holds(run), self.landed_before(run, FAILED)
-        finish = self.run(self.store(run.worker).fail(run.task, "boom"))
+        finish = self.run(self.lifecycle(run.worker).fail(run.task, "boom"))
         assert finish.landed == (holds or before)
         if not holds:
             assert finish.doorbells == []
             return
-        self.finish(m, FAILED, FAILED)
+        m.task.fail("boom", at=NOW)
+        m.ended(FAILED)
         assert {d.task_id for d in finish.doorbells} == self.resume_if_done(m.parent)
 
     def retry_later(self, run: Run, data: st.DataObject) -> None:
         later = data.draw(st.booleans(), label="backoff of an hour")
         m = self.tasks[run.task.id]
-        applies = self.holds(run) and m.max_attempts is not None and m.attempts < m.max_attempts
+        applies = self.holds(run)
+        if applies:
+            try:
+                m.task.retry(at=NOW, run_after=LATER if later else NOW)
+            except AttemptsExhaustedError:  # a retry with no attempt left is a failure
+                applies = False
         before = self.landed_before(run, "retry")
         landed = self.run(
-            self.store(run.worker).retry_later(
+            self.lifecycle(run.worker).retry_later(
                 run.task, "try again", delay_seconds=3600.0 if later else 0.0
             )
         )
         assert landed == (applies or before)
         if applies:
-            self.finish(m, PENDING, "retry")
-            m.due, m.dispatchable = not later, True
+            m.ended("retry")
+            m.dispatchable = True
 
     def release(self, run: Run, data: st.DataObject) -> None:
         m = self.tasks[run.task.id]
         holds, before = self.holds(run), self.landed_before(run, "released")
-        landed = self.run(self.store(run.worker).release(run.task))
+        landed = self.run(self.lifecycle(run.worker).release(run.task))
         assert landed == (holds or before)
         if holds:
-            self.finish(m, PENDING, "released")
-            m.attempts = max(m.attempts - 1, 0)
-            m.due, m.dispatchable = True, True
+            m.task.release(at=NOW)
+            m.ended("released")
+            m.dispatchable = True
 
-    def wait_for_children(self, run: Run, data: st.DataObject) -> None:
+    def wait(self, run: Run, data: st.DataObject) -> None:
         room = len(self.tasks) < MAX_TASKS
         n = data.draw(st.sampled_from([1, 1, 2, 3, 0]), label="children") if room else 0
         m = self.tasks[run.task.id]
         holds, before = self.holds(run), self.landed_before(run, WAITING)
         children = self.new_children(m, n, data) if holds else []
-        doorbells = self.run(self.store(run.worker).wait_for_children(run.task, children))
+        finish = self.run(self.lifecycle(run.worker).wait(run.task, children))
+        assert finish.landed == (holds or before)
         if not holds:
-            assert doorbells == ([] if before else None)
+            assert finish.doorbells == []
             return
-        assert doorbells is not None
-        self.finish(m, WAITING, WAITING)
+        m.task.wait(at=NOW)
+        m.ended(WAITING)
         expected = {c.id for c in children}
         if not children:  # nothing to wait for (or only children that are finished already)
             expected |= self.resume_if_done(m.id)
-        assert {d.task_id for d in doorbells} == expected
+        assert {d.task_id for d in finish.doorbells} == expected
 
     # -- the reconciler ---------------------------------------------------------------------------
 
@@ -597,56 +640,53 @@ class LifecycleMachine(RuleBasedStateMachine):
         if data.draw(st.booleans(), label="tick"):
             self.reconcile(data.draw(st.integers(0, len(WORKERS) - 1), label="worker"), False)
 
-    @precondition(lambda self: any(m.status == PENDING and m.attempts for m in self.tasks.values()))
+    @precondition(
+        lambda self: any(m.status == PENDING and m.task.attempts for m in self.tasks.values())
+    )
     @rule(data=st.data())
     def operator_caps_attempts(self, data: st.DataObject) -> None:
         """An operator lowers max_attempts of a pending task to the attempts it has used: no
         claim may take it any more."""
-        tried = sorted(i for i, m in self.tasks.items() if m.status == PENDING and m.attempts)
+        tried = sorted(i for i, m in self.tasks.items() if m.status == PENDING and m.task.attempts)
         m = self.tasks[data.draw(st.sampled_from(tried), label="task")]
         self.run(
             self.env.admin.execute("UPDATE tasks SET max_attempts = attempts WHERE id = $1", m.id)
         )
-        m.max_attempts = m.attempts
+        m.task.max_attempts = m.task.attempts
 
     def rescue(self, worker: int) -> None:
-        rescued, doorbells = self.run(self.store(worker).rescue_expired(limit=1000))
+        rescued, doorbells = self.run(self.lifecycle(worker).rescue_expired(limit=1000))
         expired = [m for m in self.tasks.values() if m.status == RUNNING and m.lease_expired]
         assert {r.task_id for r in rescued} == {m.id for m in expired}
         resumed: set[UUID] = set()
         by_id = {r.task_id: r for r in rescued}
-        # Roots first, then children one by one (each under its parent's lock), as the store.
+        # Roots first, then children one by one (each under its parent's lock), as the lifecycle.
         for m in sorted(expired, key=lambda m: m.parent is not None):
-            assert m.max_attempts is not None
-            if m.attempts < m.max_attempts:
-                self.finish(m, PENDING, "lost")
-                m.due = WORKERS[worker].retry_base_seconds == 0
+            backoff = 0.0 if WORKERS[worker].retry_base_seconds == 0 else 3600.0
+            m.task.expire_lease(at=NOW, backoff_seconds=backoff)
+            m.ended("lost")
+            if m.task.status is TaskStatus.PENDING:
                 m.dispatchable = True
             else:
-                self.finish(m, FAILED, "lost")
                 resumed |= self.resume_if_done(m.parent)
-            assert by_id[m.id].status.value == m.status
-            assert by_id[m.id].runs == m.runs
+            assert by_id[m.id].status is m.task.status
+            assert by_id[m.id].runs == m.task.runs
         assert {d.task_id for d in doorbells} == resumed
 
     def resume_stranded(self, worker: int) -> None:
         """Every change that finishes a child resumes its parent at once: nothing is stranded."""
-        assert self.run(self.store(worker).resume_stranded(min_age_seconds=0, limit=100)) == []
+        assert self.run(self.lifecycle(worker).resume_stranded(min_age_seconds=0, limit=100)) == []
 
     def dispatch(self, worker: int) -> None:
-        rung: list[Doorbell] = []
-
-        async def ring(doorbells: list[Doorbell]) -> None:
-            rung.extend(doorbells)
-
-        count = self.run(self.store(worker).dispatch_due(queue=QUEUE, limit=1000, ring=ring))
+        rung = self.run(self.lifecycle(worker).mark_due_dispatched(queue=QUEUE, limit=1000))
         expected = [
             m
             for m in self.tasks.values()
-            if m.status == PENDING and m.queue == QUEUE and m.due and m.dispatchable
+            if m.status == PENDING and m.task.queue == QUEUE and m.due and m.dispatchable
         ]
-        assert count == len(rung)
-        assert sorted((d.task_id, d.runs) for d in rung) == sorted((m.id, m.runs) for m in expected)
+        assert sorted((d.task_id, d.runs) for d in rung) == sorted(
+            (m.id, m.task.runs) for m in expected
+        )
         for m in expected:
             m.dispatchable = False
 
@@ -668,7 +708,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             )
         )
         for m in self.tasks.values():
-            m.due = m.dispatchable = True
+            m.task.run_after = min(m.task.run_after or NOW, NOW)
+            m.dispatchable = True
 
     # -- the operator -----------------------------------------------------------------------------
 
@@ -706,10 +747,11 @@ class LifecycleMachine(RuleBasedStateMachine):
         for t in changed:
             m = self.tasks[t]
             if m.status == RUNNING:
-                m.outcomes[m.runs] = CANCELLED
-            m.status, m.holder, m.lease_expired = CANCELLED, None, False
+                m.outcomes[m.task.runs] = CANCELLED
+            m.task.cancel(at=NOW)
+            m.lease_expired = False
         assert result.cancelled == len(changed)
-        assert result.task.status.value == self.tasks[task_id].status
+        assert result.task.status is self.tasks[task_id].task.status
         resumed = self.resume_if_done(self.tasks[task_id].parent) if task_id in changed else set()
         assert {d.task_id for d in result.doorbells} == resumed
 
@@ -725,9 +767,10 @@ class LifecycleMachine(RuleBasedStateMachine):
         m = self.tasks[task_id]
         assert result.retried == (m.status == FAILED)
         if result.retried:
-            m.status, m.attempts, m.due, m.dispatchable = PENDING, 0, True, False
+            m.task.retry(at=NOW)
+            m.dispatchable = False
             assert [d.task_id for d in result.doorbells] == [task_id]
-        assert result.task.status.value == m.status
+        assert result.task.status is m.task.status
 
     # -- after every step: the database is the model ----------------------------------------------
 
@@ -750,16 +793,17 @@ class LifecycleMachine(RuleBasedStateMachine):
             outcomes[a["task_id"]][a["run"]] = a["outcome"]
         for r in rows:
             m = self.tasks[r["id"]]
+            t = m.task
             where = f"{m}\n  row {dict(r)}"
             assert r["status"] == m.status, where
-            assert (r["attempts"], r["runs"], r["step"]) == (m.attempts, m.runs, m.step), where
-            if m.max_attempts is not None:
-                assert r["max_attempts"] == m.max_attempts, where
+            assert (r["attempts"], r["runs"], r["step"]) == (t.attempts, t.runs, t.step), where
+            if t.max_attempts is not None:
+                assert r["max_attempts"] == t.max_attempts, where
                 assert r["attempts"] <= r["max_attempts"], where
-            assert (r["queue"], r["parent_task_id"]) == (m.queue, m.parent), where
+            assert (r["queue"], r["parent_task_id"]) == (t.queue, t.parent_task_id), where
             assert r["leased"] == (m.status == RUNNING), where
             if m.status == RUNNING:
-                assert r["worker_id"] == m.holder, where
+                assert r["worker_id"] == t.worker_id, where
                 assert r["expired"] == m.lease_expired, where
             if m.status == PENDING:
                 assert (r["due"], r["dispatchable"]) == (m.due, m.dispatchable), where

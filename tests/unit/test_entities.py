@@ -265,17 +265,19 @@ def test_only_a_running_task_is_released() -> None:
 
 def test_expired_lease_with_attempts_left_goes_back_to_pending() -> None:
     task = started(new_task(max_attempts=2))
-    task.expire_lease(at=at(40))
+    task.expire_lease(at=at(40), backoff_seconds=5)
     assert task.status is TaskStatus.PENDING
     assert task.attempts == 1
     assert task.lease_expires_at is None
+    assert task.run_after == at(45)  # the rescuer's backoff, as in SQL
+    assert task.error == "lease expired on worker w1"
 
 
 def test_expired_lease_with_attempts_spent_fails() -> None:
     task = started(new_task(max_attempts=1))
     task.expire_lease(at=at(40))
     assert task.status is TaskStatus.FAILED
-    assert task.error == "lease expired after 1 attempt(s); attempts exhausted"
+    assert task.error == "lease expired on worker w1"  # the rescue statement's error
     assert task.completed_at == at(40)
 
 
