@@ -8,6 +8,11 @@ took and died before claiming the task. Every step takes a bounded batch with SK
 any number of workers reconcile at once without stepping on each other, and a backlog of any
 size is worked through a batch at a time.
 
+The steps run and fail on their own: one that fails (Redis away, a row Postgres refuses) does not
+stop the others, and each says so in the log when it starts failing, at least once a minute while
+it keeps failing, and when it recovers. No Redis call is made while a Postgres transaction is
+open: due tasks are marked dispatched and committed, then rung.
+
 It runs as its own asyncio task, never in a job slot: busy slots never delay it.
 """
 
@@ -17,11 +22,11 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from domain.entities import Doorbell
-from persistence.store import LifecycleStore
+from persistence.lifecycle import Lifecycle
 from worker.config import Settings
 from worker.dispatch import Dispatcher
 
@@ -30,19 +35,60 @@ DISPATCH_BATCH = 1000
 DISPATCH_BATCHES_PER_TICK = 5
 STRANDED_BATCH = 100
 FORGET_OLD_WORKERS_EVERY = 3600.0  # seconds
+# A step that keeps failing is logged again after this long (and when it recovers).
+REPEAT_FAILURE_LOG_SECONDS = 60.0
+
+
+class _StepHealth:
+    """Whether one reconciler step is failing, and when that was last logged."""
+
+    def __init__(self, name: str, log: Any) -> None:
+        self.name = name
+        self.log = log
+        self.failing_since: float | None = None
+        self.last_logged = 0.0
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self.failures += 1
+        if self.failing_since is None:
+            self.failing_since = now
+        elif now - self.last_logged < REPEAT_FAILURE_LOG_SECONDS:
+            return
+        self.last_logged = now
+        self.log.error(
+            "reconcile.step_failed",
+            step=self.name,
+            error=repr(exc)[:500],
+            failing_for_seconds=round(now - self.failing_since, 1),
+            failures=self.failures,
+        )
+
+    def succeeded(self) -> None:
+        if self.failing_since is not None:
+            self.log.info(
+                "reconcile.step_recovered",
+                step=self.name,
+                failed_for_seconds=round(time.monotonic() - self.failing_since, 1),
+            )
+        self.failing_since = None
+        self.failures = 0
 
 
 class Reconciler:
     def __init__(
         self,
         *,
-        store: LifecycleStore,
+        lifecycle: Lifecycle,
         dispatcher: Dispatcher,
         settings: Settings,
         agents: Sequence[str],
         log: Any,
+        redis_away: Callable[[], bool] = lambda: False,
     ) -> None:
-        self.store = store
+        self.lifecycle = lifecycle
+        self.redis_away = redis_away
         self.dispatcher = dispatcher
         self.settings = settings
         self.agents = sorted(agents)
@@ -50,53 +96,59 @@ class Reconciler:
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
         self._last_forget = 0.0
-        self._failing = False
+        self._steps: list[tuple[_StepHealth, Callable[[], Awaitable[Any]]]] = [
+            (_StepHealth(name, log), step)
+            for name, step in (
+                ("worker-row", self.touch),
+                ("rescue", self.rescue),
+                ("resume-stranded", self.resume_stranded),
+                ("dispatch", self.dispatch),
+            )
+        ]
 
     async def run_forever(self) -> None:
         interval = self.settings.reconcile_seconds
         while True:
             started = time.monotonic()
-            try:
-                await self.tick()
-                if self._failing:
-                    self.log.info("reconcile.recovered")
-                    self._failing = False
-            except Exception as exc:
-                # Postgres or Redis is away; say so once, then keep trying every tick.
-                if not self._failing:
-                    self.log.error("reconcile.failed", error=repr(exc))
-                    self._failing = True
+            await self.tick()
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     async def tick(self) -> None:
-        await self.store.touch_worker(
+        """One pass of every step; a failing step is logged and the others still run."""
+        for health, step in self._steps:
+            try:
+                await step()
+            except Exception as exc:
+                health.failed(exc)
+            else:
+                health.succeeded()
+
+    async def touch(self) -> None:
+        await self.lifecycle.touch_worker(
             hostname=self.hostname, pid=self.pid, queue=self.settings.queue, agents=self.agents
         )
-        await self.rescue()
-        await self.resume_stranded()
-        await self.dispatch()
         if time.monotonic() - self._last_forget > FORGET_OLD_WORKERS_EVERY:
-            await self.store.forget_old_workers()
+            await self.lifecycle.forget_old_workers()
             self._last_forget = time.monotonic()
 
     async def rescue(self) -> None:
-        rescued, resumed = await self.store.rescue_expired(limit=RESCUE_BATCH)
-        # The doorbell that started each lost run is still queued if its worker died: arq keeps
-        # a job queued until it ends, behind an in-progress key that outlives any handler. Left
-        # there, it would be read and skipped by every poll for minutes, and a dead worker's
-        # worth of them at the head of the queue would hide everything behind them. (Rescue
-        # spans queues: a queue whose workers all died is rescued by the others.)
+        rescued, resumed = await self.lifecycle.rescue_expired(limit=RESCUE_BATCH)
         for task in rescued:
             self.log.warning(
                 "task.rescued", task_id=str(task.task_id), run=task.runs, now=task.status.value
             )
         await self.dispatcher.ring(resumed)
+        # The doorbell that started each lost run is still queued if its worker died: arq keeps
+        # a job queued until it ends, behind an in-progress key that outlives any handler. Left
+        # there, it would be read and skipped by every poll for minutes, and a dead worker's
+        # worth of them at the head of the queue would hide everything behind them. (Rescue
+        # spans queues: a queue whose workers all died is rescued by the others.)
         await self.dispatcher.forget(
             [Doorbell(task.task_id, task.runs - 1, task.queue) for task in rescued]
         )
 
     async def resume_stranded(self) -> None:
-        doorbells = await self.store.resume_stranded(
+        doorbells = await self.lifecycle.resume_stranded(
             min_age_seconds=max(5.0, 5 * self.settings.reconcile_seconds), limit=STRANDED_BATCH
         )
         for doorbell in doorbells:
@@ -104,28 +156,37 @@ class Reconciler:
         await self.dispatcher.ring(doorbells)
 
     async def dispatch(self) -> int:
+        if self.redis_away():  # the worker claims from Postgres meanwhile (worker.outage)
+            return 0
         # Backpressure: with this many doorbells already queued the workers are busy anyway,
         # and re-marking a large backlog every tick would only load Postgres.
         if await self.dispatcher.queued() >= DISPATCH_BATCH * DISPATCH_BATCHES_PER_TICK:
             return 0
         total = 0
         for _ in range(DISPATCH_BATCHES_PER_TICK):
-            rung = await self.store.dispatch_due(
-                queue=self.settings.queue, limit=DISPATCH_BATCH, ring=self._ring_due
+            doorbells = await self.lifecycle.mark_due_dispatched(
+                queue=self.settings.queue, limit=DISPATCH_BATCH
             )
-            total += rung
-            if rung < DISPATCH_BATCH:
+            await self._ring_due(doorbells)
+            total += len(doorbells)
+            if len(doorbells) < DISPATCH_BATCH:
                 break
         if total:
             self.log.info("reconcile.dispatched", doorbells=total)
         return total
 
     async def _ring_due(self, doorbells: list[Doorbell]) -> None:
-        # A due task was either never rung (inserted by SQL, its producer died, Redis lost it)
-        # or rung at least redispatch_seconds ago and still not claimed.
-        unblocked = await self.dispatcher.ring_again(
-            doorbells, stale_after_seconds=self.settings.redispatch_seconds
-        )
+        """Ring doorbells marked dispatched (committed). A due task was either never rung
+        (inserted by SQL, its producer died, Redis lost it) or rung at least redispatch_seconds
+        ago and still not claimed. If Redis fails us, the marks are taken back so the next tick
+        tries again instead of waiting out the redispatch interval."""
+        try:
+            unblocked = await self.dispatcher.ring_again(
+                doorbells, stale_after_seconds=self.settings.redispatch_seconds
+            )
+        except Exception:
+            await self.lifecycle.unmark_dispatched(doorbells)
+            raise
         for doorbell in unblocked:
             self.log.warning(
                 "doorbell.unblocked",
