@@ -27,20 +27,20 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from redis.commands.core import AsyncScript
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from domain.entities import Agent
 from persistence import pg
 from persistence.errors import find_postgres_error
+from persistence.lifecycle import Lifecycle, LifecycleConfig
 from persistence.schema import SchemaError, check_schema
-from persistence.session import UnitOfWork, create_engine, create_session_factory
-from persistence.store import LifecycleConfig, LifecycleStore
+from persistence.session import PooledUnitOfWork
 from worker.agents import AgentSpec, load_agents
 from worker.config import Settings, redact_url
 from worker.dispatch import JOB_FUNCTION, REDIS_NOW_MS_LUA, Dispatcher
 from worker.logs import configure_logging, get_logger
+from worker.outage import REDIS_UNREACHABLE, RedisOutage
 from worker.reconciler import Reconciler
-from worker.redis_conn import redis_settings
+from worker.redis_conn import create_arq_pool, redis_settings
 from worker.runtime import WorkerRuntime
 from worker.serialization import deserialize, serialize
 
@@ -108,8 +108,37 @@ class TasklaneWorker(Worker):
     _idle_wait = 0.0  # extra wait before the next poll, grown while polls find nothing
     _found_new = False
     _start_script: AsyncScript | None = None
+    _outage: RedisOutage | None = None
+
+    async def main(self) -> None:
+        # Our own pool, with socket timeouts and bounded retries (arq's settings have neither):
+        # a Redis that stops answering is noticed within seconds, and the worker claims from
+        # Postgres meanwhile instead of hanging in its poll loop.
+        settings: Settings = self.ctx["settings"]
+        if self._pool is None:
+            self._pool = create_arq_pool(
+                settings.redis_url,
+                serializer=self.job_serializer,
+                deserializer=self.job_deserializer,
+                queue=self.queue_name,
+            )
+        self._outage = RedisOutage(settings.redis_url, get_logger("tasklane.worker"))
+        self.ctx["tasklane_outage"] = self._outage
+        await super().main()
 
     async def _poll_iteration(self) -> None:
+        outage = self._outage
+        if outage is not None and outage.active and not await outage.redis_is_back():
+            await self._claim_from_postgres(outage)
+            return
+        try:
+            await self._poll_redis()
+        except REDIS_UNREACHABLE as exc:
+            if outage is None:
+                raise
+            outage.begin(exc)
+
+    async def _poll_redis(self) -> None:
         self._found_new = False
         looked = self.job_counter < self.max_jobs
         await super()._poll_iteration()
@@ -120,6 +149,40 @@ class TasklaneWorker(Worker):
             max(2 * self._idle_wait, POLL_DELAY_SECONDS), IDLE_POLL_SECONDS - POLL_DELAY_SECONDS
         )
         await asyncio.sleep(self._idle_wait)
+
+    async def _claim_from_postgres(self, outage: RedisOutage) -> None:
+        """Redis is away: fill the free slots with due tasks claimed straight from Postgres
+        (`TaskRepository.find_pending_for_agent`, oldest due first)."""
+        for name, job in list(self.tasks.items()):
+            if job.done():
+                del self.tasks[name]
+        runtime: WorkerRuntime | None = self.ctx.get("tasklane")
+        free = self.max_jobs - self.job_counter
+        if runtime is None or free <= 0:
+            await asyncio.sleep(outage.poll_seconds)
+            return
+        claimed = await outage.claim(runtime, free)
+        for claimed_task in claimed:
+            await self.sem.acquire()  # free slots were counted: this never waits
+            self.job_counter += 1
+            job = self.loop.create_task(runtime.run_claimed(claimed_task))
+            job.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[f"postgres:{claimed_task.id}:{claimed_task.runs}"] = job
+        # A poll that filled every free slot may have left more due tasks: look again soon.
+        await asyncio.sleep(POLL_DELAY_SECONDS if len(claimed) == free else outage.poll_seconds)
+
+    async def close(self) -> None:
+        """arq's close, which ends without our shutdown (connections closed, the worker's row
+        forgotten) when Redis is away: then that is done here."""
+        try:
+            await super().close()
+        except REDIS_UNREACHABLE:
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+            with contextlib.suppress(Exception):
+                await self.pool.close(close_connection_pool=True)
+        if self._outage is not None:
+            await self._outage.close()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         not_utf8 = [job_id for job_id in job_ids if not _is_utf8(job_id)]
@@ -269,19 +332,10 @@ async def _start(
     except SchemaError as exc:
         raise StartupError(str(exc)) from None
 
-    engine = create_engine(
-        settings.database_url,
-        pool_size=max(1, min(5, settings.db_pool_size)),
-        max_overflow=0,
-        statement_cache=settings.db_statement_cache,
-        application_name=f"tasklane-worker {worker_id}",
-    )
-    ctx["tasklane_engine"] = engine
-    session_factory = create_session_factory(engine)
-    await _register_agents(session_factory, agents)
+    await _register_agents(pool, agents)
 
     runtime: WorkerRuntime | None = None
-    store = LifecycleStore(
+    lifecycle = Lifecycle(
         pool,
         LifecycleConfig(
             worker_id=worker_id,
@@ -294,18 +348,23 @@ async def _start(
         ),
         busy=lambda: runtime is not None and runtime.busy(),
     )
-    ctx["tasklane_store"] = store
+    ctx["tasklane_lifecycle"] = lifecycle
     dispatcher = Dispatcher(ctx["redis"], settings.queue)
     runtime = WorkerRuntime(
         settings=settings,
         worker_id=worker_id,
-        store=store,
+        lifecycle=lifecycle,
         dispatcher=dispatcher,
         agents=agents,
-        session_factory=session_factory,
     )
+    outage: RedisOutage | None = ctx.get("tasklane_outage")
     reconciler = Reconciler(
-        store=store, dispatcher=dispatcher, settings=settings, agents=list(agents), log=log
+        lifecycle=lifecycle,
+        dispatcher=dispatcher,
+        settings=settings,
+        agents=list(agents),
+        log=log,
+        redis_away=lambda: outage is not None and outage.active,
     )
     # One pass before the first poll: tasks already due are dispatched (a burst worker then
     # sees them), the worker row exists, expired leases are rescued.
@@ -323,8 +382,8 @@ async def _start(
     )
 
 
-async def _register_agents(session_factory: Any, agents: dict[str, AgentSpec]) -> None:
-    async with UnitOfWork(session_factory) as uow:
+async def _register_agents(pool: Any, agents: dict[str, AgentSpec]) -> None:
+    async with PooledUnitOfWork(pool, transaction=True) as uow:
         for spec in agents.values():
             await uow.agents.upsert(
                 Agent(
@@ -348,15 +407,12 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-    store: LifecycleStore | None = ctx.pop("tasklane_store", None)
-    if store is not None:
+    lifecycle: Lifecycle | None = ctx.pop("tasklane_lifecycle", None)
+    if lifecycle is not None:
         with contextlib.suppress(Exception):
-            await store.forget_worker()
-        await store.close()
+            await lifecycle.forget_worker()
+        await lifecycle.close()
     elif (pool := ctx.pop("tasklane_pool", None)) is not None:
         await pool.close()
-    engine: AsyncEngine | None = ctx.pop("tasklane_engine", None)
-    if engine is not None:
-        await engine.dispose()
     if ctx.pop("tasklane", None) is not None:
         log.info("worker.stopped")

@@ -6,7 +6,10 @@ loop (and the process) down with it.
 
 from __future__ import annotations
 
-from arq.connections import RedisSettings
+from typing import Any
+
+from arq.connections import ArqRedis, RedisSettings
+from arq.jobs import Deserializer, Serializer
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -14,6 +17,11 @@ from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 # ~60 s of retrying (backoff capped at 1 s) before a command gives up.
 _RETRIES = 60
+# A worker retries for a few seconds only (a blip), then claims from Postgres (worker.outage).
+WORKER_RETRIES = 8
+# How long a command may wait for Redis's answer: a Redis that accepts connections but never
+# answers must not hang a worker or a producer.
+SOCKET_TIMEOUT_SECONDS = 5.0
 # OSError: a refused or reset connect. redis-py retries commands on its own ConnectionError, but
 # (re)connecting a pooled connection before a command (after Redis went away while the connection
 # sat idle) retries only the errors listed here; without OSError the first refused connect
@@ -37,15 +45,39 @@ def redis_settings(url: str) -> RedisSettings:
     return settings
 
 
-def create_redis(url: str, *, retries: int = _RETRIES) -> Redis:
+def _client_options(retries: int, socket_timeout: float) -> dict[str, Any]:
+    return {
+        "socket_connect_timeout": 2,
+        "socket_timeout": socket_timeout,
+        "retry": _retry(retries),
+        "retry_on_timeout": True,
+        "retry_on_error": list(_RETRY_ON),
+        "health_check_interval": 30,
+    }
+
+
+def create_redis(
+    url: str, *, retries: int = _RETRIES, socket_timeout: float = SOCKET_TIMEOUT_SECONDS
+) -> Redis:
     """A client for `url`. Producers pass few `retries`: a doorbell that cannot be rung is rung
     later by the reconciler, so a submit should not hang while Redis is away."""
-    client: Redis = Redis.from_url(
-        url,
-        socket_connect_timeout=2,
-        retry=_retry(retries),
-        retry_on_timeout=True,
-        retry_on_error=list(_RETRY_ON),
-        health_check_interval=30,
-    )
+    client: Redis = Redis.from_url(url, **_client_options(retries, socket_timeout))
     return client
+
+
+def create_arq_pool(
+    url: str,
+    *,
+    serializer: Serializer | None,
+    deserializer: Deserializer | None,
+    queue: str,
+    retries: int = WORKER_RETRIES,
+    socket_timeout: float = SOCKET_TIMEOUT_SECONDS,
+) -> ArqRedis:
+    """arq's Redis client for a worker, as `arq.connections.create_pool` makes it, with socket
+    timeouts and bounded retries. It connects on first use."""
+    pool: ArqRedis = ArqRedis.from_url(url, **_client_options(retries, socket_timeout))
+    pool.job_serializer = serializer
+    pool.job_deserializer = deserializer
+    pool.default_queue_name = queue
+    return pool
