@@ -28,17 +28,15 @@ from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
 
-import asyncpg
 import structlog
 from redis.asyncio import Redis
 from sqlalchemy import event
 from sqlalchemy.engine import URL
-from sqlalchemy.engine.interfaces import PoolProxiedConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.util import greenlet_spawn
 
 from domain.entities import Conversation, Doorbell, Task, TaskAttempt
 from domain.exceptions import (
+    ConcurrentUpdateError,
     EntityAlreadyExistsError,
     EntityNotFoundError,
     IdempotencyConflictError,
@@ -46,11 +44,10 @@ from domain.exceptions import (
 )
 from domain.interfaces import CancelResult, RetryResult
 from domain.payload import JsonValue
-from persistence import lifecycle
-from persistence.errors import CONNECTION_ERRORS, translated
+from persistence.errors import translated
 from persistence.repositories import TaskRepository
 from persistence.session import UnitOfWork, create_engine, create_session_factory
-from persistence.sql import ConnectionExecutor, Row, Sql
+from persistence.sql import AutocommitExecutor, ConnectionLost, SessionExecutor
 from worker.config import Settings
 from worker.dispatch import Dispatcher
 from worker.redis_conn import create_redis
@@ -83,6 +80,28 @@ class _Inserted:
     doorbells: list[Doorbell] = field(default_factory=list)
 
 
+class Unset:
+    """The default of `TaskClient.update`'s arguments: leave this field as it is."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = Unset()
+
+
+def _aware(value: datetime) -> datetime:
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise InvalidInputError("run_after must be a timezone-aware datetime")
+    return value
+
+
+def _max_attempts(value: int | None) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InvalidInputError(f"max_attempts must be a whole number ≥ 1, got {value!r:.40}")
+    return value
+
+
 def parse_task_id(value: UUID | str) -> UUID:
     if isinstance(value, UUID):
         return value
@@ -112,7 +131,7 @@ class TaskClient:
         self.session_factory = create_session_factory(engine)
         # Single-statement submits: the same database, in autocommit, without pre-ping.
         self.autocommit_engine = _client_engine(engine.url, settings, autocommit=True)
-        self._autocommit = _AutocommitExecutor(self.autocommit_engine)
+        self._autocommit = TaskRepository(AutocommitExecutor(self.autocommit_engine))
         self.redis = redis
         self.dispatcher = Dispatcher(redis, settings.queue)
         self._background: set[asyncio.Task[None]] = set()
@@ -191,7 +210,7 @@ class TaskClient:
         )
         task = self._build(spec)
         if session is not None:
-            inserted = await self._insert(TaskRepository(session), [task])
+            inserted = await self._insert(TaskRepository(SessionExecutor(session)), [task])
             self._ring_after_commit(session, inserted.doorbells)
             return inserted.tasks[0]
         inserted = await self._insert_alone(task)
@@ -259,14 +278,13 @@ class TaskClient:
         delays = self._dispatch_delays([task])
         try:
             with translated("Task"):
-                inserted = await lifecycle.insert_tasks(
-                    self._autocommit,
+                inserted = await self._autocommit.create_many(
                     [task],
                     dispatch_delays=delays,
                     skip_taken_keys=task.idempotency_key is not None,
                     max_input_bytes=self.settings.max_input_bytes,
                 )
-        except _ConnectionLost as lost:
+        except ConnectionLost as lost:
             log.info(
                 "submit.connection_lost", task_id=str(task.id), error=repr(lost.__cause__ or lost)
             )
@@ -302,7 +320,7 @@ class TaskClient:
         )
         new = {t.id: t for t in inserted}
         taken = [t for t in tasks if t.id not in new]
-        existing = await repo.get_many_by_idempotency_keys(
+        existing = await repo.get_by_idempotency_keys(
             [t.idempotency_key for t in taken if t.idempotency_key]
         )
         result: list[Task] = []
@@ -391,6 +409,44 @@ class TaskClient:
         await self._ring(result.doorbells)
         return result
 
+    async def update(
+        self,
+        task_id: UUID | str,
+        *,
+        run_after: datetime | None | Unset = UNSET,
+        max_attempts: int | None | Unset = UNSET,
+        metadata: dict[str, Any] | Unset = UNSET,
+        expected_version: int | None = None,
+    ) -> Task:
+        """An operator's edit of a task that has not started: when it runs (`run_after`, an aware
+        datetime; None: now), how many attempts it gets (None: its agent's default), its
+        metadata. Only the arguments given change.
+
+        `expected_version`: the version you read (`task.version`); if the task changed since,
+        `ConcurrentUpdateError` and nothing is written. A task that already started (or
+        finished) raises `TaskNotEditableError`.
+        """
+        tid = parse_task_id(task_id)
+        async with UnitOfWork(self.session_factory) as uow:
+            task = await uow.tasks.get_by_id(tid)
+            if task is None:
+                raise EntityNotFoundError("Task", tid)
+            if expected_version is not None and task.version != expected_version:
+                raise ConcurrentUpdateError("Task", tid, expected_version)
+            if not isinstance(run_after, Unset):
+                task.run_after = _aware(run_after) if run_after is not None else None
+            if not isinstance(max_attempts, Unset):
+                task.max_attempts = _max_attempts(max_attempts)
+            if not isinstance(metadata, Unset):
+                if not isinstance(metadata, dict):
+                    raise InvalidInputError("metadata must be a JSON object (a dict)")
+                task.metadata = dict(metadata)
+            updated = await uow.tasks.update(task)
+            await uow.commit()
+        if run_after is None:  # "run it now": no need to wait for the reconciler
+            await self._ring([Doorbell(updated.id, updated.runs, updated.queue)])
+        return updated
+
     async def subtasks(self, task_id: UUID | str) -> list[Task]:
         async with UnitOfWork(self.session_factory) as uow:
             return await uow.tasks.get_subtasks(parse_task_id(task_id))
@@ -418,49 +474,3 @@ class _AfterCommit:
 
     def rolled_back(self, _: Any) -> None:
         self.doorbells = []
-
-
-class _ConnectionLost(Exception):
-    """The connection was closed, or died under the statement (which may have committed)."""
-
-
-class _AutocommitExecutor:
-    """An `Executor` that runs each statement on a connection of its own from an autocommit
-    engine: the statement commits by itself, in one round trip.
-
-    The engine does not pre-ping, so a connection is checked here: one found closed in the pool,
-    or lost under the statement, is invalidated and `_ConnectionLost` raised (chained to the
-    cause). A statement that fails in Postgres leaves a healthy connection, which goes back to
-    the pool, and its error is raised as it is.
-    """
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-
-    async def fetch(self, stmt: Sql, **params: Any) -> Sequence[Row]:
-        fairy = await self.engine.raw_connection()
-        try:
-            conn = fairy.driver_connection
-            if conn is None or conn.is_closed():  # dropped while it sat in the pool
-                raise _ConnectionLost("the pooled connection was closed")
-            rows = await ConnectionExecutor(conn).fetch(stmt, **params)
-        except BaseException as exc:
-            if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, CONNECTION_ERRORS):
-                await _release(fairy)  # e.g. a foreign key violation: the connection is fine
-                raise
-            # Lost, or cancelled mid-statement: the connection is not to be used again.
-            fairy.invalidate(exc)  # outside a greenlet, this closes it at once
-            await asyncio.shield(_release(fairy))
-            if isinstance(exc, Exception) and not isinstance(exc, _ConnectionLost):
-                raise _ConnectionLost(repr(exc)) from exc
-            raise
-        await _release(fairy)
-        return rows
-
-    async def execute(self, stmt: Sql, **params: Any) -> None:
-        await self.fetch(stmt, **params)
-
-
-async def _release(fairy: PoolProxiedConnection) -> None:
-    # Checkin may close an overflow connection, which awaits: it needs SQLAlchemy's greenlet.
-    await greenlet_spawn(fairy.close)

@@ -14,9 +14,11 @@ from sqlalchemy import event
 
 from domain.entities import Conversation
 from domain.exceptions import (
+    ConcurrentUpdateError,
     EntityNotFoundError,
     IdempotencyConflictError,
     InvalidInputError,
+    TaskNotEditableError,
 )
 from domain.value_objects import TaskStatus
 from persistence import pg
@@ -440,3 +442,61 @@ async def client_backends(url: str) -> int:
         " WHERE datname = current_database() AND application_name = 'tasklane-client'",
     )
     return count
+
+
+# -- an operator's edit ---------------------------------------------------------------------------
+
+
+async def test_update_edits_a_pending_task_and_leaves_the_rest(
+    client: TaskClient, conversation: Conversation
+) -> None:
+    later = datetime.now(UTC) + timedelta(hours=2)
+    task = await client.submit(
+        "echo", {"x": 1}, conversation_id=conversation.id, run_after=later, metadata={"a": 1}
+    )
+    edited = await client.update(task.id, max_attempts=7)
+    assert (edited.max_attempts, edited.metadata, edited.run_after) == (7, {"a": 1}, later)
+    assert edited.version == task.version + 1
+    edited = await client.update(task.id, metadata={"b": 2}, expected_version=edited.version)
+    assert (edited.max_attempts, edited.metadata) == (7, {"b": 2})
+    assert await client.get(task.id) == edited
+
+
+async def test_update_refuses_a_stale_version_and_writes_nothing(
+    client: TaskClient, conversation: Conversation
+) -> None:
+    later = datetime.now(UTC) + timedelta(hours=2)
+    task = await client.submit("echo", {}, conversation_id=conversation.id, run_after=later)
+    await client.update(task.id, max_attempts=5)  # somebody else's edit
+    with pytest.raises(ConcurrentUpdateError, match=f"expected version {task.version}"):
+        await client.update(task.id, max_attempts=9, expected_version=task.version)
+    assert (await client.get(task.id)).max_attempts == 5
+
+
+async def test_update_refuses_a_task_that_started_and_bad_values(
+    client: TaskClient, conversation: Conversation, worker: WorkerRuntime
+) -> None:
+    task = await client.submit("echo", {}, conversation_id=conversation.id)
+    done = await client.wait(task.id, timeout=20)
+    with pytest.raises(TaskNotEditableError, match="is completed"):
+        await client.update(task.id, max_attempts=9)
+    assert await client.get(task.id) == done
+    later = datetime.now(UTC) + timedelta(hours=2)
+    pending = await client.submit("echo", {}, conversation_id=conversation.id, run_after=later)
+    with pytest.raises(InvalidInputError, match="max_attempts"):
+        await client.update(pending.id, max_attempts=0)
+    with pytest.raises(InvalidInputError, match="timezone-aware"):
+        await client.update(pending.id, run_after=datetime(2030, 1, 1))
+    with pytest.raises(EntityNotFoundError):
+        await client.update(uuid.uuid4(), max_attempts=2)
+    assert await client.get(pending.id) == pending
+
+
+async def test_update_run_after_none_runs_a_scheduled_task_now(
+    client: TaskClient, conversation: Conversation, worker: WorkerRuntime
+) -> None:
+    later = datetime.now(UTC) + timedelta(hours=2)
+    task = await client.submit("echo", {"x": 2}, conversation_id=conversation.id, run_after=later)
+    await client.update(task.id, run_after=None)
+    done = await client.wait(task.id, timeout=20)
+    assert (done.status, done.output) == (TaskStatus.COMPLETED, {"echo": {"x": 2}})
