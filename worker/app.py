@@ -3,7 +3,7 @@
 `arq worker.settings.WorkerSettings` and `tasklane worker` both run this.
 
 The settings class only wires things together; everything a job needs is built once at startup
-and put in arq's `ctx`. Choices that matter (see DESIGN.md §4):
+and put in arq's `ctx`. Choices that matter (see docs/architecture.md):
 - JSON job serialisation on both sides; pickle is refused;
 - no arq results are kept (arq's job-id dedup would block re-dispatch while one is kept);
 - arq's own timeout is longer than any task's, and arq never gives up on a doorbell: retries

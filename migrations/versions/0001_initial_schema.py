@@ -1,6 +1,6 @@
 """Initial schema: conversations, agents, workers, tasks and task_attempts.
 
-The contract is DESIGN.md §3. Server defaults everywhere a producer using plain SQL relies on
+The schema of docs/architecture.md. Server defaults everywhere a producer using plain SQL relies on
 them; partial indexes for the hot queries (dispatch scan, pending per agent, expired leases,
 children of a parent).
 

@@ -47,7 +47,7 @@ async def test_echo_square_and_sleep_complete(
 async def test_task_inserted_with_plain_sql_runs(
     conversation: Conversation, database_url: str, private_redis: PrivateRedis
 ) -> None:
-    # Exactly the statement DESIGN.md promises another service can use: no queue given, so the
+    # Exactly the statement the README promises another service can use: no queue given, so the
     # default queue; the worker runs on a Redis of its own, where nobody else uses that name.
     settings = make_settings(database_url, private_redis.url, "tasklane")
     async with running_worker(settings):

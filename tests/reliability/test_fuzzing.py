@@ -2,7 +2,7 @@
 
 Every outcome must be one of: a clear domain error with nothing written, or a task that ends
 `completed` (an `echo` returns exactly its input) or `failed` with a reason. The worker never
-dies and keeps serving real tasks; the invariants of DESIGN.md §8 hold afterwards.
+dies and keeps serving real tasks; the guarantees (README, Guarantees) hold afterwards.
 
 One database, one queue and one in-process worker serve all the examples of a test (the
 function-scoped fixtures are shared on purpose, hence the suppressed health check).
