@@ -413,8 +413,8 @@ class TaskClient:
         self,
         task_id: UUID | str,
         *,
-        run_after: datetime | None | Unset = UNSET,
-        max_attempts: int | None | Unset = UNSET,
+        run_after: datetime | Unset | None = UNSET,
+        max_attempts: int | Unset | None = UNSET,
         metadata: dict[str, Any] | Unset = UNSET,
         expected_version: int | None = None,
     ) -> Task:

@@ -25,7 +25,8 @@ from domain.value_objects import (
 P, R, W = TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.WAITING
 C, F, X = TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED
 
-# The transition table of docs/architecture.md, written out by hand: (from, to) pairs that are allowed. Every other pair is not.
+# The transition table of docs/architecture.md, written out by hand: (from, to) pairs that
+# are allowed. Every other pair is not.
 EXPECTED_ALLOWED = {
     (P, R),
     (P, X),
