@@ -7,6 +7,7 @@ trusts, so callers hand the entity the time they got from it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,6 +25,42 @@ DEFAULT_QUEUE = "tasklane"
 # In characters, at up to 4 UTF-8 bytes each.
 MAX_AGENT_ID_LENGTH = 200
 MAX_IDEMPOTENCY_KEY_LENGTH = 500
+# What an agent id is made of: ASCII letters, digits and `_ . : / @ -`, not starting with a
+# punctuation mark. ASCII on purpose: the `tasks` CHECK constraint states the same rule in SQL,
+# and Unicode notions of "space" or "printable" differ between Python and PostgreSQL's locales.
+AGENT_ID_CHARACTERS = "A-Za-z0-9_.:/@-"
+AGENT_ID_PATTERN = f"^[A-Za-z0-9_][{AGENT_ID_CHARACTERS}]{{0,{MAX_AGENT_ID_LENGTH - 1}}}$"
+_AGENT_ID = re.compile(AGENT_ID_PATTERN.replace("$", r"\Z"))
+# The most attempts a task may be given (also a CHECK constraint).
+MAX_ATTEMPTS_LIMIT = 10_000
+
+
+def check_agent_id(agent_id: object) -> str:
+    """The agent id, or InvalidInputError saying what is wrong with it."""
+    if not isinstance(agent_id, str) or not agent_id:
+        raise InvalidInputError(f"agent_id must be a non-empty string, got {agent_id!r:.60}")
+    if len(agent_id) > MAX_AGENT_ID_LENGTH:
+        raise InvalidInputError(
+            f"agent_id is {len(agent_id)} characters, over the limit of "
+            f"{MAX_AGENT_ID_LENGTH}: {agent_id!r:.60}"
+        )
+    if not _AGENT_ID.match(agent_id):
+        raise InvalidInputError(
+            f"agent_id {agent_id!r:.60} is not a valid agent id: use ASCII letters, digits and "
+            f"`_ . : / @ -`, starting with a letter, digit or `_`"
+        )
+    return agent_id
+
+
+def check_max_attempts(max_attempts: object) -> None:
+    if max_attempts is None:
+        return
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
+        raise InvalidInputError(f"max_attempts must be a whole number, got {max_attempts!r:.40}")
+    if not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT:
+        raise InvalidInputError(
+            f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {max_attempts}"
+        )
 
 
 @dataclass(slots=True)
@@ -54,20 +91,13 @@ class Task:
     version: int = 1  # bumped by every write; optimistic concurrency for `update`
 
     def __post_init__(self) -> None:
-        if not isinstance(self.agent_id, str) or not self.agent_id.strip():
-            raise InvalidInputError(
-                f"agent_id must be a non-empty string, got {self.agent_id!r:.60}"
-            )
-        if self.max_attempts is not None and self.max_attempts < 1:
-            raise InvalidInputError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        check_agent_id(self.agent_id)
+        check_max_attempts(self.max_attempts)
+        if self.parent_task_id is not None and self.parent_task_id == self.id:
+            raise InvalidInputError(f"task {self.id} cannot be its own parent")
 
     def check_new(self) -> None:
         """Limits for a task about to be written (a row already stored is read as it is)."""
-        if len(self.agent_id) > MAX_AGENT_ID_LENGTH:
-            raise InvalidInputError(
-                f"agent_id is {len(self.agent_id)} characters, over the limit of "
-                f"{MAX_AGENT_ID_LENGTH}: {self.agent_id!r:.60}"
-            )
         key = self.idempotency_key
         if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
             raise InvalidInputError(
@@ -242,8 +272,7 @@ class Agent:
     updated_at: datetime | None = None
 
     def __post_init__(self) -> None:
-        if not self.id or not self.id.strip():
-            raise InvalidInputError("agent id must be a non-empty string")
+        check_agent_id(self.id)
 
 
 @dataclass(slots=True, frozen=True)

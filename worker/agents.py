@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any, TypeAlias
 from uuid import UUID
 
-from domain.entities import Task
+from domain.entities import Task, check_agent_id, check_max_attempts
 from domain.exceptions import InvalidInputError
 from domain.payload import JsonValue, encode_json
 
@@ -62,12 +62,16 @@ def agent(
     description: str | None = None,
 ) -> Callable[[Handler], Handler]:
     """Register an async handler for `agent_id` when its module is imported."""
-    if not isinstance(agent_id, str) or not agent_id.strip():
-        raise ValueError("@agent needs a non-empty agent id")
+    try:
+        check_agent_id(agent_id)
+    except InvalidInputError as exc:
+        raise ValueError(f"@agent: {exc}") from None
     if timeout is not None and not timeout > 0:
         raise ValueError(f"@agent({agent_id!r}): timeout must be > 0 seconds, got {timeout!r}")
-    if max_attempts is not None and max_attempts < 1:
-        raise ValueError(f"@agent({agent_id!r}): max_attempts must be ≥ 1, got {max_attempts!r}")
+    try:
+        check_max_attempts(max_attempts)
+    except InvalidInputError as exc:
+        raise ValueError(f"@agent({agent_id!r}): {exc}") from None
 
     def register(handler: Handler) -> Handler:
         if not inspect.iscoroutinefunction(handler):

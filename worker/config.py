@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from domain.entities import DEFAULT_QUEUE
+from domain.entities import DEFAULT_QUEUE, MAX_ATTEMPTS_LIMIT
 from domain.payload import DEFAULT_MAX_INPUT_BYTES
 from domain.policies import Backoff
 
@@ -71,7 +71,7 @@ class Settings:
             concurrency=reader.get("TASKLANE_CONCURRENCY", _positive_int, 50),
             lease_seconds=reader.get("TASKLANE_LEASE_SECONDS", _positive_float, 30.0),
             task_timeout=reader.get("TASKLANE_TASK_TIMEOUT", _positive_float, 300.0),
-            max_attempts=reader.get("TASKLANE_MAX_ATTEMPTS", _positive_int, 3),
+            max_attempts=reader.get("TASKLANE_MAX_ATTEMPTS", _attempts, 3),
             retry_base_seconds=reader.get("TASKLANE_RETRY_BASE_SECONDS", _non_negative_float, 1.0),
             retry_max_seconds=reader.get("TASKLANE_RETRY_MAX_SECONDS", _non_negative_float, 300.0),
             reconcile_seconds=reader.get("TASKLANE_RECONCILE_SECONDS", _positive_float, 1.0),
@@ -187,6 +187,13 @@ def _positive_int(raw: str) -> int:
         raise ValueError(f"expected a whole number, got {raw!r}") from None
     if value < 1:
         raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def _attempts(raw: str) -> int:
+    value = _positive_int(raw)
+    if value > MAX_ATTEMPTS_LIMIT:
+        raise ValueError(f"must be at most {MAX_ATTEMPTS_LIMIT}, got {value}")
     return value
 
 

@@ -27,6 +27,9 @@ class TaskAttemptModel(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     outcome: Mapped[str | None] = mapped_column(Text)  # NULL while the run is in progress
     error: Mapped[str | None] = mapped_column(Text)
+    # Which claim statement started this run: a claim whose answer was lost is taken up again
+    # (adopted) only if this run is the one that very statement started.
+    claim_token: Mapped[UUID | None] = mapped_column()
 
     __table_args__ = (
         CheckConstraint(f"outcome IS NULL OR outcome IN ({_OUTCOMES})", name="outcome"),

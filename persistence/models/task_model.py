@@ -17,14 +17,15 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from domain.entities import DEFAULT_QUEUE
-from domain.value_objects import TaskStatus
+from domain.entities import AGENT_ID_PATTERN, DEFAULT_QUEUE, MAX_ATTEMPTS_LIMIT
+from domain.value_objects import UNFINISHED_STATUSES, TaskStatus
 from persistence.models.base import Base
 
 if TYPE_CHECKING:
     from persistence.models.conversation_model import ConversationModel
 
 _STATUSES = ", ".join(f"'{s.value}'" for s in TaskStatus)
+_UNFINISHED = ", ".join(f"'{s.value}'" for s in TaskStatus if s in UNFINISHED_STATUSES)
 
 
 class TaskModel(Base):
@@ -73,11 +74,26 @@ class TaskModel(Base):
 
     __table_args__ = (
         CheckConstraint(f"status IN ({_STATUSES})", name="status"),
-        CheckConstraint("length(btrim(agent_id)) > 0", name="agent_id_not_blank"),
+        # The domain's rules for a task that may still run (`domain.entities.Task`), in SQL.
+        # Finished rows are exempt: history written before a rule existed stays readable, and
+        # an operator's retry of such a row is refused by the constraint, with its name.
+        CheckConstraint(
+            f"status NOT IN ({_UNFINISHED}) OR agent_id ~ '{AGENT_ID_PATTERN}'",
+            name="agent_id_format",
+        ),
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
-        CheckConstraint("max_attempts IS NULL OR max_attempts >= 1", name="max_attempts_positive"),
+        CheckConstraint(
+            f"status NOT IN ({_UNFINISHED}) OR max_attempts IS NULL"
+            f" OR max_attempts BETWEEN 1 AND {MAX_ATTEMPTS_LIMIT}",
+            name="max_attempts_range",
+        ),
         CheckConstraint(
             "max_attempts IS NULL OR attempts <= max_attempts", name="attempts_within_max"
+        ),
+        # A task that is its own parent would wait for itself forever.
+        CheckConstraint(
+            f"status NOT IN ({_UNFINISHED}) OR parent_task_id IS DISTINCT FROM id",
+            name="not_its_own_parent",
         ),
         # The reconciler's dispatch scan: due pending tasks of one queue needing a doorbell.
         Index(
@@ -86,12 +102,18 @@ class TaskModel(Base):
             func.greatest(text("run_after"), text("dispatch_after")),
             postgresql_where=text("status = 'pending'"),
         ),
-        # find_pending_for_agent: due pending tasks per agent, oldest first.
+        # find_pending_for_agent: due pending tasks per agent, oldest due first.
         Index(
             "ix_tasks_pending_agent",
             "agent_id",
-            "created_at",
+            "run_after",
             postgresql_where=text("status = 'pending'"),
+        ),
+        # Fan-in: "is any child of this parent unfinished?" without reading the finished ones.
+        Index(
+            "ix_tasks_open_children",
+            "parent_task_id",
+            postgresql_where=text(f"parent_task_id IS NOT NULL AND status IN ({_UNFINISHED})"),
         ),
         # The rescuer: running tasks by lease expiry.
         Index(

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, Integer, Text, func
+from sqlalchemy import DateTime, Integer, Text, func, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -23,6 +23,9 @@ class WorkerModel(Base):
     last_seen_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), index=True
     )
+    # Handlers that ignored cancellation past their timeout and were left behind (health shows
+    # them): each still holds memory, and perhaps a connection, in that process.
+    abandoned_handlers: Mapped[int] = mapped_column(Integer, server_default=text("0"))
 
     def __repr__(self) -> str:
         return f"<WorkerModel id={self.id!r} queue={self.queue!r}>"

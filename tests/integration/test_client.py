@@ -46,7 +46,7 @@ async def count_tasks(database_url: str) -> int:
     ("agent_id", "payload", "message"),
     [
         ("", {}, "agent_id must be a non-empty string"),
-        ("   ", {}, "agent_id must be a non-empty string"),
+        ("   ", {}, "is not a valid agent id"),
         ("echo", {"when": datetime.now(UTC)}, "not JSON-serialisable"),
         ("echo", {"x": float("nan")}, "not valid JSON"),
         ("echo", {"x": float("inf")}, "not valid JSON"),

@@ -100,6 +100,7 @@ async def test_upgrade_compare_downgrade_upgrade(empty_database: str) -> None:
         "alembic_version",
         "conversations",
         "task_attempts",
+        "tasklane_schema",
         "tasks",
         "workers",
     ]
@@ -131,3 +132,32 @@ async def test_the_comparison_does_see_drift(empty_database: str) -> None:
     diff = await schema_diff(url)
     kinds = sorted(d[0] if isinstance(d, tuple) else d[0][0] for d in diff)
     assert kinds == ["add_index", "remove_column"], diff
+
+
+async def test_0002_fails_unfinished_rows_that_break_the_new_rules(empty_database: str) -> None:
+    """Rows written before the stricter CHECKs: unfinished ones that could never run right are
+    failed with the reason; finished history stays as it was."""
+    url = url_for(empty_database)
+    await alembic("upgrade", url, "0001")
+    conn = await asyncpg.connect(plain_url_for(empty_database))
+    try:
+        conv = await conn.fetchval("INSERT INTO conversations (user_id) VALUES ('u') RETURNING id")
+        insert = (
+            "INSERT INTO tasks (conversation_id, agent_id, status) VALUES ($1, $2, $3) RETURNING id"
+        )
+        tab = await conn.fetchval(insert, conv, "\t", "pending")
+        done_tab = await conn.fetchval(insert, conv, "a b", "completed")
+        fine = await conn.fetchval(insert, conv, "echo", "pending")
+        selfish = await conn.fetchval(insert, conv, "echo", "pending")
+        await conn.execute("UPDATE tasks SET parent_task_id = id WHERE id = $1", selfish)
+        await alembic("upgrade", url, "head")
+        rows = {r["id"]: r for r in await conn.fetch("SELECT id, status, error FROM tasks")}
+        with pytest.raises(asyncpg.CheckViolationError, match="ck_tasks_agent_id_format"):
+            await conn.execute(insert, conv, "\t", "pending")
+    finally:
+        await conn.close()
+    assert rows[tab]["status"] == "failed"
+    assert "is not a valid agent id" in rows[tab]["error"]
+    assert rows[selfish]["status"] == "failed"
+    assert "its own parent" in rows[selfish]["error"]
+    assert (rows[fine]["status"], rows[done_tab]["status"]) == ("pending", "completed")

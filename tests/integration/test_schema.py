@@ -10,6 +10,8 @@ from uuid import UUID
 import asyncpg
 import pytest
 from alembic.script import ScriptDirectory
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from domain.entities import Conversation, Task
 from domain.exceptions import InvalidInputError
@@ -101,13 +103,25 @@ async def test_a_conversation_inserted_with_plain_sql_gets_its_defaults(
     [
         ({"status": "done"}, "ck_tasks_status"),
         ({"status": "PENDING"}, "ck_tasks_status"),
-        ({"agent_id": "   "}, "ck_tasks_agent_id_not_blank"),
-        ({"agent_id": ""}, "ck_tasks_agent_id_not_blank"),
+        ({"agent_id": "   "}, "ck_tasks_agent_id_format"),
+        ({"agent_id": ""}, "ck_tasks_agent_id_format"),
+        ({"agent_id": "\t"}, "ck_tasks_agent_id_format"),
         ({"attempts": 4, "max_attempts": 3}, "ck_tasks_attempts_within_max"),
         ({"attempts": -1}, "ck_tasks_attempts_not_negative"),
-        ({"max_attempts": 0}, "ck_tasks_max_attempts_positive"),
+        ({"max_attempts": 0}, "ck_tasks_max_attempts_range"),
+        ({"max_attempts": 10001}, "ck_tasks_max_attempts_range"),
     ],
-    ids=["status", "status-case", "blank-agent", "empty-agent", "attempts>max", "neg", "max0"],
+    ids=[
+        "status",
+        "status-case",
+        "blank-agent",
+        "empty-agent",
+        "tab-agent",
+        "attempts>max",
+        "neg",
+        "max0",
+        "max-over-limit",
+    ],
 )
 async def test_check_constraints_reject_bad_rows(
     pg: asyncpg.Connection, conv_id: UUID, columns: dict[str, object], constraint: str
@@ -139,7 +153,7 @@ async def test_the_repository_reports_a_check_violation_as_bad_input(
         assert task is not None
         task.max_attempts = 0
         task.metadata = {"password": "hunter2"}
-        with pytest.raises(InvalidInputError, match="ck_tasks_max_attempts_positive") as info:
+        with pytest.raises(InvalidInputError, match="ck_tasks_max_attempts_range") as info:
             await uow.tasks.update(task)
     # Postgres's DETAIL ("Failing row contains …") would copy the row into the message.
     assert "hunter2" not in str(info.value)
@@ -206,7 +220,8 @@ async def test_the_hot_queries_have_their_indexes(pg: asyncpg.Connection) -> Non
     rows = await pg.fetch("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'tasks'")
     indexes = {r["indexname"]: r["indexdef"] for r in rows}
     assert "WHERE (status = 'pending'::text)" in indexes["ix_tasks_pending_agent"]
-    assert "(agent_id, created_at)" in indexes["ix_tasks_pending_agent"]
+    assert "(agent_id, run_after)" in indexes["ix_tasks_pending_agent"]
+    assert "(parent_task_id) WHERE" in indexes["ix_tasks_open_children"]
     assert "WHERE (status = 'running'::text)" in indexes["ix_tasks_running_lease"]
     assert "(parent_task_id, created_at)" in indexes["ix_tasks_parent"]
     assert "(conversation_id, created_at)" in indexes["ix_tasks_conversation"]
@@ -224,12 +239,25 @@ async def test_schema_revision_is_the_alembic_head(
     await check_schema(pg)
 
 
-async def test_check_schema_refuses_another_revision(pg: asyncpg.Connection) -> None:
-    await pg.execute("UPDATE alembic_version SET version_num = '0000'")
-    with pytest.raises(SchemaError, match="at revision 0000, this code needs"):
+async def test_check_schema_refuses_an_older_revision(pg: asyncpg.Connection) -> None:
+    await pg.execute("UPDATE alembic_version SET version_num = '0001'")
+    with pytest.raises(SchemaError, match=f"at revision 0001, this code needs {SCHEMA_REVISION}"):
         await check_schema(pg)
     await pg.execute("DROP TABLE alembic_version")
     with pytest.raises(SchemaError, match="not migrated"):
+        await check_schema(pg)
+
+
+async def test_check_schema_accepts_a_newer_revision_that_only_extended(
+    pg: asyncpg.Connection,
+) -> None:
+    """`migrate` ahead of a rolling deploy: workers of this code stay healthy on a schema that
+    later migrations only extended (they leave oldest_code_revision as it is)."""
+    await pg.execute("UPDATE alembic_version SET version_num = '9998'")
+    assert await check_schema(pg) == "9998"
+    # A later migration that breaks older code says so: then this code is refused.
+    await pg.execute("UPDATE tasklane_schema SET oldest_code_revision = '9998'")
+    with pytest.raises(SchemaError, match="no longer serves code written for"):
         await check_schema(pg)
 
 
@@ -243,3 +271,45 @@ async def test_entities_round_trip_through_the_schema(uow: UnitOfWork) -> None:
     async with uow:
         assert await uow.conversations.get_by_id(conv.id) == conv
         assert await uow.tasks.get_by_id(task.id) == task
+
+
+AGENT_IDS = st.one_of(
+    st.text(max_size=8),
+    st.text(alphabet="ab_.:/@- \t\n0Zé", max_size=6),
+    st.sampled_from(["echo", "-x", "_x", "x" * 200, "x" * 201, "a b", "a\u00a0b", "a\u2028"]),
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(agent_id=AGENT_IDS)
+async def test_the_check_constraint_states_the_domains_rule_for_agent_ids(
+    pg: asyncpg.Connection, conv_id: UUID, agent_id: str
+) -> None:
+    """Whatever the text, the database takes a pending task's agent id exactly when the domain
+    does: no row can be claimed that the worker cannot load."""
+    try:
+        Task(conversation_id=conv_id, agent_id=agent_id)
+        domain_takes = True
+    except InvalidInputError:
+        domain_takes = False
+    if "\x00" in agent_id:  # text cannot hold NUL at all
+        return
+    try:
+        async with pg.transaction():
+            await pg.execute(
+                "INSERT INTO tasks (conversation_id, agent_id) VALUES ($1, $2)", conv_id, agent_id
+            )
+            raise _Rollback
+    except _Rollback:
+        db_takes = True
+    except asyncpg.CheckViolationError:
+        db_takes = False
+    assert db_takes == domain_takes, repr(agent_id)
+
+
+class _Rollback(Exception):
+    pass

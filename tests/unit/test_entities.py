@@ -51,10 +51,33 @@ def test_tasks_do_not_share_mutable_defaults() -> None:
     assert a.id != b.id
 
 
-@pytest.mark.parametrize("agent_id", ["", "   ", "\t\n"])
-def test_a_task_needs_an_agent(agent_id: str) -> None:
-    with pytest.raises(InvalidInputError, match="agent_id must be a non-empty string"):
+@pytest.mark.parametrize(
+    ("agent_id", "message"),
+    [
+        ("", "agent_id must be a non-empty string"),
+        ("   ", "is not a valid agent id"),
+        ("\t", "is not a valid agent id"),
+        ("echo\n", "is not a valid agent id"),
+        ("-echo", "is not a valid agent id"),
+        ("é", "is not a valid agent id"),
+        ("x" * 201, "over the limit of 200"),
+    ],
+)
+def test_a_task_needs_a_valid_agent_id(agent_id: str, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
         Task(conversation_id=uuid4(), agent_id=agent_id)
+
+
+def test_max_attempts_is_bounded() -> None:
+    Task(conversation_id=uuid4(), agent_id="echo", max_attempts=10_000)
+    with pytest.raises(InvalidInputError, match="between 1 and 10000"):
+        Task(conversation_id=uuid4(), agent_id="echo", max_attempts=10_001)
+
+
+def test_a_task_is_not_its_own_parent() -> None:
+    task_id = uuid4()
+    with pytest.raises(InvalidInputError, match="its own parent"):
+        Task(conversation_id=uuid4(), agent_id="echo", id=task_id, parent_task_id=task_id)
 
 
 @pytest.mark.parametrize("max_attempts", [0, -1])
@@ -314,7 +337,7 @@ def test_a_conversation_needs_a_user(user_id: str) -> None:
 def test_agent() -> None:
     agent = Agent(id="echo", description="echoes", max_attempts=5)
     assert (agent.id, agent.description, agent.max_attempts) == ("echo", "echoes", 5)
-    with pytest.raises(InvalidInputError, match="agent id must be a non-empty string"):
+    with pytest.raises(InvalidInputError, match="is not a valid agent id"):
         Agent(id=" ")
 
 
