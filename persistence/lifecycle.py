@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import asyncpg
 
@@ -37,6 +38,10 @@ from persistence.session import PooledUnitOfWork
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+K = TypeVar("K")
+
+# A row a reconciler step keeps failing on is logged again after this long.
+ROW_FAILURE_LOG_SECONDS = 60.0
 
 _ATTEMPTS = 4
 
@@ -84,8 +89,10 @@ class Lifecycle:
             "complete", self._complete_batch, busy=busy, window=batch_window, max_size=batch_max
         )
         self._finish_patience = config.lease_seconds
-        # Tasks whose last claim statement got no answer: it may have committed all the same.
-        self._unsure_claims: set[UUID] = set()
+        self._row_failures: dict[tuple[str, object], float] = {}
+        # Tasks whose claim statements got no answer (they may have committed all the same),
+        # with those statements' claim tokens.
+        self._unsure_claims: dict[UUID, set[UUID]] = {}
 
     async def close(self) -> None:
         await self._claims.drain()
@@ -149,22 +156,28 @@ class Lifecycle:
             # A claim whose connection died around its commit may have claimed: retried, it
             # would miss its own claim, and the task would sit running until its lease ran out,
             # an attempt spent and its handler never run. Take up what it got first.
-            unsure = [task_id for task_id in wanted if task_id in self._unsure_claims]
+            unsure = [
+                (task_id, token)
+                for task_id in wanted
+                for token in self._unsure_claims.get(task_id, ())
+            ]
+            token = uuid4()
             try:
-                adopted = await uow.tasks.adopt(
-                    unsure, worker_id=cfg.worker_id, lease_seconds=cfg.lease_seconds
-                )
+                adopted = await uow.tasks.adopt(unsure, lease_seconds=cfg.lease_seconds)
                 claimed = await uow.tasks.claim(
                     wanted,
                     worker_id=cfg.worker_id,
                     lease_seconds=cfg.lease_seconds,
                     default_max_attempts=cfg.default_max_attempts,
                     queue=cfg.queue,
+                    claim_token=token,
                 )
             except BaseException:
-                self._unsure_claims.update(wanted)
+                for task_id in wanted:
+                    self._unsure_claims.setdefault(task_id, set()).add(token)
                 raise
-            self._unsure_claims.difference_update(wanted)
+            for task_id in wanted:
+                self._unsure_claims.pop(task_id, None)
             if adopted:
                 log.warning("adopted %d claim(s) that committed without an answer", len(adopted))
             return adopted + claimed
@@ -259,41 +272,97 @@ class Lifecycle:
         """Rescue running tasks whose lease expired: roots in one statement, subtasks one by one
         (each under its parent's lock). Returns what was rescued and the parents that resumed
         because a rescued child failed for good."""
-        cfg = self.config
-        rescued = await self.run(
-            "rescue", lambda uow: uow.tasks.rescue_roots(limit=limit, backoff=cfg.backoff)
+        backoff = self.config.backoff
+        delay = self.config.redispatch_seconds
+        rescued = await self._set_or_rows(
+            "rescue",
+            lambda uow: uow.tasks.rescue_roots(limit=limit, backoff=backoff),
+            lambda uow: uow.tasks.expired_roots(limit=limit),
+            lambda root: lambda uow: uow.tasks.rescue_root(*root, backoff=backoff),
         )
         doorbells: list[Doorbell] = []
         for expired in await self.run(
             "rescue", lambda uow: uow.tasks.expired_children(limit=limit)
         ):
-            one, resumed = await self.run(
-                "rescue-child",
-                lambda uow, expired=expired: uow.tasks.rescue_child(  # type: ignore[misc]
-                    expired, backoff=cfg.backoff, dispatch_delay=cfg.redispatch_seconds
-                ),
-            )
+            try:
+                one, resumed = await self.run(
+                    "rescue-child",
+                    lambda uow, expired=expired: uow.tasks.rescue_child(  # type: ignore[misc]
+                        expired, backoff=backoff, dispatch_delay=delay
+                    ),
+                )
+            except Exception as exc:
+                self._row_failed("rescue-child", expired.task_id, exc)
+                continue
             rescued.extend([one] if one else [])
             doorbells.extend([resumed] if resumed else [])
         return rescued, doorbells
 
     async def resume_stranded(self, *, min_age_seconds: float, limit: int) -> list[Doorbell]:
-        return await self.run(
+        stranded = await self.run(
             "resume-stranded",
-            lambda uow: uow.tasks.resume_stranded(
-                min_age_seconds=min_age_seconds,
-                limit=limit,
-                dispatch_delay=self.config.redispatch_seconds,
+            lambda uow: uow.tasks.stranded_waiting(min_age_seconds=min_age_seconds, limit=limit),
+        )
+        doorbells: list[Doorbell] = []
+        for parent_id in stranded:
+            try:
+                doorbells += await self.run(
+                    "resume-stranded",
+                    lambda uow, parent_id=parent_id: uow.tasks.resume_parent(  # type: ignore[misc]
+                        parent_id, dispatch_delay=self.config.redispatch_seconds
+                    ),
+                )
+            except Exception as exc:
+                self._row_failed("resume-stranded", parent_id, exc)
+        return doorbells
+
+    async def mark_due_dispatched(self, *, queue: str, limit: int) -> list[Doorbell]:
+        redispatch = self.config.redispatch_seconds
+        return await self._set_or_rows(
+            "dispatch",
+            lambda uow: uow.tasks.mark_due_dispatched(
+                queue=queue, limit=limit, redispatch_seconds=redispatch
+            ),
+            lambda uow: uow.tasks.due_for_dispatch(queue=queue, limit=limit),
+            lambda task_id: (
+                lambda uow: uow.tasks.mark_dispatched(task_id, redispatch_seconds=redispatch)
             ),
         )
 
-    async def mark_due_dispatched(self, *, queue: str, limit: int) -> list[Doorbell]:
-        return await self.run(
-            "dispatch",
-            lambda uow: uow.tasks.mark_due_dispatched(
-                queue=queue, limit=limit, redispatch_seconds=self.config.redispatch_seconds
-            ),
-        )
+    async def _set_or_rows(
+        self,
+        name: str,
+        whole: Step[list[T]],
+        candidates: Step[list[K]],
+        one: Callable[[K], Step[T | None]],
+    ) -> list[T]:
+        """Run a set-based step; if it fails on a row (not a transient failure, which `run`
+        retries), run it row by row instead, so one bad row never holds up the others."""
+        try:
+            return await self.run(name, whole)
+        except Exception as exc:
+            if _retryable(exc):
+                raise
+            log.warning("%s failed (%r); going row by row", name, exc)
+        done: list[T] = []
+        for key in await self.run(name, candidates):
+            try:
+                result = await self.run(name, one(key))
+            except Exception as exc:
+                self._row_failed(name, key, exc)
+                continue
+            if result is not None:
+                done.append(result)
+        return done
+
+    def _row_failed(self, name: str, key: object, exc: BaseException) -> None:
+        """One row a step could not handle: logged when it first fails and then at most once a
+        minute while it goes on failing."""
+        now = time.monotonic()
+        last = self._row_failures.get((name, key))
+        if last is None or now - last >= ROW_FAILURE_LOG_SECONDS:
+            self._row_failures[(name, key)] = now
+            log.error("%s failed for %s, which is left for the next tick: %r", name, key, exc)
 
     async def unmark_dispatched(self, doorbells: Sequence[Doorbell]) -> None:
         ids = [d.task_id for d in doorbells]

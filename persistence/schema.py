@@ -35,7 +35,7 @@ async def check_schema(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionPro
             f"{SCHEMA_REVISION} or later: run `tasklane migrate`"
         )
     oldest = await conn.fetchval("SELECT max(oldest_code_revision) FROM tasklane_schema")
-    if oldest is not None and SCHEMA_REVISION < oldest:
+    if oldest is not None and oldest > SCHEMA_REVISION:
         raise SchemaError(
             f"the database schema is at revision {revision}, which no longer serves code "
             f"written for {SCHEMA_REVISION} (the oldest it serves is {oldest}): deploy newer "

@@ -42,15 +42,16 @@ REPEAT_FAILURE_LOG_SECONDS = 60.0
 class _StepHealth:
     """Whether one reconciler step is failing, and when that was last logged."""
 
-    def __init__(self, name: str, log: Any) -> None:
+    def __init__(self, name: str, log: Any, clock: Callable[[], float]) -> None:
         self.name = name
         self.log = log
+        self.clock = clock
         self.failing_since: float | None = None
         self.last_logged = 0.0
         self.failures = 0
 
     def failed(self, exc: BaseException) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self.failures += 1
         if self.failing_since is None:
             self.failing_since = now
@@ -70,7 +71,7 @@ class _StepHealth:
             self.log.info(
                 "reconcile.step_recovered",
                 step=self.name,
-                failed_for_seconds=round(time.monotonic() - self.failing_since, 1),
+                failed_for_seconds=round(self.clock() - self.failing_since, 1),
             )
         self.failing_since = None
         self.failures = 0
@@ -96,8 +97,9 @@ class Reconciler:
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
         self._last_forget = 0.0
+        self.clock: Callable[[], float] = time.monotonic  # steps' failure logging goes by it
         self._steps: list[tuple[_StepHealth, Callable[[], Awaitable[Any]]]] = [
-            (_StepHealth(name, log), step)
+            (_StepHealth(name, log, lambda: self.clock()), step)
             for name, step in (
                 ("worker-row", self.touch),
                 ("rescue", self.rescue),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 from uuid import UUID
 
 from sqlalchemy import String, and_, cast, delete, exists, func, select, update
@@ -236,28 +236,55 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         lease_seconds: float,
         default_max_attempts: int,
         queue: str | None = None,
+        claim_token: UUID | None = None,
     ) -> list[Task]:
         """pending (and due) → running for each id that still can be (and is in `queue`, if
-        given): attempts + 1, a new run (the fencing token), a lease; the others are skipped."""
-        return await self._entities(
+        given): attempts + 1, a new run (the fencing token), a lease; the others are skipped.
+        `claim_token` marks the runs this statement starts (see `adopt`)."""
+        rows = await self._fetch(
             q.CLAIM,
             ids=sorted(set(ids)),
             worker_id=worker_id,
             lease_seconds=float(lease_seconds),
             default_max_attempts=default_max_attempts,
             queue=queue,
+            claim_token=claim_token,
         )
+        return await self._loaded(rows)
 
     async def adopt(
-        self, ids: Sequence[UUID], *, worker_id: str, lease_seconds: float
+        self, unsure: Sequence[tuple[UUID, UUID]], *, lease_seconds: float
     ) -> list[Task]:
-        """The tasks among `ids` running under `worker_id`, their leases renewed: claims of ours
-        that committed although we never heard back."""
-        if not ids:
+        """Claims that committed although their answer was lost: of the tasks in `unsure`
+        ((task id, claim token of a statement whose answer was lost) pairs), those whose
+        current run such a statement started, their leases renewed."""
+        if not unsure:
             return []
-        return await self._entities(
-            q.ADOPT, ids=list(ids), worker_id=worker_id, lease_seconds=float(lease_seconds)
+        rows = await self._fetch(
+            q.ADOPT,
+            ids=[task_id for task_id, _ in unsure],
+            claim_tokens=[token for _, token in unsure],
+            lease_seconds=float(lease_seconds),
         )
+        return await self._loaded(rows)
+
+    async def _loaded(self, claimed: Sequence[Row]) -> list[Task]:
+        """Claimed rows as entities. A row the domain refuses to load (written with plain SQL
+        past a rule) fails at once, with the reason: left running, it would burn every attempt
+        on lease expiry and end "lease expired", its real trouble never said."""
+        tasks: list[Task] = []
+        for row in claimed:
+            try:
+                tasks.append(task_from_row(row))
+            except (InvalidInputError, ValueError, TypeError) as exc:
+                run = _Run(_uuid(row["id"]), row["runs"], _maybe_uuid(row["parent_task_id"]))
+                error = f"the task cannot be loaded: {exc}"
+
+                async def change(run: _Run = run, error: str = error) -> bool:
+                    return bool(await self._fetch(q.FAIL, id=run.id, run=run.runs, error=error))
+
+                await self._finish_in_family(run, change, AttemptOutcome.FAILED, dispatch_delay=0)
+        return tasks
 
     async def explain_miss(self, task_id: UUID, *, queue: str | None = None) -> Miss:
         rows = await self._fetch(q.EXPLAIN_MISS, id=task_id)
@@ -364,7 +391,7 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
 
     async def _finish_in_family(
         self,
-        task: Task,
+        task: Task | _Run,
         change: Any,
         outcome: AttemptOutcome,
         children: Sequence[Task] = (),
@@ -386,12 +413,14 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
                 doorbells += await self._resume_if_done(parent_id, dispatch_delay=dispatch_delay)
             return Finish(True, doorbells)
 
-    async def _landed_before(self, task: Task, outcome: AttemptOutcome) -> bool:
+    async def _landed_before(self, task: Task | _Run, outcome: AttemptOutcome) -> bool:
         """A fenced finish found nothing to change: had this very run's write already landed (a
         retry whose first try lost its answer with its connection)?"""
         return task.id in await self._runs_with_outcome([task], outcome)
 
-    async def _runs_with_outcome(self, tasks: Sequence[Task], outcome: AttemptOutcome) -> set[UUID]:
+    async def _runs_with_outcome(
+        self, tasks: Sequence[Task | _Run], outcome: AttemptOutcome
+    ) -> set[UUID]:
         if not tasks:
             return set()
         rows = await self._fetch(
@@ -435,22 +464,19 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         inserted = await self.create_many(children, dispatch_delays=delays)
         return [Doorbell(t.id, t.runs, t.queue) for t, d in zip(inserted, delays, strict=True) if d]
 
-    async def resume_stranded(
-        self, *, min_age_seconds: float, limit: int, dispatch_delay: float
-    ) -> list[Doorbell]:
+    async def stranded_waiting(self, *, min_age_seconds: float, limit: int) -> list[UUID]:
         """Waiting parents whose children all finished but which nobody resumed (children
-        changed by hand in SQL, a crash between two transactions): resumed, each under its lock."""
+        changed by hand in SQL, a crash between two transactions)."""
         rows = await self._fetch(
             q.STRANDED_WAITING, min_age_seconds=float(min_age_seconds), limit=limit
         )
-        doorbells: list[Doorbell] = []
-        for row in rows:
-            async with self._ex.atomic():
-                await self._lock_family(_uuid(row["id"]))
-                doorbells += await self._resume_if_done(
-                    _uuid(row["id"]), dispatch_delay=dispatch_delay
-                )
-        return doorbells
+        return [_uuid(row["id"]) for row in rows]
+
+    async def resume_parent(self, parent_id: UUID, *, dispatch_delay: float) -> list[Doorbell]:
+        """Resume a waiting parent, under its lock, if none of its children is unfinished."""
+        async with self._ex.atomic():
+            await self._lock_family(parent_id)
+            return await self._resume_if_done(parent_id, dispatch_delay=dispatch_delay)
 
     # -- operator actions -----------------------------------------------------------------------
 
@@ -497,6 +523,21 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         )
         return [_rescued(row) for row in rows]
 
+    async def expired_roots(self, *, limit: int) -> list[tuple[UUID, int]]:
+        """Root tasks whose lease ran out, (id, run): for rescuing one by one."""
+        rows = await self._fetch(q.EXPIRED_ROOTS, limit=limit)
+        return [(_uuid(r["id"]), r["runs"]) for r in rows]
+
+    async def rescue_root(self, task_id: UUID, run: int, *, backoff: Backoff) -> Rescued | None:
+        rows = await self._fetch(
+            q.RESCUE_ONE,
+            id=task_id,
+            run=run,
+            retry_base_seconds=float(backoff.base_seconds),
+            retry_max_seconds=float(backoff.max_seconds),
+        )
+        return _rescued(rows[0]) if rows else None
+
     async def expired_children(self, *, limit: int) -> list[ExpiredChild]:
         rows = await self._fetch(q.EXPIRED_CHILDREN, limit=limit)
         return [ExpiredChild(_uuid(r["id"]), r["runs"], _uuid(r["parent_task_id"])) for r in rows]
@@ -538,6 +579,17 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
             redispatch_seconds=float(redispatch_seconds),
         )
         return [_doorbell(row) for row in rows]
+
+    async def due_for_dispatch(self, *, queue: str, limit: int) -> list[UUID]:
+        """What `mark_due_dispatched` would take, for marking one by one."""
+        rows = await self._fetch(q.DUE_FOR_DISPATCH, queue=queue, limit=limit)
+        return [_uuid(row["id"]) for row in rows]
+
+    async def mark_dispatched(self, task_id: UUID, *, redispatch_seconds: float) -> Doorbell | None:
+        rows = await self._fetch(
+            q.MARK_DISPATCHED, id=task_id, redispatch_seconds=float(redispatch_seconds)
+        )
+        return _doorbell(rows[0]) if rows else None
 
     async def unmark_dispatched(self, ids: Sequence[UUID]) -> None:
         if ids:
@@ -594,9 +646,21 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         return len(await self._fetch(stmt))
 
 
+class _Run(NamedTuple):
+    """A run of a task, for writes that need no more of it than its fence and family."""
+
+    id: UUID
+    runs: int
+    parent_task_id: UUID | None
+
+
 def _uuid(value: Any) -> UUID:
     # asyncpg returns its own UUID type; entities hold the standard library's.
     return value if type(value) is UUID else UUID(str(value))
+
+
+def _maybe_uuid(value: Any) -> UUID | None:
+    return None if value is None else _uuid(value)
 
 
 def _doorbell(row: Row) -> Doorbell:

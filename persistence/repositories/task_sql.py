@@ -118,20 +118,24 @@ WITH candidates AS (
       AND t.attempts < {_MAX_ATTEMPTS}
     RETURNING t.*
 ), history AS (
-    INSERT INTO task_attempts (task_id, run, attempt, worker_id, started_at)
-    SELECT id, runs, attempts, worker_id, started_at FROM claimed
+    INSERT INTO task_attempts (task_id, run, attempt, worker_id, started_at, claim_token)
+    SELECT id, runs, attempts, worker_id, started_at, CAST(:claim_token AS uuid) FROM claimed
 )
 SELECT {TASK_COLUMNS} FROM claimed
 """)
 
-# After a claim whose outcome is unknown (the connection died around its commit): the claims of
-# ours that did commit, taken up again with a fresh lease. Only for the ids of that claim: a run
-# this worker gave up on for another reason is left to lease expiry, its attempt counted.
+# After a claim whose outcome is unknown (the connection died around its commit): the runs that
+# very claim statement started (its claim token), if they still hold their task, taken up again
+# with a fresh lease. Fenced by run: a later run of the same task, even by this worker, is not
+# adopted; a run this worker gave up on for another reason is left to lease expiry.
 ADOPT = Sql(f"""
 UPDATE tasks AS t
 SET lease_expires_at = now() + make_interval(secs => :lease_seconds), updated_at = now()
-WHERE t.id = ANY(CAST(:ids AS uuid[])) AND t.status = '{RUNNING}' AND t.worker_id = :worker_id
-RETURNING {TASK_COLUMNS}
+FROM unnest(CAST(:ids AS uuid[]), CAST(:claim_tokens AS uuid[])) AS u(id, claim_token)
+WHERE t.id = u.id AND t.status = '{RUNNING}'
+  AND EXISTS (SELECT 1 FROM task_attempts AS a
+              WHERE a.task_id = t.id AND a.run = t.runs AND a.claim_token = u.claim_token)
+RETURNING {", ".join("t." + c.strip() for c in TASK_COLUMNS.split(","))}
 """)
 
 # Why a doorbell claimed nothing: read once, only on a miss, for the log line.
@@ -351,60 +355,57 @@ _HAS_ATTEMPTS_LEFT = "t.attempts < COALESCE(t.max_attempts, t.attempts + 1)"
 _RESCUED_STATUS = f"CASE WHEN {_HAS_ATTEMPTS_LEFT} THEN '{PENDING}' ELSE '{FAILED}' END"
 _LEASE_ERROR = "'lease expired on worker ' || COALESCE(t.worker_id, '?')"
 
+
 # Running tasks whose lease ran out go back to pending (after a backoff) or, with their attempts
-# spent, to failed. Root tasks in one statement; children one by one, under their parent's lock.
-RESCUE_ROOTS = Sql(f"""
-WITH expired AS (
+# spent, to failed. Root tasks in one statement (or one by one, when that statement fails on a
+# row); children one by one, under their parent's lock.
+def _rescue(source: str, where: str) -> Sql:
+    return Sql(f"""
+{source}rescued AS (
+    UPDATE tasks AS t
+    SET status = {_RESCUED_STATUS},
+        error = {_LEASE_ERROR},
+        run_after = now() + make_interval(secs => {_BACKOFF_SECONDS}),
+        dispatch_after = now(),
+        completed_at = CASE WHEN {_HAS_ATTEMPTS_LEFT} THEN NULL ELSE now() END,
+        lease_expires_at = NULL, version = t.version + 1, updated_at = now()
+    {where}
+    RETURNING t.id, t.runs, t.status, t.queue, t.worker_id
+), history AS (
+    UPDATE task_attempts AS a
+    SET finished_at = now(), outcome = '{AttemptOutcome.LOST}',
+        error = 'lease expired on worker ' || COALESCE(r.worker_id, '?')
+    FROM rescued AS r WHERE a.task_id = r.id AND a.run = r.runs AND a.outcome IS NULL
+)
+SELECT id, runs, status, queue FROM rescued
+""")
+
+
+RESCUE_ROOTS = _rescue(
+    f"""WITH expired AS (
     SELECT t.id FROM tasks AS t
     WHERE t.status = '{RUNNING}' AND t.lease_expires_at < now() AND t.parent_task_id IS NULL
     ORDER BY t.lease_expires_at
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
-), rescued AS (
-    UPDATE tasks AS t
-    SET status = {_RESCUED_STATUS},
-        error = {_LEASE_ERROR},
-        run_after = now() + make_interval(secs => {_BACKOFF_SECONDS}),
-        dispatch_after = now(),
-        completed_at = CASE WHEN {_HAS_ATTEMPTS_LEFT} THEN NULL ELSE now() END,
-        lease_expires_at = NULL, version = t.version + 1, updated_at = now()
-    FROM expired WHERE t.id = expired.id
-    RETURNING t.id, t.runs, t.status, t.queue, t.worker_id
-), history AS (
-    UPDATE task_attempts AS a
-    SET finished_at = now(), outcome = '{AttemptOutcome.LOST}',
-        error = 'lease expired on worker ' || COALESCE(r.worker_id, '?')
-    FROM rescued AS r WHERE a.task_id = r.id AND a.run = r.runs AND a.outcome IS NULL
+), """,
+    "FROM expired WHERE t.id = expired.id",
 )
-SELECT id, runs, status, queue FROM rescued
-""")
 
-EXPIRED_CHILDREN = Sql(f"""
+RESCUE_ONE = _rescue(
+    "WITH ",
+    f"""WHERE t.id = :id AND t.runs = :run AND t.status = '{RUNNING}'
+      AND t.lease_expires_at < now()""",
+)
+
+_EXPIRED = f"""
 SELECT id, runs, parent_task_id FROM tasks
-WHERE status = '{RUNNING}' AND lease_expires_at < now() AND parent_task_id IS NOT NULL
+WHERE status = '{RUNNING}' AND lease_expires_at < now() AND parent_task_id IS {{}} NULL
 ORDER BY lease_expires_at
 LIMIT :limit
-""")
-
-RESCUE_ONE = Sql(f"""
-WITH rescued AS (
-    UPDATE tasks AS t
-    SET status = {_RESCUED_STATUS},
-        error = {_LEASE_ERROR},
-        run_after = now() + make_interval(secs => {_BACKOFF_SECONDS}),
-        dispatch_after = now(),
-        completed_at = CASE WHEN {_HAS_ATTEMPTS_LEFT} THEN NULL ELSE now() END,
-        lease_expires_at = NULL, version = t.version + 1, updated_at = now()
-    WHERE t.id = :id AND t.runs = :run AND t.status = '{RUNNING}' AND t.lease_expires_at < now()
-    RETURNING t.id, t.runs, t.status, t.queue, t.worker_id
-), history AS (
-    UPDATE task_attempts AS a
-    SET finished_at = now(), outcome = '{AttemptOutcome.LOST}',
-        error = 'lease expired on worker ' || COALESCE(r.worker_id, '?')
-    FROM rescued AS r WHERE a.task_id = r.id AND a.run = r.runs AND a.outcome IS NULL
-)
-SELECT id, runs, status, queue FROM rescued
-""")
+"""
+EXPIRED_ROOTS = Sql(_EXPIRED.format(""))
+EXPIRED_CHILDREN = Sql(_EXPIRED.format("NOT"))
 
 # Due pending tasks of a queue that have no live doorbell: never dispatched (plain SQL insert),
 # dispatched too long ago (Redis lost it, a producer died after commit) or waiting out a backoff.
@@ -421,6 +422,21 @@ WITH due AS (
 )
 UPDATE tasks AS t SET dispatch_after = now() + make_interval(secs => :redispatch_seconds)
 FROM due WHERE t.id = due.id
+RETURNING t.id, t.runs, t.queue
+""")
+
+# The same, one task at a time: when the statement above fails on a row, the others still go.
+DUE_FOR_DISPATCH = Sql(f"""
+SELECT t.id FROM tasks AS t
+WHERE t.status = '{PENDING}' AND t.queue = :queue
+  AND greatest(t.run_after, t.dispatch_after) <= now()
+ORDER BY greatest(t.run_after, t.dispatch_after)
+LIMIT :limit
+""")
+
+MARK_DISPATCHED = Sql(f"""
+UPDATE tasks AS t SET dispatch_after = now() + make_interval(secs => :redispatch_seconds)
+WHERE t.id = :id AND t.status = '{PENDING}' AND greatest(t.run_after, t.dispatch_after) <= now()
 RETURNING t.id, t.runs, t.queue
 """)
 
