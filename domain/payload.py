@@ -17,6 +17,7 @@ from domain.exceptions import InvalidInputError
 JsonValue = Any
 
 DEFAULT_MAX_INPUT_BYTES = 256 * 1024
+DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
 
 # jsonb cannot hold U+0000. In the JSON text it appears as \u0000 preceded by an even number of
 # backslashes (an odd number means the backslash itself was escaped: the literal text "\u0000").
@@ -89,3 +90,19 @@ def decode_json(text: str | None) -> JsonValue:
         return UnreadableJson("nested too deeply for Python to load")
     except ValueError as exc:  # an integer over the digit limit
         return UnreadableJson(str(exc))
+
+
+def storable_text(text: str, *, max_chars: int) -> str:
+    """`text` as a Postgres text column holds it: NUL (which text cannot hold) and lone
+    surrogates (which are not Unicode) written as escapes, and cut to `max_chars`, saying how
+    much was cut. For error messages: what can be kept is kept."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= max_chars:
+        return text
+    keep = max(max_chars - len(f"… [{len(text)} more characters cut]"), 0)
+    return text[:keep] + f"… [{len(text) - keep} more characters cut]"

@@ -252,8 +252,20 @@ class Lifecycle:
             lambda uow: uow.tasks.retry_later(task, error, delay_seconds=delay_seconds),
         )
 
-    async def release(self, task: Task) -> bool:
-        return await self._finish("release", lambda uow: uow.tasks.release(task))
+    async def release(
+        self, task: Task, *, delay_seconds: float = 0.0, reason: str | None = None
+    ) -> bool:
+        return await self._finish(
+            "release",
+            lambda uow: uow.tasks.release(task, delay_seconds=delay_seconds, reason=reason),
+        )
+
+    async def agent_served_elsewhere(self, agent_id: str, queue: str) -> bool:
+        """Does another live worker of `queue` serve `agent_id` (a rolling deploy)?"""
+        return await self.run(
+            "agent-served",
+            lambda uow: uow.workers.serves(agent_id, queue=queue, other_than=self.config.worker_id),
+        )
 
     async def wait(self, task: Task, children: Sequence[Task]) -> Finish:
         return await self._finish(

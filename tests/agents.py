@@ -209,3 +209,69 @@ async def stubborn(ctx: TaskContext) -> dict[str, Any]:
         except asyncio.CancelledError:
             await mark(ctx, "ignored-cancel")
     return {"stubborn": True}
+
+
+@agent("t_raise")
+async def raise_(ctx: TaskContext) -> dict[str, Any]:
+    """Raises what input.kind says: a message with NUL and a lone surrogate, a huge message, or
+    an exception whose str() itself raises. Marks every run."""
+    await mark(ctx, "run")
+    kind = ctx.input["kind"]
+    if kind == "unstorable":
+        raise RuntimeError("nul \x00 and a lone surrogate \udc80 in the message")
+    if kind == "huge":
+        raise RuntimeError("x" * 100_000)
+    raise _Unprintable()
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+
+@agent("t_return")
+async def return_(ctx: TaskContext) -> Any:
+    """Returns input.value, or input.bytes characters of text. Marks every run."""
+    await mark(ctx, "run")
+    if "bytes" in ctx.input:
+        return "y" * int(ctx.input["bytes"])
+    return ctx.input["value"]
+
+
+@agent("t_spawn_many")
+async def spawn_many(ctx: TaskContext) -> Any:
+    """Spawns input.n `echo` subtasks (with metadata of input.metadata_bytes) and waits."""
+    await mark(ctx, "run")
+    if ctx.step == 0:
+        metadata = {"big": "z" * int(ctx.input.get("metadata_bytes", 0))}
+        for _ in range(int(ctx.input["n"])):
+            await ctx.spawn("echo", {}, metadata=metadata)
+        return ctx.wait_for_subtasks()
+    return {"done": True}
+
+
+@agent("t_wait_for_nothing")
+async def wait_for_nothing(ctx: TaskContext) -> Any:
+    """Waits for subtasks without spawning any."""
+    await mark(ctx, "run")
+    return ctx.wait_for_subtasks()
+
+
+@agent("t_retry_forever_later")
+async def retry_forever_later(ctx: TaskContext) -> Any:
+    """Asks for a retry after an infinite delay."""
+    await mark(ctx, "run")
+    raise Retry(after=float("inf"))
+
+
+@agent("t_deaf", timeout=1)
+async def deaf(ctx: TaskContext) -> dict[str, Any]:
+    """Times out after 1 s and ignores every cancellation, for input.seconds in all."""
+    await mark(ctx, "started")
+    deadline = time.monotonic() + float(ctx.input["seconds"])
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.sleep(deadline - time.monotonic())
+        except asyncio.CancelledError:
+            continue
+    return {"deaf": True}

@@ -27,12 +27,19 @@ from domain.payload import JsonValue, encode_json
 Handler: TypeAlias = Callable[["TaskContext"], Awaitable[Any]]
 
 
+# The longest a handler may ask to be retried after: a year.
+MAX_RETRY_AFTER_SECONDS = 365 * 24 * 3600.0
+
+
 class Retry(Exception):
     """Raised by a handler: run me again after `after` seconds (default: the backoff)."""
 
     def __init__(self, after: float | None = None, reason: str | None = None) -> None:
-        if after is not None and not after >= 0:
-            raise ValueError(f"Retry(after=…) must be ≥ 0 seconds, got {after!r}")
+        if after is not None and not 0 <= after <= MAX_RETRY_AFTER_SECONDS:
+            raise ValueError(
+                f"Retry(after=…) must be between 0 and {MAX_RETRY_AFTER_SECONDS:g} seconds, "
+                f"got {after!r}"
+            )
         self.after = after
         self.reason = reason
         super().__init__(reason or "retry requested")
@@ -40,6 +47,19 @@ class Retry(Exception):
 
 class PermanentError(Exception):
     """Raised by a handler: this task can never succeed; fail it now, without retrying."""
+
+
+class SpawnRefused(PermanentError, InvalidInputError):
+    """`ctx.spawn` refused a subtask (a bad agent id or input, over a limit): the same spawn
+    would be refused on every retry, so the run fails at once, with the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a handler's run may produce (the TASKLANE_MAX_* settings)."""
+
+    max_input_bytes: int | None = None  # a subtask's input
+    max_children: int | None = None  # subtasks one step may spawn
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +133,13 @@ SubtaskLoader = Callable[[UUID], Awaitable[list[Task]]]
 class TaskContext:
     """What a handler gets: the task, its input, a logger, and the subtask operations."""
 
-    def __init__(self, task: Task, *, log: Any, load_subtasks: SubtaskLoader) -> None:
+    def __init__(
+        self, task: Task, *, log: Any, load_subtasks: SubtaskLoader, limits: Limits = Limits()
+    ) -> None:
         self.task = task
         self.log = log
         self._load_subtasks = load_subtasks
+        self._limits = limits
         self._spawned: list[Task] = []
 
     @property
@@ -149,8 +172,30 @@ class TaskContext:
         """Create a subtask of this task (same conversation). It is written when the handler
         returns: together with the parent's wait (`return ctx.wait_for_subtasks()`) or with its
         completion (fire-and-forget). If the handler raises, no subtask is created."""
+        try:
+            child = self._new_child(agent_id, input, metadata, max_attempts, run_after)
+        except InvalidInputError as exc:
+            raise SpawnRefused(f"cannot spawn a subtask: {exc}") from None
+        self._spawned.append(child)
+        return child
+
+    def _new_child(
+        self,
+        agent_id: str,
+        input: JsonValue,
+        metadata: Mapping[str, Any] | None,
+        max_attempts: int | None,
+        run_after: datetime | None,
+    ) -> Task:
+        limit = self._limits.max_children
+        if limit is not None and len(self._spawned) >= limit:
+            raise InvalidInputError(
+                f"one step may spawn at most {limit} subtasks (TASKLANE_MAX_CHILDREN)"
+            )
         if run_after is not None and run_after.tzinfo is None:
             raise InvalidInputError("run_after must be timezone-aware")
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise InvalidInputError("metadata must be a JSON object (a dict)")
         child = Task(
             conversation_id=self.task.conversation_id,
             agent_id=agent_id,
@@ -164,9 +209,10 @@ class TaskContext:
         # Refused here, where the handler can see it: found only when the run's result is
         # written, the whole write would fail and the run be abandoned until its lease ran out.
         child.check_new()
-        encode_json(child.input, what=f"input of subtask {agent_id!r:.60}")
-        encode_json(child.metadata, what=f"metadata of subtask {agent_id!r:.60}")
-        self._spawned.append(child)
+        what = f"subtask {agent_id!r:.60}"
+        size = self._limits.max_input_bytes
+        encode_json(child.input, what=f"input of {what}", max_bytes=size)
+        encode_json(child.metadata, what=f"metadata of {what}", max_bytes=size)
         return child
 
     def wait_for_subtasks(self) -> WaitForSubtasks:

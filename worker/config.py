@@ -16,12 +16,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from domain.entities import DEFAULT_QUEUE, MAX_ATTEMPTS_LIMIT
-from domain.payload import DEFAULT_MAX_INPUT_BYTES
+from domain.payload import DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_OUTPUT_BYTES
 from domain.policies import Backoff
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklane"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_AGENTS = "worker.demo_agents"
+DEFAULT_MAX_CHILDREN = 10_000  # subtasks one step of a handler may spawn
 
 T = TypeVar("T")
 
@@ -46,6 +47,8 @@ class Settings:
     redispatch_seconds: float = 30.0
     shutdown_grace_seconds: float = 10.0
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    max_children: int = DEFAULT_MAX_CHILDREN
     db_pool_size: int = 10
     db_statement_cache: bool = True
     log_format: str | None = None  # None: console on a TTY, JSON otherwise
@@ -82,6 +85,10 @@ class Settings:
             max_input_bytes=reader.get(
                 "TASKLANE_MAX_INPUT_BYTES", _positive_int, DEFAULT_MAX_INPUT_BYTES
             ),
+            max_output_bytes=reader.get(
+                "TASKLANE_MAX_OUTPUT_BYTES", _positive_int, DEFAULT_MAX_OUTPUT_BYTES
+            ),
+            max_children=reader.get("TASKLANE_MAX_CHILDREN", _positive_int, DEFAULT_MAX_CHILDREN),
             db_pool_size=reader.get("TASKLANE_DB_POOL_SIZE", _positive_int, 10),
             db_statement_cache=reader.get("TASKLANE_DB_STATEMENT_CACHE", _bool, True),
             log_format=reader.get("LOG_FORMAT", _log_format, None),

@@ -21,9 +21,17 @@ import structlog
 from domain.entities import Doorbell, Task
 from domain.exceptions import InvalidInputError
 from domain.interfaces import Finish
-from domain.payload import UnreadableJson, encode_json
+from domain.payload import UnreadableJson, encode_json, storable_text
 from persistence.lifecycle import Lifecycle
-from worker.agents import AgentSpec, PermanentError, Retry, TaskContext, WaitForSubtasks
+from worker.agents import (
+    MAX_RETRY_AFTER_SECONDS,
+    AgentSpec,
+    Limits,
+    PermanentError,
+    Retry,
+    TaskContext,
+    WaitForSubtasks,
+)
 from worker.config import Settings
 from worker.dispatch import Dispatcher
 from worker.heartbeat import Heartbeat
@@ -36,8 +44,12 @@ T = TypeVar("T")
 # lone run (light load) still goes straight through with no wait.
 BATCH_ABOVE_IN_FLIGHT = 1
 MAX_ERROR_CHARS = 4000
-# How long a cancelled handler may take to unwind before its job stops waiting for it.
+# How long a cancelled handler may take to unwind (past its timeout, or at shutdown) before its
+# run stops waiting for it: a handler that ignores cancellation is abandoned then, its slot freed.
 HANDLER_UNWIND_SECONDS = 5.0
+# A task handed back because this worker lacks its agent is due again after this long, so that
+# a worker that has the agent (a rolling deploy) picks it up rather than this one again.
+HAND_BACK_SECONDS = 1.0
 
 
 # -- what a handler run came to ------------------------------------------------------------------
@@ -59,6 +71,14 @@ class Failed:
     error: str
     permanent: bool = False
     retry_after: float | None = None  # set by Retry(after=…)
+    exc: BaseException | None = None  # what the handler raised: its traceback goes in the log
+
+
+@dataclass(frozen=True, slots=True)
+class HandedBack:
+    """Another worker should run it: pending again, the attempt not spent."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +86,7 @@ class Lost:
     """The task is no longer ours (cancelled or rescued): write nothing."""
 
 
-Outcome = Completed | Waiting | Failed | Lost
+Outcome = Completed | Waiting | Failed | HandedBack | Lost
 
 
 class WorkerRuntime:
@@ -88,6 +108,11 @@ class WorkerRuntime:
         self.heartbeat = Heartbeat(lifecycle, interval=settings.heartbeat_seconds, log=self.log)
         self.in_flight = 0
         self._running: dict[UUID, int] = {}  # task id → the run this process is running
+        # Handlers that ignored cancellation past their timeout, left running (health shows it).
+        self.abandoned: set[asyncio.Future[Any]] = set()
+        self.limits = Limits(
+            max_input_bytes=settings.max_input_bytes, max_children=settings.max_children
+        )
 
     def busy(self) -> bool:
         return self.in_flight > BATCH_ABOVE_IN_FLIGHT
@@ -174,7 +199,7 @@ class WorkerRuntime:
             try:
                 unreadable = _unreadable(task)
                 if spec is None:
-                    outcome: Outcome = Failed(self._unknown_agent(task.agent_id), permanent=True)
+                    outcome: Outcome = await self._without_agent(task)
                 elif unreadable is not None:
                     outcome = Failed(unreadable, permanent=True)
                 else:
@@ -189,25 +214,43 @@ class WorkerRuntime:
         finally:
             structlog.contextvars.unbind_contextvars("task_id", "agent_id", "attempt", "worker_id")
 
-    def _unknown_agent(self, agent_id: str) -> str:
+    async def _without_agent(self, task: Task) -> Outcome:
+        """A task for an agent this worker does not serve. During a rolling deploy another live
+        worker of its queue may: the task goes back, its attempt unspent, for that one to run.
+        Only when no live worker of the queue serves it does it fail, naming the agent."""
+        if await self.lifecycle.agent_served_elsewhere(task.agent_id, task.queue):
+            return HandedBack(
+                f"agent {task.agent_id!r} is not served by worker {self.worker_id}; "
+                "another live worker of the queue serves it"
+            )
         served = ", ".join(sorted(self.agents)) or "none"
-        return (
-            f"unknown agent {agent_id!r}: no handler is registered for it on worker "
-            f"{self.worker_id} (queue {self.settings.queue!r} serves: {served})"
+        return Failed(
+            f"unknown agent {task.agent_id!r}: no live worker of queue {task.queue!r} serves it "
+            f"(worker {self.worker_id} serves: {served})",
+            permanent=True,
         )
 
     # -- running the handler -----------------------------------------------------------------------
 
     async def _execute(self, task: Task, spec: AgentSpec) -> Outcome:
-        ctx = TaskContext(task, log=self.log.bind(run=task.runs), load_subtasks=self._subtasks)
+        ctx = TaskContext(
+            task,
+            log=self.log.bind(run=task.runs),
+            load_subtasks=self._subtasks,
+            limits=self.limits,
+        )
         timeout = spec.timeout if spec.timeout is not None else self.settings.task_timeout
         handler = asyncio.ensure_future(self._call(spec, ctx, timeout))
         tracked = self.heartbeat.track(task, handler)
         try:
             # Not `await handler`: cancelling this job must not wait on a handler that ignores
-            # cancellation, and neither must losing the task.
+            # cancellation, and neither must losing the task or its timeout.
             waiting: set[asyncio.Future[Any]] = {handler, tracked.lost_signal}
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                waiting,
+                timeout=timeout + HANDLER_UNWIND_SECONDS,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         except asyncio.CancelledError:
             # Shutdown past its grace period: stop the handler, give it a moment to unwind, and
             # let the caller hand the task back.
@@ -219,12 +262,31 @@ class WorkerRuntime:
         if tracked.lost:
             self.log.warning("run.abandoned", reason="the task is no longer ours")
             return Lost()
+        if not handler.done():
+            return self._abandon(handler, timeout)
         if handler.cancelled():
             return Failed("the handler was cancelled")
         return handler.result()
 
+    def _abandon(self, handler: asyncio.Future[Any], timeout: float) -> Failed:
+        """The handler ran past its timeout and did not unwind when cancelled: leave it behind
+        (it cannot be killed, but it holds no claim: nothing it writes can land), spend the
+        attempt, free the slot."""
+        self.abandoned.add(handler)
+        handler.add_done_callback(self.abandoned.discard)
+        self.log.error(
+            "handler.abandoned",
+            timeout_seconds=timeout,
+            waited_seconds=timeout + HANDLER_UNWIND_SECONDS,
+            abandoned_in_this_worker=len(self.abandoned),
+        )
+        return Failed(
+            f"timed out after {timeout:g}s; the handler ignored its cancellation for "
+            f"{HANDLER_UNWIND_SECONDS:g}s more and was abandoned on worker {self.worker_id}"
+        )
+
     async def _call(self, spec: AgentSpec, ctx: TaskContext, limit_seconds: float) -> Outcome:
-        self.log.info("task.started", run=ctx.task.runs, step=ctx.step)
+        self.log.debug("task.started", run=ctx.task.runs, step=ctx.step)
         try:
             async with asyncio.timeout(limit_seconds) as deadline:
                 result = await spec.handler(ctx)
@@ -242,16 +304,25 @@ class WorkerRuntime:
         except BaseException as exc:  # even a handler's SystemExit must not end the worker
             return self._error(exc)
         if isinstance(result, WaitForSubtasks):
+            if not ctx.spawned:
+                return Failed(
+                    "wait_for_subtasks() with no subtask spawned in this step: there is nothing "
+                    "to wait for (it would resume at once, again and again)",
+                    permanent=True,
+                )
             return Waiting(ctx.spawned)
         try:
-            output = encode_json(result, what="the handler's return value")
+            output = encode_json(
+                result,
+                what="the handler's return value",
+                max_bytes=self.settings.max_output_bytes,
+            )
         except InvalidInputError as exc:
-            return Failed(str(exc), permanent=True)
+            return Failed(f"{exc} (TASKLANE_MAX_OUTPUT_BYTES)", permanent=True)
         return Completed(output, ctx.spawned)
 
     def _error(self, exc: BaseException) -> Failed:
-        self.log.warning("handler.raised", exc_info=exc)
-        return Failed(_describe(exc))
+        return Failed(_describe(exc), exc=exc)
 
     async def _subtasks(self, task_id: UUID) -> list[Task]:
         return await self.lifecycle.subtasks(task_id)
@@ -261,12 +332,31 @@ class WorkerRuntime:
     async def _finish(self, task: Task, outcome: Outcome, started: float) -> None:
         try:
             finish = await self._write_outcome(task, outcome, started)
+        except InvalidInputError as exc:
+            # Postgres refused what the run came to (a value jsonb cannot hold, a subtask a
+            # constraint refuses): trying again cannot help, and leaving the task running would
+            # run the handler again on lease expiry and lose the reason. Fail it with the reason.
+            finish = await self._fail_refused(task, outcome, exc)
         except Exception as exc:
             # Postgres stayed unreachable through the retries: the lease will run out and the
             # rescuer hands the task to another run (handlers run at least once).
             self.log.error("finish.failed", error=repr(exc), outcome=type(outcome).__name__)
             return
         await self._ring(finish.doorbells)
+
+    async def _fail_refused(self, task: Task, outcome: Outcome, exc: Exception) -> Finish:
+        what = type(outcome).__name__.lower()
+        error = storable_text(
+            f"the run's result ({what}) could not be stored: {_describe(exc)}",
+            max_chars=MAX_ERROR_CHARS,
+        )
+        try:
+            finish = await self.lifecycle.fail(task, error)
+        except Exception as again:
+            self.log.error("finish.failed", error=repr(again), outcome=what, refused=repr(exc))
+            return Finish(False)
+        self._report(finish, "task.failed", error=error, attempts=task.attempts)
+        return finish
 
     async def _write_outcome(self, task: Task, outcome: Outcome, started: float) -> Finish:
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
@@ -279,14 +369,30 @@ class WorkerRuntime:
                 return finish
             case Waiting(children):
                 finish = await self.lifecycle.wait(task, children)
-                self._report(finish, "task.waiting", subtasks=len(children))
+                self._report(finish, "task.waiting", subtasks=len(children), duration_ms=elapsed_ms)
                 return finish
-            case Failed(error, permanent, retry_after):
-                error = error[:MAX_ERROR_CHARS]
-                return await self._fail_or_retry(task, error, permanent, retry_after)
+            case Failed(error, permanent, retry_after, exc):
+                error = storable_text(error, max_chars=MAX_ERROR_CHARS)
+                return await self._fail_or_retry(
+                    task, error, permanent, retry_after, exc, duration_ms=elapsed_ms
+                )
+            case HandedBack(reason):
+                landed = await self.lifecycle.release(
+                    task, delay_seconds=HAND_BACK_SECONDS, reason=reason
+                )
+                finish = Finish(landed)
+                self._report(finish, "task.handed_back", reason=reason, duration_ms=elapsed_ms)
+                return finish
 
     async def _fail_or_retry(
-        self, task: Task, error: str, permanent: bool, retry_after: float | None
+        self,
+        task: Task,
+        error: str,
+        permanent: bool,
+        retry_after: float | None,
+        exc: BaseException | None,
+        *,
+        duration_ms: float,
     ) -> Finish:
         delay = task.retry_delay_after_failure(
             permanent=permanent,
@@ -296,14 +402,32 @@ class WorkerRuntime:
         )
         if delay is None:
             finish = await self.lifecycle.fail(task, error)
-            self._report(finish, "task.failed", error=error, attempts=task.attempts)
+            self._report(
+                finish,
+                "task.failed",
+                error=error,
+                attempts=task.attempts,
+                duration_ms=duration_ms,
+                exc_info=exc,
+            )
             return finish
+        delay = min(delay, MAX_RETRY_AFTER_SECONDS)
         landed = await self.lifecycle.retry_later(task, error, delay_seconds=delay)
         finish = Finish(landed)
-        self._report(finish, "task.retrying", error=error, retry_in_seconds=round(delay, 3))
+        self._report(
+            finish,
+            "task.retrying",
+            error=error,
+            retry_in_seconds=round(delay, 3),
+            duration_ms=duration_ms,
+            exc_info=exc,
+        )
         return finish
 
     def _report(self, finish: Finish, event: str, **fields: Any) -> None:
+        """The one INFO line of a run: how it ended."""
+        if fields.get("exc_info") is None:
+            fields.pop("exc_info", None)
         if finish.landed:
             self.log.info(event, **fields)
         else:
@@ -348,8 +472,14 @@ def _unreadable(task: Task) -> str | None:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """`Type: message`, whatever the exception does: one whose str() raises is described by
+    what it raised instead."""
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception as broken:
+        return f"{name} (its message could not be read: str() raised {type(broken).__name__})"
+    return f"{name}: {text}" if text else name
 
 
 async def _finish_regardless(aw: Awaitable[T]) -> tuple[T | None, bool]:

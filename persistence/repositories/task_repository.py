@@ -371,9 +371,15 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         )
         return bool(rows) or await self._landed_before(task, AttemptOutcome.RETRY)
 
-    async def release(self, task: Task) -> bool:
-        """running → pending, due at once, the attempt given back (graceful shutdown)."""
-        rows = await self._fetch(q.RELEASE, id=task.id, run=task.runs)
+    async def release(
+        self, task: Task, *, delay_seconds: float = 0.0, reason: str | None = None
+    ) -> bool:
+        """running → pending, due after `delay_seconds`, the attempt given back (a graceful
+        shutdown; a worker without the task's agent while another worker has it). `reason`
+        goes in the run's history."""
+        rows = await self._fetch(
+            q.RELEASE, id=task.id, run=task.runs, delay_seconds=float(delay_seconds), reason=reason
+        )
         return bool(rows) or await self._landed_before(task, AttemptOutcome.RELEASED)
 
     async def wait(self, task: Task, children: Sequence[Task], *, dispatch_delay: float) -> Finish:

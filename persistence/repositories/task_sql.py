@@ -222,17 +222,20 @@ WITH done AS (
 SELECT id, runs FROM done
 """)
 
-# Graceful shutdown: back to pending, the attempt given back, due at once.
+# Handed back without spending an attempt (a graceful shutdown; a worker that lacks the agent
+# while another one has it): pending again, due after :delay_seconds; the run's history says why.
 RELEASE = Sql(f"""
 WITH done AS (
     UPDATE tasks AS t
-    SET status = '{PENDING}', attempts = GREATEST(t.attempts - 1, 0), run_after = now(),
+    SET status = '{PENDING}', attempts = GREATEST(t.attempts - 1, 0),
+        run_after = now() + make_interval(secs => :delay_seconds),
         dispatch_after = now(), lease_expires_at = NULL,
         version = t.version + 1, updated_at = now()
     WHERE t.id = :id AND t.runs = :run AND t.status IN {_guard(PENDING, only=RUNNING)}
     RETURNING t.id, t.runs
 ), history AS (
-    UPDATE task_attempts AS a SET finished_at = now(), outcome = '{AttemptOutcome.RELEASED}'
+    UPDATE task_attempts AS a
+    SET finished_at = now(), outcome = '{AttemptOutcome.RELEASED}', error = :reason
     FROM done WHERE a.task_id = done.id AND a.run = done.runs
 )
 SELECT id, runs FROM done

@@ -32,6 +32,15 @@ ORDER BY started_at, id
 """)
 
 
+SERVES = Sql("""
+SELECT EXISTS (
+    SELECT 1 FROM workers
+    WHERE queue = :queue AND :agent_id = ANY(agents) AND id <> :other_than
+      AND last_seen_at > now() - make_interval(secs => :within_seconds)
+) AS served
+""")
+
+
 class WorkerRepository(BaseRepository[WorkerModel, WorkerInfo]):
     filterable_fields: ClassVar[frozenset[str]] = frozenset({"id", "queue", "hostname"})
 
@@ -62,6 +71,24 @@ class WorkerRepository(BaseRepository[WorkerModel, WorkerInfo]):
 
     async def forget_old(self) -> None:
         await self._fetch(FORGET_OLD)
+
+    async def serves(
+        self,
+        agent_id: str,
+        *,
+        queue: str,
+        other_than: str = "",
+        within_seconds: float = LIVE_WITHIN_SECONDS,
+    ) -> bool:
+        """Does a live worker of `queue` (other than `other_than`) serve `agent_id`?"""
+        [row] = await self._fetch(
+            SERVES,
+            agent_id=agent_id,
+            queue=queue,
+            other_than=other_than,
+            within_seconds=float(within_seconds),
+        )
+        return bool(row["served"])
 
     async def list_live(
         self, *, queue: str | None = None, within_seconds: float = LIVE_WITHIN_SECONDS
