@@ -104,12 +104,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 async def preflight(settings: Settings) -> None:
     """Fail with one clear line before arq starts: Postgres, the schema, Redis."""
-    from worker.operator import OperatorError, check_postgres, check_redis
+    from worker.health import ServiceError, check_postgres, check_redis
 
     try:
         await check_postgres(settings)
         await check_redis(settings)
-    except OperatorError as exc:
+    except ServiceError as exc:
         raise CommandError(str(exc)) from None
 
 
@@ -127,11 +127,12 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     from sqlalchemy.exc import SQLAlchemyError
 
     from domain.exceptions import DomainError
+    from worker.health import ServiceError
     from worker.operator import OperatorError
 
     try:
         return asyncio.run(coro)
-    except (OperatorError, DomainError) as exc:
+    except (OperatorError, ServiceError, DomainError) as exc:
         raise CommandError(str(exc)) from None
     except SQLAlchemyError as exc:
         raise CommandError(f"database error: {_reason(exc.__cause__ or exc)}") from None
@@ -277,7 +278,7 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     from worker import cli_render as render
-    from worker.operator import health
+    from worker.health import health
 
     report = _run(health(settings, local=args.local))
     _emit(args, lambda: render.health_json(report), lambda: render.health_text(report))
@@ -345,7 +346,7 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from worker import cli_render as render
     from worker.cli_demo import run_demo
-    from worker.operator import check_postgres
+    from worker.health import check_postgres
 
     if "LOG_LEVEL" not in os.environ:  # the demo's output is its tree, not the worker's log
         settings = replace(settings, log_level="WARNING")

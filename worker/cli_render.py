@@ -17,15 +17,9 @@ from uuid import UUID
 from domain.entities import TaskAttempt, WorkerInfo
 from domain.value_objects import TaskStatus
 from persistence.repositories.report_repository import TASK_COLUMNS, TaskRow, TreeNode
-from worker.operator import (
-    ActionResult,
-    HealthReport,
-    PruneResult,
-    Stats,
-    TaskReport,
-    Tree,
-    duration,
-)
+from worker.cli_format import duration, first_line
+from worker.health import HealthReport
+from worker.operator import ActionResult, PruneResult, Stats, TaskReport, Tree
 
 NONE = "—"
 
@@ -171,10 +165,7 @@ def compact(value: Any, limit: int | None = None) -> str:
 
 
 def _short(text: str | None, limit: int = 60) -> str:
-    if not text:
-        return NONE
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    return first_line(text, limit) if text else NONE
 
 
 def took(row: TaskRow, now: datetime) -> str:
