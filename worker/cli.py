@@ -39,7 +39,7 @@ DEFAULT_WAIT_SECONDS = 60.0
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
 DEFAULT_PRUNE_BATCH = 1000
-DEMO_AGENTS = "worker.demo_agents"
+DEMO_AGENTS = "tasklane.demo_agents"
 
 
 class CommandError(Exception):

@@ -20,7 +20,7 @@ from domain.payload import DEFAULT_MAX_INPUT_BYTES
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklane"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_AGENTS = "worker.demo_agents"
+DEFAULT_AGENTS = "tasklane.demo_agents"  # a name that works installed and in the repository
 
 T = TypeVar("T")
 
