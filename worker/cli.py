@@ -278,9 +278,9 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     from worker import cli_render as render
-    from worker.health import health
+    from worker.health import health, liveness
 
-    report = _run(health(settings, local=args.local))
+    report = liveness(settings) if args.live else _run(health(settings, local=args.local))
     _emit(args, lambda: render.health_json(report), lambda: render.health_text(report))
     if report.ok:
         return 0
@@ -487,10 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[json_flag],
         help="check Postgres, Redis, the schema and a live worker (exit 1 if any fails)",
     )
-    health.add_argument(
+    probe = health.add_mutually_exclusive_group()
+    probe.add_argument(
         "--local",
         action="store_true",
-        help="require a live worker on this host (a container's healthcheck)",
+        help="require a live worker on this host (a readiness probe)",
+    )
+    probe.add_argument(
+        "--live",
+        action="store_true",
+        help="only: this host's worker loop is running; no service is asked (a liveness probe)",
     )
     health.set_defaults(handler=cmd_health)
 

@@ -25,6 +25,7 @@ from domain.payload import DEFAULT_MAX_INPUT_BYTES
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklane"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_LIVENESS_PATH = "/tmp/tasklane-worker.alive"
 DEFAULT_AGENTS = "tasklane.demo_agents"  # a name that works installed and in the repository
 
 T = TypeVar("T")
@@ -54,6 +55,7 @@ class Settings:
     db_statement_cache: bool = True
     log_format: str | None = None  # None: console on a TTY, JSON otherwise
     log_level: str = "INFO"
+    liveness_path: str = DEFAULT_LIVENESS_PATH
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -86,6 +88,9 @@ class Settings:
             db_statement_cache=reader.get("TASKLANE_DB_STATEMENT_CACHE", _bool, True),
             log_format=reader.get("LOG_FORMAT", _log_format, None),
             log_level=reader.get("LOG_LEVEL", _log_level, "INFO"),
+            liveness_path=reader.get(
+                "TASKLANE_LIVENESS_PATH", _absolute_path, DEFAULT_LIVENESS_PATH
+            ),
         )
         if overrides:
             known = {f.name for f in fields(cls)}
@@ -198,6 +203,13 @@ def _modules(raw: str) -> tuple[str, ...]:
     if not modules:
         raise ValueError("names no module")
     return modules
+
+
+def _absolute_path(raw: str) -> str:
+    # The worker writes it and a probe, started from any directory, reads it.
+    if not raw.startswith("/"):
+        raise ValueError(f"must be an absolute path, got {raw!r}")
+    return raw
 
 
 def _name(raw: str) -> str:

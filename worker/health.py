@@ -1,7 +1,12 @@
 """Service checks: is PostgreSQL reachable and migrated, is Redis reachable, is a worker live?
 
 `check_postgres` and `check_redis` guard the commands that need those services (one clear line
-instead of a driver error); `health` runs every check and reports each, for `tasklane health`.
+instead of a driver error). Two reports answer the two questions an orchestrator asks:
+
+- `health` (readiness): every dependency reachable, the schema migrated, a worker registered
+  on the queue (`local`: on this host). It fails while PostgreSQL or Redis is away.
+- `liveness`: this host's worker loop stamped its file lately. It reads one file and touches
+  no service, so an outage the worker rides out never fails it.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 
@@ -16,7 +22,9 @@ from persistence import pg
 from persistence.repositories.worker_repository import LIVE_WITHIN_SECONDS
 from persistence.schema import SCHEMA_REVISION, SchemaError, check_schema
 from persistence.session import UnitOfWork, create_engine, create_session_factory
+from worker.cli_format import duration
 from worker.config import Settings, redact_url
+from worker.liveness import STALE_AFTER_SECONDS, stamp_age
 from worker.redis_conn import create_redis
 
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -89,7 +97,25 @@ async def check_redis(settings: Settings) -> None:
         await redis.aclose()
 
 
-# -- the report -----------------------------------------------------------------------------------
+# -- the reports ----------------------------------------------------------------------------------
+
+
+def liveness(settings: Settings) -> HealthReport:
+    """The worker on this host has a running event loop (see `worker.liveness`)."""
+    path = settings.liveness_path
+    age = stamp_age(Path(path))
+    if age is None:
+        check = Check("loop", False, f"no stamp at {path}: no worker runs here, or it stopped")
+    elif age > STALE_AFTER_SECONDS:
+        check = Check(
+            "loop",
+            False,
+            f"stamp at {path} is {duration(age)} old (stale after {STALE_AFTER_SECONDS:g}s): "
+            "the worker's event loop is blocked or gone",
+        )
+    else:
+        check = Check("loop", True, f"stamped {duration(age)} ago ({path})")
+    return HealthReport([check])
 
 
 async def health(settings: Settings, *, local: bool = False) -> HealthReport:
