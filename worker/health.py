@@ -27,7 +27,8 @@ from worker.config import Settings, redact_url
 from worker.liveness import STALE_AFTER_SECONDS, stamp_age
 from worker.redis_conn import create_redis
 
-CONNECT_TIMEOUT_SECONDS = 10.0
+# Each check gives up after this long, so that a report always comes (`health` runs four).
+CHECK_TIMEOUT_SECONDS = 10.0
 
 
 class ServiceError(Exception):
@@ -64,7 +65,7 @@ async def connect_postgres(settings: Settings) -> asyncpg.Connection:
     try:
         return await asyncio.wait_for(
             pg.connect(settings.database_url, statement_cache=settings.db_statement_cache),
-            timeout=CONNECT_TIMEOUT_SECONDS,
+            timeout=CHECK_TIMEOUT_SECONDS,
         )
     except Exception as exc:
         raise ServiceError(
@@ -88,7 +89,7 @@ async def check_postgres(settings: Settings, *, schema: bool = True) -> None:
 async def check_redis(settings: Settings) -> None:
     redis = create_redis(settings.redis_url, retries=1)
     try:
-        await asyncio.wait_for(redis.ping(), timeout=CONNECT_TIMEOUT_SECONDS)
+        await asyncio.wait_for(redis.ping(), timeout=CHECK_TIMEOUT_SECONDS)
     except Exception as exc:
         raise ServiceError(
             f"cannot connect to Redis at {redact_url(settings.redis_url)}: {reason_of(exc)}"
@@ -147,9 +148,11 @@ async def health(settings: Settings, *, local: bool = False) -> HealthReport:
 
 async def _schema_check(conn: asyncpg.Connection) -> Check:
     try:
-        await check_schema(conn)
+        await asyncio.wait_for(check_schema(conn), timeout=CHECK_TIMEOUT_SECONDS)
     except SchemaError as exc:
         return Check("schema", False, str(exc))
+    except TimeoutError:
+        return Check("schema", False, f"no answer within {CHECK_TIMEOUT_SECONDS:g}s")
     except Exception as exc:
         return Check("schema", False, reason_of(exc))
     return Check("schema", True, f"revision {SCHEMA_REVISION}")
@@ -165,8 +168,13 @@ async def _worker_check(settings: Settings, local: bool) -> Check:
         application_name="tasklane-health",
     )
     try:
-        async with UnitOfWork(create_session_factory(engine)) as uow:
+        async with (
+            asyncio.timeout(CHECK_TIMEOUT_SECONDS),
+            UnitOfWork(create_session_factory(engine)) as uow,
+        ):
             workers = await uow.workers.list_live(queue=settings.queue)
+    except TimeoutError:
+        return Check("workers", False, f"no answer within {CHECK_TIMEOUT_SECONDS:g}s")
     except Exception as exc:
         return Check("workers", False, reason_of(exc))
     finally:
