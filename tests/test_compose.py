@@ -3,8 +3,8 @@
 No Docker engine is needed: `docker compose config` validates and resolves compose.yaml on the
 client side (the v2 plugin or the standalone docker-compose 1.29 that Debian 12 packages), and
 the Dockerfile is read instruction by instruction. What only an engine can show (the image
-builds, Postgres's first boot, a container's signals) is stated in the README's Deployment
-section as not verified here; tests/test_entrypoint.py runs the entrypoint as a process.
+builds, PostgreSQL's first boot, the limits enforced) is not verified here;
+tests/test_entrypoint.py runs the image's entrypoint as a process.
 """
 
 from __future__ import annotations

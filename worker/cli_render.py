@@ -11,15 +11,17 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from domain.entities import TaskAttempt, WorkerInfo
 from domain.value_objects import TaskStatus
-from persistence.repositories.report_repository import TASK_COLUMNS, TaskRow, TreeNode
 from worker.cli_format import duration, first_line
-from worker.health import HealthReport
-from worker.operator import ActionResult, PruneResult, Stats, TaskReport, Tree
+
+if TYPE_CHECKING:  # `tasklane health --live`, a probe, renders without loading the drivers
+    from persistence.repositories.report_repository import TaskRow, TreeNode
+    from worker.health import HealthReport
+    from worker.operator import ActionResult, PruneResult, Stats, TaskReport, Tree
 
 NONE = "—"
 
@@ -48,6 +50,8 @@ def _plain(value: Any) -> Any:
 
 
 def task_json(row: TaskRow) -> dict[str, Any]:
+    from persistence.repositories.report_repository import TASK_COLUMNS
+
     return {column: _plain(row[column]) for column in TASK_COLUMNS}
 
 

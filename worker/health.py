@@ -7,6 +7,9 @@ instead of a driver error). Two reports answer the two questions an orchestrator
   on the queue (`local`: on this host). It fails while PostgreSQL or Redis is away.
 - `liveness`: this host's worker loop stamped its file lately. It reads one file and touches
   no service, so an outage the worker rides out never fails it.
+
+A liveness probe starts `tasklane health --live` every few seconds, so this module imports no
+driver at load time: each service check imports what it talks to.
 """
 
 from __future__ import annotations
@@ -15,17 +18,14 @@ import asyncio
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import asyncpg
-
-from persistence import pg
-from persistence.repositories.worker_repository import LIVE_WITHIN_SECONDS
-from persistence.schema import SCHEMA_REVISION, SchemaError, check_schema
-from persistence.session import UnitOfWork, create_engine, create_session_factory
 from worker.cli_format import duration
 from worker.config import Settings, redact_url
 from worker.liveness import STALE_AFTER_SECONDS, stamp_age
-from worker.redis_conn import create_redis
+
+if TYPE_CHECKING:
+    import asyncpg
 
 # Each check gives up after this long, so that a report always comes (`health` runs four).
 CHECK_TIMEOUT_SECONDS = 10.0
@@ -62,6 +62,8 @@ class HealthReport:
 
 async def connect_postgres(settings: Settings) -> asyncpg.Connection:
     """A connection to the configured database, or `ServiceError` within the connect timeout."""
+    from persistence import pg
+
     try:
         return await asyncio.wait_for(
             pg.connect(settings.database_url, statement_cache=settings.db_statement_cache),
@@ -76,6 +78,8 @@ async def connect_postgres(settings: Settings) -> asyncpg.Connection:
 async def check_postgres(settings: Settings, *, schema: bool = True) -> None:
     """Raise `ServiceError` unless Postgres answers and (with `schema`) has the schema this
     code needs."""
+    from persistence.schema import SchemaError, check_schema
+
     conn = await connect_postgres(settings)
     try:
         if schema:
@@ -87,6 +91,8 @@ async def check_postgres(settings: Settings, *, schema: bool = True) -> None:
 
 
 async def check_redis(settings: Settings) -> None:
+    from worker.redis_conn import create_redis
+
     redis = create_redis(settings.redis_url, retries=1)
     try:
         await asyncio.wait_for(redis.ping(), timeout=CHECK_TIMEOUT_SECONDS)
@@ -147,6 +153,8 @@ async def health(settings: Settings, *, local: bool = False) -> HealthReport:
 
 
 async def _schema_check(conn: asyncpg.Connection) -> Check:
+    from persistence.schema import SCHEMA_REVISION, SchemaError, check_schema
+
     try:
         await asyncio.wait_for(check_schema(conn), timeout=CHECK_TIMEOUT_SECONDS)
     except SchemaError as exc:
@@ -159,6 +167,9 @@ async def _schema_check(conn: asyncpg.Connection) -> Check:
 
 
 async def _worker_check(settings: Settings, local: bool) -> Check:
+    from persistence.repositories.worker_repository import LIVE_WITHIN_SECONDS
+    from persistence.session import UnitOfWork, create_engine, create_session_factory
+
     hostname = socket.gethostname()
     engine = create_engine(
         settings.database_url,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -109,3 +111,24 @@ def test_the_liveness_path_must_be_absolute() -> None:
     with pytest.raises(ConfigError, match="TASKLANE_LIVENESS_PATH: must be an absolute path"):
         Settings.from_env({"TASKLANE_LIVENESS_PATH": "alive"})
     assert Settings.from_env({"TASKLANE_LIVENESS_PATH": "/run/x"}).liveness_path == "/run/x"
+
+
+def test_the_liveness_probe_loads_no_driver(tmp_path: Path) -> None:
+    """A probe runs it every few seconds: it reads a file and must not pay for asyncpg, redis,
+    arq or the ORM (the readiness probe does, since it talks to the services)."""
+    stamp = tmp_path / "alive"
+    stamp.touch()
+    script = (
+        "import sys\n"
+        "from worker.cli import main\n"
+        "code = main(['health', '--live'])\n"
+        "heavy = {'asyncpg', 'redis', 'arq', 'sqlalchemy.orm'} & set(sys.modules)\n"
+        "print(sorted(heavy))\n"
+        "sys.exit(code)\n"
+    )
+    env = {**os.environ, "TASKLANE_LIVENESS_PATH": str(stamp)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout
