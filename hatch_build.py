@@ -44,20 +44,29 @@ class RewriteError(Exception):
 
 class NamespaceHook(BuildHookInterface):  # type: ignore[type-arg]
     PLUGIN_NAME = "custom"
+    _staging: Path | None = None
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         if version == "editable":
             return
         self._staging = Path(tempfile.mkdtemp(prefix="tasklane-wheel-"))
+        try:
+            staged_files = stage(Path(self.root), self._staging / NAMESPACE)
+        except BaseException:
+            self._remove_staging()
+            raise
         # File by file: a forced file replaces the selected one at its path (the facade's own
         # files are selected by `packages` and replaced here by their rewritten copies).
-        for staged in stage(Path(self.root), self._staging / NAMESPACE):
+        for staged in staged_files:
             build_data["force_include"][str(staged)] = staged.relative_to(self._staging).as_posix()
 
     def finalize(self, version: str, build_data: dict[str, Any], artifact_path: str) -> None:
-        staging = getattr(self, "_staging", None)
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        self._remove_staging()
+
+    def _remove_staging(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
 
 def stage(root: Path, target: Path) -> list[Path]:
