@@ -16,7 +16,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
 
-from tests.support.deployment import ROOT_PATH, settings_variables
+from tests.support.deployment import ROOT_PATH, dockerfile_instructions, settings_variables
 from worker.cli import build_parser
 from worker.config import Settings
 from worker.health import CHECK_TIMEOUT_SECONDS
@@ -158,3 +158,13 @@ def test_a_read_only_root_keeps_the_liveness_stamp_writable() -> None:
 def test_every_workload_runs_the_same_image() -> None:
     images = {pod_spec(d)["containers"][0]["image"] for _, d in workloads()}
     assert len(images) == 1, images
+
+
+
+def test_the_readme_shows_the_derived_image_example_as_it_is() -> None:
+    """tests/test_install.py runs examples/derived-image; the README must show that file."""
+    readme = (ROOT_PATH / "README.md").read_text()
+    shown = dockerfile_instructions(readme.split("```dockerfile\n", 1)[1].split("```", 1)[0])
+    example = dockerfile_instructions(ROOT_PATH / "examples/derived-image/Dockerfile")
+    assert shown[0][0] == "FROM"
+    assert shown[1:] == [(word, args) for word, args in example if word not in {"ARG", "FROM"}]

@@ -150,9 +150,11 @@ def size_bytes(value: str | int) -> int:
     return int(number) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit.lower()]
 
 
-def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined."""
-    joined = path.read_text().replace("\\\n", " ")
+def dockerfile_instructions(dockerfile: Path | str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile (a path, or its text), continuation lines
+    joined."""
+    text = dockerfile.read_text() if isinstance(dockerfile, Path) else dockerfile
+    joined = text.replace("\\\n", " ")
     result = []
     for line in joined.splitlines():
         stripped = line.strip()
