@@ -7,6 +7,10 @@
 #   docker run --rm -e DATABASE_URL=… -e REDIS_URL=… tasklane              # a worker
 #   docker run --rm -e DATABASE_URL=… -e REDIS_URL=… tasklane tasklane stats
 #
+# Your own agents: build FROM this image and set TASKLANE_AGENTS (examples/derived-image/).
+# The installed package is `tasklane` alone (its modules live under it), so a module of yours
+# named worker, domain or persistence never collides with it.
+#
 # The build stage and the runtime stage use the same Python image, so the virtual environment's
 # interpreter path (/usr/local/bin/python3) is valid in both.
 
@@ -47,6 +51,13 @@ FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="tasklane" \
       org.opencontainers.image.description="A background task worker for agent systems: arq for dispatch, PostgreSQL as the record of truth."
 
+# tini is PID 1: it forwards SIGTERM to the command and reaps zombies. Without it the command
+# would be PID 1, and the kernel drops a signal that PID 1 installed no handler for: `docker
+# stop` would do nothing during `tasklane migrate` or a worker's start-up, until the SIGKILL.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN groupadd --system --gid 10001 tasklane \
     && useradd --system --uid 10001 --gid tasklane --home-dir /app --no-create-home \
        --shell /usr/sbin/nologin tasklane
@@ -63,6 +74,8 @@ USER tasklane:tasklane
 
 # The worker stops taking jobs on SIGTERM and hands back what it cannot finish within
 # TASKLANE_SHUTDOWN_GRACE_SECONDS: give it longer than that before a SIGKILL
-# (`docker stop --time`, compose's `stop_grace_period`).
+# (`docker stop --time`, compose's `stop_grace_period`, Kubernetes'
+# `terminationGracePeriodSeconds`).
 STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["tasklane", "worker"]

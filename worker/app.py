@@ -21,6 +21,7 @@ import math
 import os
 import socket
 import uuid
+from pathlib import Path
 from typing import Any
 
 from arq.constants import in_progress_key_prefix, job_key_prefix
@@ -37,6 +38,7 @@ from persistence.session import PooledUnitOfWork
 from worker.agents import AgentSpec, load_agents
 from worker.config import Settings, redact_url
 from worker.dispatch import JOB_FUNCTION, REDIS_NOW_MS_LUA, Dispatcher
+from worker.liveness import stamp_forever
 from worker.logs import configure_logging, get_logger
 from worker.outage import REDIS_UNREACHABLE, RedisOutage
 from worker.reconciler import Reconciler
@@ -373,6 +375,9 @@ async def _start(
     ctx["tasklane_background"] = [
         asyncio.create_task(runtime.heartbeat.run_forever(), name="tasklane-heartbeat"),
         asyncio.create_task(reconciler.run_forever(), name="tasklane-reconciler"),
+        asyncio.create_task(
+            stamp_forever(Path(settings.liveness_path), log=log), name="tasklane-liveness"
+        ),
     ]
     log.info(
         "worker.started",

@@ -39,7 +39,7 @@ DEFAULT_WAIT_SECONDS = 60.0
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
 DEFAULT_PRUNE_BATCH = 1000
-DEMO_AGENTS = "worker.demo_agents"
+DEMO_AGENTS = "tasklane.demo_agents"
 
 
 class CommandError(Exception):
@@ -104,12 +104,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 async def preflight(settings: Settings) -> None:
     """Fail with one clear line before arq starts: Postgres, the schema, Redis."""
-    from worker.operator import OperatorError, check_postgres, check_redis
+    from worker.health import ServiceError, check_postgres, check_redis
 
     try:
         await check_postgres(settings)
         await check_redis(settings)
-    except OperatorError as exc:
+    except ServiceError as exc:
         raise CommandError(str(exc)) from None
 
 
@@ -127,11 +127,12 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     from sqlalchemy.exc import SQLAlchemyError
 
     from domain.exceptions import DomainError
+    from worker.health import ServiceError
     from worker.operator import OperatorError
 
     try:
         return asyncio.run(coro)
-    except (OperatorError, DomainError) as exc:
+    except (OperatorError, ServiceError, DomainError) as exc:
         raise CommandError(str(exc)) from None
     except SQLAlchemyError as exc:
         raise CommandError(f"database error: {_reason(exc.__cause__ or exc)}") from None
@@ -277,9 +278,9 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     from worker import cli_render as render
-    from worker.operator import health
+    from worker.health import health, liveness
 
-    report = _run(health(settings, local=args.local))
+    report = liveness(settings) if args.live else _run(health(settings, local=args.local))
     _emit(args, lambda: render.health_json(report), lambda: render.health_text(report))
     if report.ok:
         return 0
@@ -345,7 +346,7 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from worker import cli_render as render
     from worker.cli_demo import run_demo
-    from worker.operator import check_postgres
+    from worker.health import check_postgres
 
     if "LOG_LEVEL" not in os.environ:  # the demo's output is its tree, not the worker's log
         settings = replace(settings, log_level="WARNING")
@@ -486,10 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[json_flag],
         help="check Postgres, Redis, the schema and a live worker (exit 1 if any fails)",
     )
-    health.add_argument(
+    probe = health.add_mutually_exclusive_group()
+    probe.add_argument(
         "--local",
         action="store_true",
-        help="require a live worker on this host (a container's healthcheck)",
+        help="require a live worker on this host (a readiness probe)",
+    )
+    probe.add_argument(
+        "--live",
+        action="store_true",
+        help="only: this host's worker loop is running; no service is asked (a liveness probe)",
     )
     health.set_defaults(handler=cmd_health)
 

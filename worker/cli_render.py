@@ -11,21 +11,17 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from domain.entities import TaskAttempt, WorkerInfo
 from domain.value_objects import TaskStatus
-from persistence.repositories.report_repository import TASK_COLUMNS, TaskRow, TreeNode
-from worker.operator import (
-    ActionResult,
-    HealthReport,
-    PruneResult,
-    Stats,
-    TaskReport,
-    Tree,
-    duration,
-)
+from worker.cli_format import duration, first_line
+
+if TYPE_CHECKING:  # `tasklane health --live`, a probe, renders without loading the drivers
+    from persistence.repositories.report_repository import TaskRow, TreeNode
+    from worker.health import HealthReport
+    from worker.operator import ActionResult, PruneResult, Stats, TaskReport, Tree
 
 NONE = "—"
 
@@ -54,6 +50,8 @@ def _plain(value: Any) -> Any:
 
 
 def task_json(row: TaskRow) -> dict[str, Any]:
+    from persistence.repositories.report_repository import TASK_COLUMNS
+
     return {column: _plain(row[column]) for column in TASK_COLUMNS}
 
 
@@ -171,10 +169,7 @@ def compact(value: Any, limit: int | None = None) -> str:
 
 
 def _short(text: str | None, limit: int = 60) -> str:
-    if not text:
-        return NONE
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    return first_line(text, limit) if text else NONE
 
 
 def took(row: TaskRow, now: datetime) -> str:

@@ -2,6 +2,10 @@
 
 A bad value stops the process with one line naming the variable and what is wrong, before any
 connection is attempted. Every problem is reported at once, not the first one only.
+
+The URLs, which carry passwords, can instead be read from files named by `DATABASE_URL_FILE`
+and `REDIS_URL_FILE` (Docker and Kubernetes secrets), so that they appear in no process
+environment and no `docker inspect`.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -21,7 +26,8 @@ from domain.policies import Backoff
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklane"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_AGENTS = "worker.demo_agents"
+DEFAULT_LIVENESS_PATH = "/tmp/tasklane-worker.alive"
+DEFAULT_AGENTS = "tasklane.demo_agents"  # a name that works installed and in the repository
 DEFAULT_MAX_CHILDREN = 10_000  # subtasks one step of a handler may spawn
 
 T = TypeVar("T")
@@ -53,6 +59,7 @@ class Settings:
     db_statement_cache: bool = True
     log_format: str | None = None  # None: console on a TTY, JSON otherwise
     log_level: str = "INFO"
+    liveness_path: str = DEFAULT_LIVENESS_PATH
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -67,8 +74,8 @@ class Settings:
         env = os.environ if env is None else env
         reader = _Reader(env)
         settings = cls(
-            database_url=reader.get("DATABASE_URL", _database_url, DEFAULT_DATABASE_URL),
-            redis_url=reader.get("REDIS_URL", _redis_url, DEFAULT_REDIS_URL),
+            database_url=reader.secret("DATABASE_URL", _database_url, DEFAULT_DATABASE_URL),
+            redis_url=reader.secret("REDIS_URL", _redis_url, DEFAULT_REDIS_URL),
             agent_modules=reader.get("TASKLANE_AGENTS", _modules, (DEFAULT_AGENTS,)),
             queue=reader.get("TASKLANE_QUEUE", _name, DEFAULT_QUEUE),
             concurrency=reader.get("TASKLANE_CONCURRENCY", _positive_int, 50),
@@ -93,6 +100,9 @@ class Settings:
             db_statement_cache=reader.get("TASKLANE_DB_STATEMENT_CACHE", _bool, True),
             log_format=reader.get("LOG_FORMAT", _log_format, None),
             log_level=reader.get("LOG_LEVEL", _log_level, "INFO"),
+            liveness_path=reader.get(
+                "TASKLANE_LIVENESS_PATH", _absolute_path, DEFAULT_LIVENESS_PATH
+            ),
         )
         if overrides:
             known = {f.name for f in fields(cls)}
@@ -132,6 +142,32 @@ class _Reader:
         raw = self.env.get(name)
         if raw is None or raw.strip() == "":
             return default
+        return self._parse(name, raw, parse, default)
+
+    def secret(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        """`name`, or the content of the file that `name`_FILE names (surrounding whitespace,
+        such as the newline an editor adds, is dropped)."""
+        file_variable = f"{name}_FILE"
+        path = self.env.get(file_variable, "").strip()
+        if not path:
+            return self.get(name, parse, default)
+        if self.env.get(name, "").strip():
+            self.problems.append(f"{name} and {file_variable} are both set: keep one")
+            return default
+        try:
+            raw = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            self.problems.append(f"{file_variable}: cannot read {path}: {exc.strerror or exc}")
+            return default
+        except UnicodeDecodeError:
+            self.problems.append(f"{file_variable}: {path} is not UTF-8 text")
+            return default
+        if not raw.strip():
+            self.problems.append(f"{file_variable}: {path} is empty")
+            return default
+        return self._parse(file_variable, raw, parse, default)
+
+    def _parse(self, name: str, raw: str, parse: Callable[[str], T], default: T) -> T:
         try:
             return parse(raw.strip())
         except ValueError as exc:
@@ -179,6 +215,13 @@ def _modules(raw: str) -> tuple[str, ...]:
     if not modules:
         raise ValueError("names no module")
     return modules
+
+
+def _absolute_path(raw: str) -> str:
+    # The worker writes it and a probe, started from any directory, reads it.
+    if not raw.startswith("/"):
+        raise ValueError(f"must be an absolute path, got {raw!r}")
+    return raw
 
 
 def _name(raw: str) -> str:

@@ -1,4 +1,4 @@
-"""The built-in demo agents (loaded by default through TASKLANE_AGENTS=worker.demo_agents).
+"""The built-in demo agents (loaded by default through TASKLANE_AGENTS=tasklane.demo_agents).
 
 They set no `timeout` or `max_attempts` of their own: TASKLANE_TASK_TIMEOUT and
 TASKLANE_MAX_ATTEMPTS apply.

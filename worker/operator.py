@@ -1,82 +1,36 @@
 """What the `tasklane` CLI does, as plain async operations returning plain data.
 
-Rendering lives in `worker.cli_render`; argument parsing and exit codes in `worker.cli`. Every
-failure an operator can cause or meet (unreachable services, an unmigrated database, an unknown
-id) surfaces as an `OperatorError` with a one-line message.
+Rendering lives in `worker.cli_render`; argument parsing and exit codes in `worker.cli`; the
+service checks in `worker.health`; why a task is where it is in `worker.diagnosis`. Every failure
+an operator can cause or meet surfaces as one line: an unknown id as an `OperatorError`, an
+unreachable service or an unmigrated database as a `ServiceError`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 from uuid import UUID
 
 from domain.entities import TaskAttempt, WorkerInfo
 from domain.exceptions import EntityNotFoundError
 from domain.payload import JsonValue
-from domain.value_objects import FINISHED_STATUSES, TaskStatus
-from persistence import pg
+from domain.value_objects import TaskStatus
 from persistence.repositories.report_repository import StatusCount, TaskRow, TreeNode
-from persistence.schema import SCHEMA_REVISION, SchemaError, check_schema
-from persistence.session import UnitOfWork, create_engine, create_session_factory
+from persistence.session import UnitOfWork
+from worker.cli_format import counted
 from worker.client import TaskClient, parse_task_id
-from worker.config import Settings, redact_url
-from worker.redis_conn import create_redis
+from worker.config import Settings
+from worker.diagnosis import explain
+from worker.health import check_postgres, check_redis
 
-CONNECT_TIMEOUT_SECONDS = 10.0
-LIVE_WITHIN_SECONDS = 30.0
 CLI_USER = "cli"
 
 
 class OperatorError(Exception):
     """A failure to report as one line (exit code 1)."""
-
-
-def reason_of(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type when it has none."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# -- the services ---------------------------------------------------------------------------------
-
-
-async def check_postgres(settings: Settings, *, schema: bool = True) -> None:
-    """Raise `OperatorError` unless Postgres answers and (with `schema`) has the schema this
-    code needs."""
-    try:
-        conn = await asyncio.wait_for(
-            pg.connect(settings.database_url, statement_cache=settings.db_statement_cache),
-            timeout=CONNECT_TIMEOUT_SECONDS,
-        )
-    except Exception as exc:
-        raise OperatorError(
-            f"cannot connect to PostgreSQL at {redact_url(settings.database_url)}: {reason_of(exc)}"
-        ) from None
-    try:
-        if schema:
-            await check_schema(conn)
-    except SchemaError as exc:
-        raise OperatorError(str(exc)) from None
-    finally:
-        await conn.close()
-
-
-async def check_redis(settings: Settings) -> None:
-    redis = create_redis(settings.redis_url, retries=1)
-    try:
-        await asyncio.wait_for(redis.ping(), timeout=CONNECT_TIMEOUT_SECONDS)
-    except Exception as exc:
-        raise OperatorError(
-            f"cannot connect to Redis at {redact_url(settings.redis_url)}: {reason_of(exc)}"
-        ) from None
-    finally:
-        await redis.aclose()
 
 
 # -- what the operations return -------------------------------------------------------------------
@@ -132,22 +86,6 @@ class PruneResult:
     matched: int  # the dry run's count
     deleted: int
     batches: int
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class HealthReport:
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
 
 
 # -- the operations -------------------------------------------------------------------------------
@@ -233,13 +171,13 @@ class Operator:
             history = await uow.tasks.list_attempts(task_id)
             now = await uow.reports.now()
             status = TaskStatus(row["status"])
-            workers = await uow.workers.list_live(within_seconds=LIVE_WITHIN_SECONDS)
+            workers = await uow.workers.list_live()
             children = (
                 await uow.reports.children_by_status(task_id)
                 if status is TaskStatus.WAITING
                 else {}
             )
-        reason = explain(row, now=now, workers=workers, children=children, settings=self.settings)
+        reason = explain(row, now=now, workers=workers, children=children)
         return TaskReport(row, history, reason, now)
 
     async def list_tasks(
@@ -271,7 +209,7 @@ class Operator:
             oldest = await uow.reports.oldest_pending_seconds()
             not_due = await uow.reports.scheduled_count()
             finished = await uow.reports.finished_within(60)
-            workers = await uow.workers.list_live(within_seconds=LIVE_WITHIN_SECONDS)
+            workers = await uow.workers.list_live()
             now = await uow.reports.now()
         by_status, by_agent = _tabulate(counts)
         return Stats(
@@ -299,7 +237,7 @@ class Operator:
                 row, False, f"task {task_id} is already {row['status']}: nothing to cancel"
             )
         others = result.cancelled - 1
-        extra = f" and {others} unfinished subtask{'s' if others != 1 else ''}" if others else ""
+        extra = f" and {counted(others, 'unfinished subtask')}" if others else ""
         return ActionResult(row, True, f"cancelled task {task_id}{extra}")
 
     async def retry(self, task_id: UUID) -> ActionResult:
@@ -353,209 +291,3 @@ def _tabulate(counts: Sequence[StatusCount]) -> tuple[dict[str, int], dict[str, 
         agent = by_agent.setdefault(c.agent_id, {s.value: 0 for s in TaskStatus})
         agent[c.status.value] += c.count
     return by_status, by_agent
-
-
-# -- health ---------------------------------------------------------------------------------------
-
-
-async def health(settings: Settings, *, local: bool = False) -> HealthReport:
-    """Postgres, Redis, the schema revision and a live worker on the configured queue (with
-    `local`: on this host, which is what a container's healthcheck asks). Every check runs
-    and reports, except those that need an earlier one to have passed."""
-    postgres = Check("postgres", True, redact_url(settings.database_url))
-    schema = Check("schema", False, "not checked: PostgreSQL is unreachable")
-    try:
-        conn = await asyncio.wait_for(
-            pg.connect(settings.database_url, statement_cache=settings.db_statement_cache),
-            timeout=CONNECT_TIMEOUT_SECONDS,
-        )
-    except Exception as exc:
-        postgres = Check(
-            "postgres",
-            False,
-            f"cannot connect to PostgreSQL at {redact_url(settings.database_url)}: "
-            f"{reason_of(exc)}",
-        )
-    else:
-        try:
-            schema = await _schema_check(conn)
-        finally:
-            await conn.close()
-    redis = Check("redis", True, redact_url(settings.redis_url))
-    try:
-        await check_redis(settings)
-    except OperatorError as exc:
-        redis = Check("redis", False, str(exc))
-    if schema.ok:
-        workers = await _worker_check(settings, local)
-    else:
-        workers = Check("workers", False, f"not checked: the {schema.name} check failed")
-    return HealthReport([postgres, redis, schema, workers])
-
-
-async def _schema_check(conn: Any) -> Check:
-    try:
-        await check_schema(conn)
-    except SchemaError as exc:
-        return Check("schema", False, str(exc))
-    except Exception as exc:
-        return Check("schema", False, reason_of(exc))
-    return Check("schema", True, f"revision {SCHEMA_REVISION}")
-
-
-async def _worker_check(settings: Settings, local: bool) -> Check:
-    hostname = socket.gethostname()
-    engine = create_engine(
-        settings.database_url,
-        pool_size=1,
-        max_overflow=0,
-        statement_cache=settings.db_statement_cache,
-        application_name="tasklane-health",
-    )
-    try:
-        async with UnitOfWork(create_session_factory(engine)) as uow:
-            workers = await uow.workers.list_live(
-                queue=settings.queue, within_seconds=LIVE_WITHIN_SECONDS
-            )
-    except Exception as exc:
-        return Check("workers", False, reason_of(exc))
-    finally:
-        await engine.dispose()
-    where = f"queue {settings.queue!r}"
-    if local:
-        workers = [w for w in workers if w.hostname == hostname]
-        where += f" on host {hostname!r}"
-    if not workers:
-        return Check(
-            "workers", False, f"no worker on {where} seen in the last {LIVE_WITHIN_SECONDS:g}s"
-        )
-    return Check("workers", True, f"{len(workers)} live on {where}")
-
-
-# -- why a task is where it is --------------------------------------------------------------------
-
-
-def explain(
-    row: TaskRow,
-    *,
-    now: datetime,
-    workers: Sequence[WorkerInfo],
-    children: dict[TaskStatus, int],
-    settings: Settings,
-) -> str | None:
-    """One line saying why a task is not progressing, or what it is doing (None: completed)."""
-    status = TaskStatus(row["status"])
-    queue = row["queue"]
-    on_queue = [w for w in workers if w.queue == queue]
-    if status is TaskStatus.PENDING:
-        return _explain_pending(row, now, on_queue, workers)
-    if status is TaskStatus.RUNNING:
-        return _explain_running(row, now, on_queue)
-    if status is TaskStatus.WAITING:
-        return _explain_waiting(children, queue, on_queue)
-    if status is TaskStatus.FAILED:
-        attempts = f"{row['attempts']} attempt{'s' if row['attempts'] != 1 else ''}"
-        error = _first_line(row["error"]) or "no error recorded"
-        return f"failed after {attempts}: {error} — `tasklane retry {row['id']}` runs it again"
-    if status is TaskStatus.CANCELLED:
-        return "cancelled: it will not run again"
-    return None
-
-
-def _explain_pending(
-    row: TaskRow, now: datetime, on_queue: Sequence[WorkerInfo], workers: Sequence[WorkerInfo]
-) -> str:
-    queue = row["queue"]
-    run_after: datetime = row["run_after"]
-    if run_after > now:
-        wait = duration(run_after - now)
-        if row["attempts"] and row["error"]:
-            limit = row["max_attempts"] or "?"
-            return (
-                f"pending: attempt {row['attempts']} of {limit} failed "
-                f"({_first_line(row['error'])}); next attempt in {wait}"
-            )
-        return f"pending: not due yet, runs in {wait}"
-    due = duration(now - run_after)
-    if not on_queue:
-        others = sorted({w.queue for w in workers})
-        elsewhere = f" (live workers serve: {', '.join(others)})" if others else ""
-        return (
-            f"pending: due {due} ago but no live worker for queue {queue!r}{elsewhere} "
-            "— is a worker running for this queue?"
-        )
-    agent = row["agent_id"]
-    if not any(agent in w.agents for w in on_queue):
-        served = sorted({a for w in on_queue for a in w.agents})
-        return (
-            f"pending: due {due} ago; no live worker on queue {queue!r} serves agent {agent!r} "
-            f"(they serve: {', '.join(served) or 'none'}), so it will fail as an unknown agent"
-        )
-    n = len(on_queue)
-    return (
-        f"pending: due {due} ago, not claimed yet by the {n} live worker{'s' if n != 1 else ''} "
-        f"on queue {queue!r}"
-    )
-
-
-def _explain_running(row: TaskRow, now: datetime, on_queue: Sequence[WorkerInfo]) -> str:
-    lease: datetime | None = row["lease_expires_at"]
-    worker = row["worker_id"] or "?"
-    attempt = f"attempt {row['attempts']} of {row['max_attempts'] or '?'}"
-    if lease is not None and lease <= now:
-        rescuer = (
-            "will be rescued at the next reconcile tick"
-            if on_queue
-            else f"will be rescued once a worker runs for queue {row['queue']!r} (none is live)"
-        )
-        return f"running: lease expired {duration(now - lease)} ago ({attempt}), {rescuer}"
-    since = f" for {duration(now - row['started_at'])}" if row["started_at"] else ""
-    left = f", lease expires in {duration(lease - now)}" if lease is not None else ""
-    if not any(w.id == worker for w in on_queue):
-        return (
-            f"running: worker {worker} has not been seen for a while{left}; "
-            "the task is rescued when the lease runs out"
-        )
-    return f"running on {worker}{since} ({attempt}){left}"
-
-
-def _explain_waiting(
-    children: dict[TaskStatus, int], queue: str, on_queue: Sequence[WorkerInfo]
-) -> str:
-    total = sum(children.values())
-    unfinished = {s: n for s, n in children.items() if s not in FINISHED_STATUSES and n}
-    if unfinished:
-        parts = ", ".join(f"{n} {s.value}" for s, n in sorted(unfinished.items()))
-        return f"waiting: {sum(unfinished.values())} of {total} children unfinished ({parts})"
-    if not on_queue:
-        return (
-            f"waiting: all {total} children finished; it resumes once a worker runs for "
-            f"queue {queue!r} (none is live)"
-        )
-    return f"waiting: all {total} children finished; the reconciler resumes it at its next tick"
-
-
-def _first_line(text: str | None, limit: int = 120) -> str:
-    if not text:
-        return ""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-# -- durations ------------------------------------------------------------------------------------
-
-
-def duration(value: timedelta | float) -> str:
-    """A short human duration: 850ms, 12.3s, 4m05s, 2h03m, 3d04h."""
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    seconds = max(0.0, seconds)
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    whole = int(seconds)
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"

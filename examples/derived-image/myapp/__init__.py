@@ -1,0 +1,1 @@
+"""An application's agents, served by workers built from examples/derived-image/Dockerfile."""

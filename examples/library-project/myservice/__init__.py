@@ -1,0 +1,1 @@
+"""A service built on tasklane (see pyproject.toml beside)."""
