@@ -160,7 +160,6 @@ def test_every_workload_runs_the_same_image() -> None:
     assert len(images) == 1, images
 
 
-
 def test_the_readme_shows_the_derived_image_example_as_it_is() -> None:
     """tests/test_install.py runs examples/derived-image; the README must show that file."""
     readme = (ROOT_PATH / "README.md").read_text()
