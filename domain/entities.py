@@ -313,6 +313,11 @@ class Doorbell:
     task_id: UUID
     runs: int  # runs the task has had so far; this doorbell is for run `runs + 1`
     queue: str | None = None  # the task's queue; None: the ringer's own
+    due_at: datetime | None = None  # when the task became due, by the database clock
+
+    @classmethod
+    def for_task(cls, task: Task) -> Doorbell:
+        return cls(task.id, task.runs, task.queue, task.run_after)
 
     @property
     def job_id(self) -> str:

@@ -262,7 +262,7 @@ class TaskClient:
         tasks: Sequence[Task], delays: Sequence[float], new: Mapping[UUID, Task]
     ) -> list[Doorbell]:
         return [
-            Doorbell(t.id, t.runs, t.queue)
+            Doorbell.for_task(t)
             for t, d in zip(tasks, delays, strict=True)
             if d and t.id in new
         ]
@@ -444,7 +444,7 @@ class TaskClient:
             updated = await uow.tasks.update(task)
             await uow.commit()
         if run_after is None:  # "run it now": no need to wait for the reconciler
-            await self._ring([Doorbell(updated.id, updated.runs, updated.queue)])
+            await self._ring([Doorbell.for_task(updated)])
         return updated
 
     async def subtasks(self, task_id: UUID | str) -> list[Task]:

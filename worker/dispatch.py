@@ -5,11 +5,13 @@ writes arq's job key and queue entry directly, many at once in one pipelined rou
 the same layout `ArqRedis.enqueue_job` uses. Both writes are NX: a doorbell still queued (same
 task, same run) is not queued twice.
 
-Every doorbell is for a task that is due now (later work is left to the reconciler), so its
-queue score is a constant instead of the ringer's clock: a worker whose clock runs behind the
-producer's would otherwise not see the doorbell until its own clock caught up. Equal scores are
-served in job-id order, and job ids start with the task id (time-ordered), so older tasks go
-first.
+Every doorbell is for a task that is due now (later work is left to the reconciler). Its queue
+score is when the task became due, by the database clock, in *seconds* since the epoch: arq
+serves members whose score is at most its own clock in *milliseconds*, so every doorbell is
+visible at once whatever the machines' clocks say, and doorbells are served in the order their
+tasks became due — by one clock, whoever inserted the task (a producer, plain SQL, the
+reconciler). Job ids no longer decide the order (an id from `gen_random_uuid()` would otherwise
+wait behind every time-ordered one).
 
 A doorbell a worker has started stays queued behind arq's in-progress key until its job ends. If
 that worker dies between starting it and claiming the task in Postgres, the task stays pending
@@ -20,6 +22,7 @@ clears such stale keys.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix
@@ -32,8 +35,13 @@ from domain.entities import Doorbell
 from worker.serialization import serialize
 
 JOB_FUNCTION = "run_task"
-# arq treats a zero score as "no such job"; any constant in the past will do.
-DUE_NOW_SCORE = 1
+
+
+def score(doorbell: Doorbell) -> float:
+    """A doorbell's place in its queue: when its task became due (seconds since the epoch, by the
+    database clock; the ringer's clock only for a doorbell that does not say)."""
+    due = doorbell.due_at.timestamp() if doorbell.due_at is not None else time.time()
+    return max(due, 1.0)  # arq reads a zero score as "no such job"
 
 # Lua: `now_ms`, Redis's clock in ms. A started doorbell's in-progress key holds this, taken when
 # it was set (worker.app's start script; arq itself writes "1").
@@ -77,7 +85,7 @@ class Dispatcher:
                     JOB_FUNCTION, (str(doorbell.task_id),), {}, None, now, serializer=serialize
                 )
                 pipe.set(job_key_prefix + doorbell.job_id, job, px=expires_extra_ms, nx=True)
-                pipe.zadd(doorbell.queue or self.queue, {doorbell.job_id: DUE_NOW_SCORE}, nx=True)
+                pipe.zadd(doorbell.queue or self.queue, {doorbell.job_id: score(doorbell)}, nx=True)
             await pipe.execute()
 
     async def ring_again(

@@ -468,7 +468,7 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
             return []
         delays = [0.0 if child.run_after is not None else dispatch_delay for child in children]
         inserted = await self.create_many(children, dispatch_delays=delays)
-        return [Doorbell(t.id, t.runs, t.queue) for t, d in zip(inserted, delays, strict=True) if d]
+        return [Doorbell.for_task(t) for t, d in zip(inserted, delays, strict=True) if d]
 
     async def stranded_waiting(self, *, min_age_seconds: float, limit: int) -> list[UUID]:
         """Waiting parents whose children all finished but which nobody resumed (children
@@ -510,7 +510,7 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         rows = await self._fetch(q.OPERATOR_RETRY, id=task_id, dispatch_delay=float(dispatch_delay))
         if rows:
             retried = task_from_row(rows[0])
-            return RetryResult(retried, True, [Doorbell(retried.id, retried.runs, retried.queue)])
+            return RetryResult(retried, True, [Doorbell.for_task(retried)])
         task = await self.get_by_id(task_id)
         if task is None:
             raise EntityNotFoundError("Task", task_id)
@@ -670,7 +670,7 @@ def _maybe_uuid(value: Any) -> UUID | None:
 
 
 def _doorbell(row: Row) -> Doorbell:
-    return Doorbell(_uuid(row["id"]), row["runs"], row["queue"])
+    return Doorbell(_uuid(row["id"]), row["runs"], row["queue"], row["run_after"])
 
 
 def _rescued(row: Row) -> Rescued:

@@ -280,7 +280,7 @@ SET status = '{PENDING}', attempts = 0, step = p.step + 1, run_after = now(),
 WHERE p.id = :id AND p.status IN {_guard(PENDING, only=WAITING)}
   AND NOT EXISTS (SELECT 1 FROM tasks AS c
                   WHERE c.parent_task_id = p.id AND c.status IN {UNFINISHED})
-RETURNING p.id, p.runs, p.queue
+RETURNING p.id, p.runs, p.queue, p.run_after
 """)
 
 # Safety net for the reconciler: waiting parents whose children all finished but which nobody
@@ -425,7 +425,7 @@ WITH due AS (
 )
 UPDATE tasks AS t SET dispatch_after = now() + make_interval(secs => :redispatch_seconds)
 FROM due WHERE t.id = due.id
-RETURNING t.id, t.runs, t.queue
+RETURNING t.id, t.runs, t.queue, t.run_after
 """)
 
 # The same, one task at a time: when the statement above fails on a row, the others still go.
@@ -440,7 +440,7 @@ LIMIT :limit
 MARK_DISPATCHED = Sql(f"""
 UPDATE tasks AS t SET dispatch_after = now() + make_interval(secs => :redispatch_seconds)
 WHERE t.id = :id AND t.status = '{PENDING}' AND greatest(t.run_after, t.dispatch_after) <= now()
-RETURNING t.id, t.runs, t.queue
+RETURNING t.id, t.runs, t.queue, t.run_after
 """)
 
 # Doorbells that could not be rung after all: due for the next tick again.

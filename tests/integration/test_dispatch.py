@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.asyncio import Redis
 
 from domain.entities import Doorbell
-from worker.dispatch import DUE_NOW_SCORE, Dispatcher
+from worker.dispatch import Dispatcher, score
 
 
 @pytest.fixture
@@ -26,8 +27,11 @@ async def redis_ms(redis: Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
+DUE = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
 def doorbells(n: int, queue: str) -> list[Doorbell]:
-    return [Doorbell(uuid.uuid4(), 0, queue) for _ in range(n)]
+    return [Doorbell(uuid.uuid4(), 0, queue, DUE + timedelta(seconds=i)) for i in range(n)]
 
 
 async def test_ringing_twice_queues_each_doorbell_once(redis: Redis, queue: str) -> None:
@@ -36,8 +40,23 @@ async def test_ringing_twice_queues_each_doorbell_once(redis: Redis, queue: str)
     await dispatcher.ring(rung)
     await dispatcher.ring(rung)
     queued = await redis.zrange(queue, 0, -1, withscores=True)
-    assert sorted(queued) == sorted((d.job_id.encode(), float(DUE_NOW_SCORE)) for d in rung)
+    assert sorted(queued) == sorted((d.job_id.encode(), score(d)) for d in rung)
     assert all([await redis.exists(job_key_prefix + d.job_id) for d in rung])
+
+
+async def test_doorbells_queue_in_the_order_their_tasks_became_due(
+    redis: Redis, queue: str
+) -> None:
+    """Whatever their ids (a v4 id from gen_random_uuid() sorts after every time-ordered one)
+    and whoever rings them: the score is the due time, in seconds, which arq always sees as due
+    (its clock is in milliseconds)."""
+    early = Doorbell(uuid.UUID("ffffffff-0000-4000-8000-000000000000"), 0, queue, DUE)
+    late = Doorbell(
+        uuid.UUID("00000000-0000-7000-8000-000000000000"), 0, queue, DUE.replace(minute=1)
+    )
+    await Dispatcher(redis, queue).ring([late, early])
+    assert await redis.zrange(queue, 0, -1) == [early.job_id.encode(), late.job_id.encode()]
+    assert score(late) < await redis_ms(redis)  # due for arq at once, whatever the clocks
 
 
 async def test_ring_again_unblocks_only_doorbells_started_long_ago(

@@ -20,7 +20,7 @@ from arq.utils import timestamp_ms
 from arq.worker import func
 
 from worker.app import IDLE_POLL_SECONDS, POLL_DELAY_SECONDS, TasklaneWorker
-from worker.dispatch import DUE_NOW_SCORE, JOB_FUNCTION
+from worker.dispatch import JOB_FUNCTION
 from worker.serialization import deserialize, serialize
 
 
@@ -58,9 +58,11 @@ def ids(n: int) -> list[str]:
     return [f"{uuid.uuid4()}:1" for _ in range(n)]
 
 
-async def enqueue(
-    pool: ArqRedis, queue: str, job_ids: list[str], score: float = DUE_NOW_SCORE
-) -> None:
+# A doorbell's score is its task's due time in seconds (worker.dispatch.score): always due.
+DUE_SCORE = 1_764_000_000.0
+
+
+async def enqueue(pool: ArqRedis, queue: str, job_ids: list[str], score: float = DUE_SCORE) -> None:
     """Queue doorbells the way `Dispatcher.ring` does (job key + queue entry), at `score`."""
     for job_id in job_ids:
         task_id = job_id.partition(":")[0]

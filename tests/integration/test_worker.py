@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import uuid
 from datetime import timedelta
@@ -16,7 +17,7 @@ from domain.value_objects import TaskStatus
 from tests.support import db
 from tests.support.services import PrivateRedis
 from tests.support.workers import make_settings, running_worker
-from worker.client import TaskClient
+from worker.client import TaskClient, TaskSpec
 from worker.config import Settings
 from worker.dispatch import Dispatcher
 from worker.runtime import WorkerRuntime
@@ -243,3 +244,38 @@ async def test_spawn_then_fail_creates_no_subtask(
         )
         == 0
     )
+
+
+async def test_a_task_inserted_with_sql_keeps_its_place_in_a_burst(
+    database_url: str,
+    redis_url: str,
+    queue: str,
+    conversation: Conversation,
+    client: TaskClient,
+) -> None:
+    """Doorbells are served in the order their tasks became due, by the database clock, whoever
+    inserted them: a task inserted with SQL during a producer's burst (a random v4 id, rung by
+    the reconciler) runs before the tasks submitted after it."""
+    settings = make_settings(database_url, redis_url, queue, concurrency=2)
+    specs = [TaskSpec("t_count_runs", {"seconds": 0.02}, conversation.id) for _ in range(200)]
+    async with running_worker(settings):
+        await client.submit_many(specs)
+        sql_task = await db.value(
+            database_url,
+            "INSERT INTO tasks (conversation_id, agent_id, queue) VALUES ($1, 'echo', $2)"
+            " RETURNING id",
+            conversation.id,
+            queue,
+        )
+        await asyncio.sleep(1.0)  # the reconciler (every 0.2 s here) rings it meanwhile
+        after = await client.submit_many(specs[:100])
+        await db.wait_final(database_url, [sql_task, *(t.id for t in after)], timeout=60)
+    [sql_start] = await db.query(
+        database_url, "SELECT started_at FROM tasks WHERE id = $1", sql_task
+    )
+    later = await db.value(
+        database_url,
+        "SELECT min(started_at) FROM tasks WHERE id = ANY($1)",
+        [t.id for t in after],
+    )
+    assert sql_start["started_at"] < later
