@@ -213,7 +213,10 @@ class TaskClient:
             inserted = await self._insert(TaskRepository(SessionExecutor(session)), [task])
             self._ring_after_commit(session, inserted.doorbells)
             return inserted.tasks[0]
-        inserted = await self._insert_alone(task)
+        if task.parent_task_id is not None:  # the parent is locked and checked: a transaction
+            inserted = await self._insert_in_transaction(task)
+        else:
+            inserted = await self._insert_alone(task)
         await self._ring(inserted.doorbells)
         return inserted.tasks[0]
 
@@ -262,9 +265,7 @@ class TaskClient:
         tasks: Sequence[Task], delays: Sequence[float], new: Mapping[UUID, Task]
     ) -> list[Doorbell]:
         return [
-            Doorbell.for_task(t)
-            for t, d in zip(tasks, delays, strict=True)
-            if d and t.id in new
+            Doorbell.for_task(t) for t, d in zip(tasks, delays, strict=True) if d and t.id in new
         ]
 
     async def _insert_alone(self, task: Task) -> _Inserted:
@@ -317,6 +318,7 @@ class TaskClient:
             dispatch_delays=delays,
             skip_taken_keys=any(t.idempotency_key for t in tasks),
             max_input_bytes=self.settings.max_input_bytes,
+            attach=True,
         )
         new = {t.id: t for t in inserted}
         taken = [t for t in tasks if t.id not in new]

@@ -43,6 +43,7 @@ def score(doorbell: Doorbell) -> float:
     due = doorbell.due_at.timestamp() if doorbell.due_at is not None else time.time()
     return max(due, 1.0)  # arq reads a zero score as "no such job"
 
+
 # Lua: `now_ms`, Redis's clock in ms. A started doorbell's in-progress key holds this, taken when
 # it was set (worker.app's start script; arq itself writes "1").
 REDIS_NOW_MS_LUA = """

@@ -91,21 +91,44 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         dispatch_delays: Sequence[float] | None = None,
         skip_taken_keys: bool = False,
         max_input_bytes: int | None = None,
+        attach: bool = False,
     ) -> list[Task]:
         """Insert `tasks` in one statement; returns the inserted rows in the order of `tasks`.
 
         `dispatch_delays[i]` is how long the reconciler leaves task i alone (the caller rings
         its doorbell after commit); by default 0: the reconciler dispatches it at its next tick.
         With `skip_taken_keys`, a task whose idempotency key is already taken is left out of the
-        result (the caller reads the existing task instead).
+        result (the caller reads the existing task instead). With `attach`, tasks that name a
+        parent are added under that parent's lock, which must be running or waiting: a producer
+        giving a task a parent from outside (a handler's own subtasks are inserted by the
+        transaction that holds their parent already).
         """
         if not tasks:
             return []
         delays = list(dispatch_delays) if dispatch_delays is not None else [0.0] * len(tasks)
         params = insert_params(tasks, dispatch_delays=delays, max_input_bytes=max_input_bytes)
         stmt = q.INSERT_TASKS_SKIP_TAKEN_KEYS if skip_taken_keys else q.INSERT_TASKS
-        by_id = {task.id: task for task in await self._entities(stmt, **params)}
+        parents = sorted({t.parent_task_id for t in tasks if t.parent_task_id is not None})
+        if attach and parents:
+            async with self._ex.atomic():
+                await self._lock_parents_to_attach(parents)
+                inserted = await self._entities(stmt, **params)
+        else:
+            inserted = await self._entities(stmt, **params)
+        by_id = {task.id: task for task in inserted}
         return [by_id[t.id] for t in tasks if t.id in by_id]
+
+    async def _lock_parents_to_attach(self, parents: Sequence[UUID]) -> None:
+        rows = {_uuid(r["id"]): r["status"] for r in await self._fetch(q.LOCK_PARENTS, ids=parents)}
+        for parent_id in parents:
+            status = rows.get(parent_id)
+            if status is None:
+                raise EntityNotFoundError("Task", parent_id, "named as a parent")
+            if status not in (TaskStatus.RUNNING, TaskStatus.WAITING):
+                raise InvalidInputError(
+                    f"cannot add a subtask to task {parent_id}: it is {status}; a parent must "
+                    "be running or waiting (its subtasks would never be waited for)"
+                )
 
     # -- read -----------------------------------------------------------------------------------
 
@@ -444,12 +467,27 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
     ) -> list[UUID]:
         """The one lock order of every transaction that changes a task with relatives: its
         parent first, then the task (by the statement that changes it, or, for `subtree_of`,
-        the task and every descendant, by depth and id). Returns the subtree's ids."""
+        the task and every descendant, a level at a time, by depth and id). Returns the
+        subtree's ids.
+
+        A level is read only once the level above is locked, each by a statement of its own:
+        whoever adds children to a task (a handler's wait or completion, a submit naming it as
+        parent) holds that task's lock until it commits, so the next statement sees them. One
+        statement walking the whole tree would read it as it was before the locks were taken,
+        and miss children committed while it waited."""
         if parent_id is not None:
             await self._fetch(q.LOCK_TASK, id=parent_id)
         if subtree_of is None:
             return []
-        return [_uuid(row["id"]) for row in await self._fetch(q.LOCK_SUBTREE, id=subtree_of)]
+        subtree: list[UUID] = []
+        level = [_uuid(row["id"]) for row in await self._fetch(q.LOCK_TASK, id=subtree_of)]
+        seen = set(level)
+        while level:
+            subtree += level
+            rows = await self._fetch(q.LOCK_CHILDREN, ids=level)
+            level = [i for i in (_uuid(row["id"]) for row in rows) if i not in seen]
+            seen.update(level)  # a parent loop made by hand stops here
+        return subtree
 
     async def _resume_if_done(self, parent_id: UUID, *, dispatch_delay: float) -> list[Doorbell]:
         """waiting → pending when no child of `parent_id` is unfinished; inside the transaction
@@ -506,8 +544,15 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         return CancelResult(task=task, cancelled=len(done), doorbells=doorbells)
 
     async def retry(self, task_id: UUID, *, dispatch_delay: float = 0.0) -> RetryResult:
-        """Operator retry: failed → pending with fresh attempts. Any other state: unchanged."""
-        rows = await self._fetch(q.OPERATOR_RETRY, id=task_id, dispatch_delay=float(dispatch_delay))
+        """Operator retry: failed → pending with fresh attempts. Any other state: unchanged.
+        A subtask is retried under its parent's lock, like every other change of a child."""
+        async with self._ex.atomic():
+            parent = await self._fetch(q.PARENT_OF, id=task_id)
+            if parent and parent[0]["parent_task_id"] is not None:
+                await self._lock_family(_uuid(parent[0]["parent_task_id"]))
+            rows = await self._fetch(
+                q.OPERATOR_RETRY, id=task_id, dispatch_delay=float(dispatch_delay)
+            )
         if rows:
             retried = task_from_row(rows[0])
             return RetryResult(retried, True, [Doorbell.for_task(retried)])

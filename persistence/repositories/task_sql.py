@@ -313,17 +313,15 @@ WITH RECURSIVE tree(id, depth) AS (
 ) CYCLE id SET is_cycle USING path
 """
 
-# The subtree locked ancestors first (depth, then id): the lock order of every transaction that
-# changes tasks with relatives (TaskRepository._lock_family).
-LOCK_SUBTREE = Sql(
-    SUBTREE
-    + """
-SELECT t.id, t.status FROM tasks AS t JOIN tree ON t.id = tree.id
-WHERE NOT tree.is_cycle
-ORDER BY tree.depth, t.id
-FOR UPDATE OF t
-"""
-)
+# One level of a subtree, locked in id order (TaskRepository._lock_family walks it down).
+LOCK_CHILDREN = Sql("""
+SELECT id FROM tasks WHERE parent_task_id = ANY(CAST(:ids AS uuid[])) ORDER BY id FOR UPDATE
+""")
+
+# Parents that a submit attaches children to, locked in id order, with their status.
+LOCK_PARENTS = Sql("""
+SELECT id, status FROM tasks WHERE id = ANY(CAST(:ids AS uuid[])) ORDER BY id FOR UPDATE
+""")
 
 CANCEL_MANY = Sql(f"""
 WITH done AS (

@@ -5,13 +5,16 @@ cancellation is timed out all the same; agents missing during a rolling deploy c
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from domain.entities import Conversation
+from domain.exceptions import InvalidInputError
 from domain.value_objects import TaskStatus
+from persistence import pg
 from tests.support import db
 from tests.support.workers import WorkerProcess, running_worker, start_process
 from worker.client import TaskClient
@@ -206,3 +209,90 @@ async def test_a_task_for_an_agent_another_live_worker_serves_is_handed_back_for
     done = await finished(client, task.id)
     assert (done.status, done.attempts) == (TaskStatus.COMPLETED, 1)
     assert done.output == {"served_by_the_new_worker": True, "attempt": 1}
+
+
+# -- 8. races --------------------------------------------------------------------------------------
+
+
+async def test_a_cancel_sees_the_children_a_handler_commits_while_it_waits(
+    client: TaskClient, conversation: Conversation, database_url: str
+) -> None:
+    """The cancel takes the parent's lock, then reads its children: a handler's wait that
+    committed new children meanwhile cannot leave them running under a cancelled parent."""
+    parent = await client.submit("echo", {}, conversation_id=conversation.id)
+    conn = await pg.connect(database_url)
+    try:
+        # A handler's wait, in flight: the parent waiting, its new child inserted, uncommitted.
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.execute("UPDATE tasks SET status = 'waiting' WHERE id = $1", parent.id)
+        child = await conn.fetchval(
+            "INSERT INTO tasks (conversation_id, agent_id, parent_task_id, queue)"
+            " VALUES ($1, 'echo', $2, $3) RETURNING id",
+            conversation.id,
+            parent.id,
+            parent.queue,
+        )
+        cancelling = asyncio.ensure_future(client.cancel(parent.id))
+        await db.eventually(
+            lambda: db.value(
+                database_url,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()",
+            ),
+            lambda waiting: waiting > 0,
+            what="the cancel waiting for the parent's lock",
+        )
+        await transaction.commit()
+        result = await asyncio.wait_for(cancelling, 10)
+    finally:
+        await conn.close()
+    assert result.cancelled == 2
+    assert (await client.get(child)).status is TaskStatus.CANCELLED
+
+
+async def test_an_operators_retry_of_a_child_takes_its_parents_lock_first(
+    client: TaskClient, conversation: Conversation, database_url: str
+) -> None:
+    parent = await client.submit("echo", {}, conversation_id=conversation.id)
+    await db.query(database_url, "UPDATE tasks SET status = 'waiting' WHERE id = $1", parent.id)
+    child = await client.submit(
+        "echo", {}, conversation_id=conversation.id, parent_task_id=parent.id
+    )
+    await db.query(database_url, "UPDATE tasks SET status = 'failed' WHERE id = $1", child.id)
+    conn = await pg.connect(database_url)
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", parent.id)
+        retrying = asyncio.ensure_future(client.retry(child.id))
+        await asyncio.sleep(0.5)
+        assert not retrying.done()  # it waits behind the parent, as every child's change does
+        assert (await client.get(child.id)).status is TaskStatus.FAILED
+        await transaction.commit()
+        result = await asyncio.wait_for(retrying, 10)
+    finally:
+        await conn.close()
+    assert result.retried
+
+
+@pytest.mark.parametrize("status", ["pending", "completed", "failed", "cancelled"])
+async def test_a_subtask_is_attached_only_to_a_running_or_waiting_parent(
+    client: TaskClient, conversation: Conversation, database_url: str, status: str
+) -> None:
+    parent = await client.submit("echo", {}, conversation_id=conversation.id)
+    await db.query(database_url, "UPDATE tasks SET status = $2 WHERE id = $1", parent.id, status)
+    with pytest.raises(InvalidInputError, match=f"it is {status}; a parent must be running"):
+        await client.submit("echo", {}, conversation_id=conversation.id, parent_task_id=parent.id)
+    assert await client.subtasks(parent.id) == []
+
+
+async def test_a_subtask_attached_to_a_waiting_parent_is_waited_for(
+    client: TaskClient, conversation: Conversation, database_url: str
+) -> None:
+    parent = await client.submit("echo", {}, conversation_id=conversation.id)
+    await db.query(database_url, "UPDATE tasks SET status = 'waiting' WHERE id = $1", parent.id)
+    child = await client.submit(
+        "echo", {}, conversation_id=conversation.id, parent_task_id=parent.id
+    )
+    assert [t.id for t in await client.subtasks(parent.id)] == [child.id]
