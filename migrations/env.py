@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection
 
 from persistence.models import Base
 from persistence.session import create_engine, database_url
+from persistence.timeouts import MIGRATION_TIMEOUTS
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklane"
 
@@ -48,7 +49,13 @@ def _run(connection: Connection) -> None:
 
 
 async def run_migrations_online() -> None:
-    engine = create_engine(_url(), pool_size=1, max_overflow=0, application_name="tasklane-migrate")
+    engine = create_engine(
+        _url(),
+        pool_size=1,
+        max_overflow=0,
+        application_name="tasklane-migrate",
+        timeouts=MIGRATION_TIMEOUTS,
+    )
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)

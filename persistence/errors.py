@@ -25,7 +25,9 @@ DEADLOCK_DETECTED = "40P01"
 DATA_EXCEPTION_CLASS = "22"
 UNDEFINED_TABLE = "42P01"
 
-RETRYABLE_SQLSTATES = frozenset({SERIALIZATION_FAILURE, DEADLOCK_DETECTED})
+LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out: somebody held the row long; try again
+
+RETRYABLE_SQLSTATES = frozenset({SERIALIZATION_FAILURE, DEADLOCK_DETECTED, LOCK_NOT_AVAILABLE})
 
 # Errors after which a connection is not to be used again (the pool opens another). A fenced
 # statement may simply be run again on a new one; whether it had committed is for the caller to

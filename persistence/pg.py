@@ -13,6 +13,7 @@ from sqlalchemy.engine import URL
 
 from domain.payload import decode_json
 from persistence.session import database_url
+from persistence.timeouts import DEFAULT_TIMEOUTS, DbTimeouts
 
 
 def _encode_jsonb(text: str) -> bytes:
@@ -60,6 +61,7 @@ async def create_pool(
     max_size: int = 10,
     statement_cache: bool = True,
     application_name: str = "tasklane",
+    timeouts: DbTimeouts = DEFAULT_TIMEOUTS,
 ) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         dsn(url),
@@ -68,13 +70,27 @@ async def create_pool(
         init=_init_connection,
         connection_class=_Connection,
         statement_cache_size=100 if statement_cache else 0,
-        server_settings={"application_name": application_name},
+        server_settings={"application_name": application_name, **timeouts.server_settings()},
+        command_timeout=timeouts.command_seconds,
+        timeout=timeouts.connect_seconds,
         # A connection that died under us (pg_terminate_backend, a restart) is replaced.
         max_inactive_connection_lifetime=300,
     )
 
 
-async def connect(url: str | URL, *, statement_cache: bool = True) -> asyncpg.Connection:
-    conn = await asyncpg.connect(dsn(url), statement_cache_size=100 if statement_cache else 0)
+async def connect(
+    url: str | URL,
+    *,
+    statement_cache: bool = True,
+    application_name: str = "tasklane",
+    timeouts: DbTimeouts = DEFAULT_TIMEOUTS,
+) -> asyncpg.Connection:
+    conn = await asyncpg.connect(
+        dsn(url),
+        statement_cache_size=100 if statement_cache else 0,
+        server_settings={"application_name": application_name, **timeouts.server_settings()},
+        command_timeout=timeouts.command_seconds,
+        timeout=timeouts.connect_seconds,
+    )
     await _init_connection(conn)
     return conn

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import (
 from domain.payload import decode_json
 from persistence.repository_factory import RepositoryFactory
 from persistence.sql import ConnectionExecutor, Executor, SessionExecutor
+from persistence.timeouts import DEFAULT_TIMEOUTS, DbTimeouts
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def create_engine(
     application_name: str = "tasklane",
     echo: bool = False,
     autocommit: bool = False,
+    timeouts: DbTimeouts = DEFAULT_TIMEOUTS,
 ) -> AsyncEngine:
     """An asyncpg engine with a bounded, pre-pinged pool.
 
@@ -61,7 +63,11 @@ def create_engine(
     pre-ping (which costs three round trips per checkout on asyncpg). Whoever takes its
     connections checks them for themselves (see `worker.client`).
     """
-    connect_args: dict[str, Any] = {"server_settings": {"application_name": application_name}}
+    connect_args: dict[str, Any] = {
+        "server_settings": {"application_name": application_name, **timeouts.server_settings()},
+        "command_timeout": timeouts.command_seconds,
+        "timeout": timeouts.connect_seconds,
+    }
     if not statement_cache:
         connect_args["statement_cache_size"] = 0
         connect_args["prepared_statement_cache_size"] = 0

@@ -123,6 +123,7 @@ class TasklaneWorker(Worker):
                 serializer=self.job_serializer,
                 deserializer=self.job_deserializer,
                 queue=self.queue_name,
+                socket_timeout=settings.redis_timeout_seconds,
             )
         self._outage = RedisOutage(settings.redis_url, get_logger("tasklane.worker"))
         self.ctx["tasklane_outage"] = self._outage
@@ -191,6 +192,9 @@ class TasklaneWorker(Worker):
         if not_utf8:
             await self._discard(not_utf8)
         free = self.max_jobs - self.job_counter
+        runtime: WorkerRuntime | None = self.ctx.get("tasklane")
+        if runtime is not None:  # Postgres answering slowly, or not at all: take fewer
+            free = runtime.doorbells_wanted(free)
         wanted = [
             job_id.decode()
             for job_id in job_ids
@@ -324,6 +328,7 @@ async def _start(
             max_size=settings.db_pool_size,
             statement_cache=settings.db_statement_cache,
             application_name=f"tasklane-worker {worker_id}",
+            timeouts=settings.db_timeouts,
         )
     except Exception as exc:
         raise StartupError(_unreachable(settings, exc)) from None

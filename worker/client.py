@@ -53,8 +53,11 @@ from worker.dispatch import Dispatcher
 from worker.redis_conn import create_redis
 
 SUBMIT_BATCH = 1000
-# Producers give Redis about half a second; after that the reconciler rings the doorbell.
+# Producers give Redis about half a second to connect; after that the reconciler rings.
 PRODUCER_REDIS_RETRIES = 3
+# A committed submit returns within this long of its commit, whatever Redis does (a Redis that
+# accepts connections and never answers included): the doorbell is then left to the reconciler.
+RING_PATIENCE_SECONDS = 1.0
 _SESSION_DOORBELLS = "tasklane_doorbells"
 
 log = structlog.get_logger("tasklane.client")
@@ -121,6 +124,7 @@ def _client_engine(url: str | URL, settings: Settings, *, autocommit: bool = Fal
         statement_cache=settings.db_statement_cache,
         application_name="tasklane-client",
         autocommit=autocommit,
+        timeouts=settings.db_timeouts,
     )
 
 
@@ -144,7 +148,11 @@ class TaskClient:
     @classmethod
     def from_settings(cls, settings: Settings) -> TaskClient:
         engine = _client_engine(settings.database_url, settings)
-        redis = create_redis(settings.redis_url, retries=PRODUCER_REDIS_RETRIES)
+        redis = create_redis(
+            settings.redis_url,
+            retries=PRODUCER_REDIS_RETRIES,
+            socket_timeout=settings.redis_timeout_seconds,
+        )
         return cls(settings=settings, engine=engine, redis=redis)
 
     async def __aenter__(self) -> Self:
@@ -347,7 +355,7 @@ class TaskClient:
 
     async def _ring(self, doorbells: list[Doorbell]) -> None:
         try:
-            await self.dispatcher.ring(doorbells)
+            await asyncio.wait_for(self.dispatcher.ring(doorbells), RING_PATIENCE_SECONDS)
         except Exception as exc:
             # Committed all the same: the reconciler rings them after TASKLANE_REDISPATCH_SECONDS.
             log.warning("dispatch.deferred_to_reconciler", error=repr(exc), tasks=len(doorbells))

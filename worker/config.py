@@ -23,6 +23,7 @@ from sqlalchemy.exc import ArgumentError
 from domain.entities import DEFAULT_QUEUE, MAX_ATTEMPTS_LIMIT
 from domain.payload import DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_OUTPUT_BYTES
 from domain.policies import Backoff
+from persistence.timeouts import DbTimeouts
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklane"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -57,6 +58,10 @@ class Settings:
     max_children: int = DEFAULT_MAX_CHILDREN
     db_pool_size: int = 10
     db_statement_cache: bool = True
+    db_timeout_seconds: float = 30.0  # any one statement (client and server side)
+    db_lock_timeout_seconds: float = 10.0
+    db_session_timeouts: bool = True  # send statement/lock/idle timeouts when connecting
+    redis_timeout_seconds: float = 5.0  # any one Redis command
     log_format: str | None = None  # None: console on a TTY, JSON otherwise
     log_level: str = "INFO"
     liveness_path: str = DEFAULT_LIVENESS_PATH
@@ -64,6 +69,15 @@ class Settings:
     @property
     def heartbeat_seconds(self) -> float:
         return self.lease_seconds / 3
+
+    @property
+    def db_timeouts(self) -> DbTimeouts:
+        return DbTimeouts(
+            statement_seconds=self.db_timeout_seconds,
+            lock_seconds=self.db_lock_timeout_seconds,
+            idle_in_transaction_seconds=2 * self.db_timeout_seconds,
+            session_settings=self.db_session_timeouts,
+        )
 
     @property
     def backoff(self) -> Backoff:
@@ -98,6 +112,14 @@ class Settings:
             max_children=reader.get("TASKLANE_MAX_CHILDREN", _positive_int, DEFAULT_MAX_CHILDREN),
             db_pool_size=reader.get("TASKLANE_DB_POOL_SIZE", _positive_int, 10),
             db_statement_cache=reader.get("TASKLANE_DB_STATEMENT_CACHE", _bool, True),
+            db_timeout_seconds=reader.get("TASKLANE_DB_TIMEOUT_SECONDS", _positive_float, 30.0),
+            db_lock_timeout_seconds=reader.get(
+                "TASKLANE_DB_LOCK_TIMEOUT_SECONDS", _positive_float, 10.0
+            ),
+            db_session_timeouts=reader.get("TASKLANE_DB_SESSION_TIMEOUTS", _bool, True),
+            redis_timeout_seconds=reader.get(
+                "TASKLANE_REDIS_TIMEOUT_SECONDS", _positive_float, 5.0
+            ),
             log_format=reader.get("LOG_FORMAT", _log_format, None),
             log_level=reader.get("LOG_LEVEL", _log_level, "INFO"),
             liveness_path=reader.get(

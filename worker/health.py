@@ -66,7 +66,12 @@ async def connect_postgres(settings: Settings) -> asyncpg.Connection:
 
     try:
         return await asyncio.wait_for(
-            pg.connect(settings.database_url, statement_cache=settings.db_statement_cache),
+            pg.connect(
+                settings.database_url,
+                statement_cache=settings.db_statement_cache,
+                application_name="tasklane-health",
+                timeouts=settings.db_timeouts,
+            ),
             timeout=CHECK_TIMEOUT_SECONDS,
         )
     except Exception as exc:
@@ -93,7 +98,9 @@ async def check_postgres(settings: Settings, *, schema: bool = True) -> None:
 async def check_redis(settings: Settings) -> None:
     from worker.redis_conn import create_redis
 
-    redis = create_redis(settings.redis_url, retries=1)
+    redis = create_redis(
+        settings.redis_url, retries=1, socket_timeout=settings.redis_timeout_seconds
+    )
     try:
         await asyncio.wait_for(redis.ping(), timeout=CHECK_TIMEOUT_SECONDS)
     except Exception as exc:
@@ -177,6 +184,7 @@ async def _worker_check(settings: Settings, local: bool) -> Check:
         max_overflow=0,
         statement_cache=settings.db_statement_cache,
         application_name="tasklane-health",
+        timeouts=settings.db_timeouts,
     )
     try:
         async with (

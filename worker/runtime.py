@@ -47,6 +47,10 @@ MAX_ERROR_CHARS = 4000
 # How long a cancelled handler may take to unwind (past its timeout, or at shutdown) before its
 # run stops waiting for it: a handler that ignores cancellation is abandoned then, its slot freed.
 HANDLER_UNWIND_SECONDS = 5.0
+# Claims this worker may have waiting for Postgres's answer at once. Answered in milliseconds,
+# they never come near it; when Postgres hangs, the worker stops taking doorbells here instead
+# of filling every slot (and marking every queued doorbell in progress) behind it.
+CLAIM_WINDOW = 20
 # A task handed back because this worker lacks its agent is due again after this long, so that
 # a worker that has the agent (a rolling deploy) picks it up rather than this one again.
 HAND_BACK_SECONDS = 1.0
@@ -107,6 +111,7 @@ class WorkerRuntime:
         self.log = structlog.get_logger("tasklane.worker")
         self.heartbeat = Heartbeat(lifecycle, interval=settings.heartbeat_seconds, log=self.log)
         self.in_flight = 0
+        self.unanswered_claims = 0
         self._running: dict[UUID, int] = {}  # task id → the run this process is running
         # Handlers that ignored cancellation past their timeout, left running (health shows it).
         self.abandoned: set[asyncio.Future[Any]] = set()
@@ -116,6 +121,10 @@ class WorkerRuntime:
 
     def busy(self) -> bool:
         return self.in_flight > BATCH_ABOVE_IN_FLIGHT
+
+    def doorbells_wanted(self, free_slots: int) -> int:
+        """How many doorbells to start now: the free slots, within the claim window."""
+        return max(0, min(free_slots, CLAIM_WINDOW - self.unanswered_claims))
 
     # -- the job -----------------------------------------------------------------------------------
 
@@ -160,7 +169,9 @@ class WorkerRuntime:
                 del self._running[task.id]
 
     async def _claim(self, task_id: UUID) -> Task | None:
+        self.unanswered_claims += 1
         claiming = asyncio.ensure_future(self.lifecycle.claim(task_id))
+        claiming.add_done_callback(self._claim_answered)
         try:
             task = await asyncio.shield(claiming)
         except asyncio.CancelledError:
@@ -177,6 +188,9 @@ class WorkerRuntime:
         if task is None:
             await self._explain_miss(task_id)
         return task
+
+    def _claim_answered(self, _: asyncio.Future[Task | None]) -> None:
+        self.unanswered_claims -= 1
 
     async def _explain_miss(self, task_id: UUID) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -500,3 +501,34 @@ async def test_update_run_after_none_runs_a_scheduled_task_now(
     await client.update(task.id, run_after=None)
     done = await client.wait(task.id, timeout=20)
     assert (done.status, done.output) == (TaskStatus.COMPLETED, {"echo": {"x": 2}})
+
+
+async def test_submit_returns_within_about_a_second_when_redis_never_answers(
+    settings: Settings, conversation: Conversation, database_url: str
+) -> None:
+    """A Redis that accepts connections and never answers: the submit commits, returns soon
+    after, and leaves the doorbell to the reconciler."""
+
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.read(-1)  # read everything, answer nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with TaskClient.from_settings(
+            replace(settings, redis_url=f"redis://127.0.0.1:{port}/0")
+        ) as client:
+            began = time.monotonic()
+            task = await client.submit("echo", {}, conversation_id=conversation.id)
+            took = time.monotonic() - began
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+    assert took < 3  # RING_PATIENCE_SECONDS (1 s) after the commit, with slack for a busy host
+    row = await db.task_row(database_url, task.id)
+    assert row["status"] == "pending"

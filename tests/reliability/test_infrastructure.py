@@ -38,6 +38,7 @@ from tests.support.workers import WorkerProcess, make_settings, start_process
 from worker.client import TaskClient, TaskSpec
 from worker.config import Settings
 from worker.dispatch import Dispatcher
+from worker.runtime import CLAIM_WINDOW
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -324,6 +325,31 @@ async def test_redis_down_for_a_minute_under_steady_load(
     # After Redis came back, tasks were started by their doorbells, not from Postgres.
     assert '"postgres_mode.claimed"' not in worker.output()[mark:]
     await stop_and_check(database_url, processes, task_ids=submitted)
+
+
+async def test_a_worker_whose_postgres_hangs_stops_taking_doorbells(
+    settings: Settings,
+    database_url: str,
+    conversation: Conversation,
+    processes: list[WorkerProcess],
+) -> None:
+    """Claims that Postgres does not answer (every write to tasks waits behind a table lock):
+    the worker takes no more doorbells than its claim window, instead of filling all of its
+    slots and marking every queued doorbell in progress behind the hang."""
+    start_process(processes, replace(settings, concurrency=50))
+    task_ids = [
+        await insert_undispatched(database_url, conversation.id, settings.queue, "echo", {})
+        for _ in range(100)
+    ]
+    doorbells = [Doorbell(t, 0) for t in task_ids]
+    async with TableLock(database_url):
+        await ring(settings.redis_url, settings.queue, doorbells)
+        await asyncio.sleep(3)  # many polls: without the window, 50 doorbells would start
+        async with redis_at(settings.redis_url) as redis:
+            started = await redis.exists(*(in_progress_key_prefix + d.job_id for d in doorbells))
+    assert started == CLAIM_WINDOW
+    rows = await db.wait_final(database_url, task_ids, timeout=60)
+    assert {(r["status"], r["attempts"]) for r in rows} == {("completed", 1)}
 
 
 # -- 4. Postgres connections dropped -------------------------------------------------------------
