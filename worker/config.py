@@ -17,6 +17,7 @@ from sqlalchemy.exc import ArgumentError
 
 from domain.entities import DEFAULT_QUEUE
 from domain.payload import DEFAULT_MAX_INPUT_BYTES
+from worker.redaction import redact_url as redact_url  # where operator and app import it from
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklane"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -97,18 +98,6 @@ class Settings:
         values["database_url"] = redact_url(self.database_url)
         values["redis_url"] = redact_url(self.redis_url)
         return values
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ***."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 class _Reader:
