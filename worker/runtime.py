@@ -29,6 +29,7 @@ from worker.agents import AgentSpec, PermanentError, Retry, TaskContext, WaitFor
 from worker.config import Settings
 from worker.dispatch import Dispatcher
 from worker.heartbeat import Heartbeat
+from worker.redaction import redact_text
 
 T = TypeVar("T")
 
@@ -221,7 +222,9 @@ class WorkerRuntime:
                 return Failed(f"timed out after {limit_seconds:g}s")
             return self._error(exc)
         except Retry as exc:
-            reason = f"retry requested: {exc.reason}" if exc.reason else "retry requested"
+            reason = (
+                f"retry requested: {redact_text(exc.reason)}" if exc.reason else "retry requested"
+            )
             return Failed(reason, retry_after=exc.after)
         except PermanentError as exc:
             return Failed(_describe(exc), permanent=True)
@@ -340,7 +343,8 @@ def _unreadable(task: Task) -> str | None:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    """What a handler's exception stored in `tasks.error` says, secrets redacted."""
+    text = redact_text(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
