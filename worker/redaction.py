@@ -8,7 +8,7 @@ pass through here. What is redacted:
 - the value after a secret-looking key in text: query strings (`?sslpassword=***`), key=value
   DSNs (`host=db password=***`), headers (`Authorization: ***`, `X-Api-Key: ***`), reprs and
   JSON text (`{'client_secret': '***'}`);
-- `Bearer <token>` anywhere;
+- the word after `Bearer` anywhere;
 - the value of a secret-looking key in a dict, at any depth.
 
 A key looks secret when it contains password, passwd, passphrase or secret (`PGPASSWORD`,
@@ -39,28 +39,21 @@ _AT_END = (
 _KEY = rf"[\w.-]*?(?:{_ANYWHERE})[\w.-]*|[\w.-]*?(?:{_AT_END})"
 _SECRET_KEY = re.compile(_KEY, re.IGNORECASE)
 
-# The cheap pre-test: text without any of these cannot hold a secret this module recognises.
-_TRIGGERS = (
-    "pass",
-    "pwd",
-    "secret",
-    "token",
-    "auth",
-    "cookie",
-    "credential",
-    "jwt",
-    "key",
-    "bearer",
-    "://",
-)
-
+# A quoted value ends at its closing quote only where something else begins after it, and not
+# after a backslash: in text escaped twice (JSON inside a repr) an escaped quote looks like a
+# closing one, and then the value runs to the next whitespace instead. A quote never closed
+# (the text was cut) runs to the end.
+_QUOTED = r"""
+    (?:"(?:[^"\\]|\\.)*(?<!\\)"|'(?:[^'\\]|\\.|'')*(?<!\\)')(?=[\s,;&)}\]]|$)
+    | "[^"]*$ | '[^']*$
+"""
 _SECRETS_IN_TEXT = re.compile(
     rf"""
     (?P<url>\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)         # scheme://user:
         (?P<password>\S*@|[^\s@]*…)                    # …to the last @ (or a cut-off …)
-    | (?<![\w.-])(?P<key>{_KEY})(?P<sep>["']?\s*[=:]\s*)
-        (?P<value>"(?:[^"\\]|\\.)*"?|'(?:[^'\\]|\\.|'')*'?|(?:(?:bearer|basic|token|digest)\s+)?\S+)
-    | \b(?P<scheme>bearer\s+)(?P<token>[\w.~+/=-]+)
+    | (?<![\w.-])(?P<key>{_KEY})(?P<sep>\\*["']?\s*[=:]\s*)
+        (?P<value>{_QUOTED}|(?:(?:bearer|basic|token|digest)\s+)?\S+)
+    | \b(?P<scheme>bearer\s+)(?P<token>\S+)
     """,
     re.IGNORECASE | re.VERBOSE,
 )
@@ -75,10 +68,27 @@ def is_secret_key(key: str) -> bool:
 
 def redact_text(text: str) -> str:
     """`text` with every secret this module recognises replaced by ***."""
-    lowered = text.lower()
-    if not any(trigger in lowered for trigger in _TRIGGERS):
+    if not _may_hold_secret(text.lower()):
         return text
     return _SECRETS_IN_TEXT.sub(_replace, text)
+
+
+def _may_hold_secret(lowered: str) -> bool:
+    """The cheap pre-test (most log values are ids, names and numbers): every pattern above
+    needs one of these. Spelled out, it is about twice as fast as `any()` over a tuple."""
+    return (
+        "pass" in lowered
+        or "pwd" in lowered
+        or "secret" in lowered
+        or "token" in lowered
+        or "auth" in lowered
+        or "cookie" in lowered
+        or "credential" in lowered
+        or "jwt" in lowered
+        or "key" in lowered
+        or "bearer" in lowered
+        or "://" in lowered
+    )
 
 
 def _replace(match: re.Match[str]) -> str:
