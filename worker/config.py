@@ -22,6 +22,7 @@ from worker.redaction import redact_url as redact_url  # where operator and app 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklane"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_AGENTS = "worker.demo_agents"
+MAX_QUEUE_LENGTH = 200
 
 T = TypeVar("T")
 
@@ -63,7 +64,7 @@ class Settings:
             database_url=reader.get("DATABASE_URL", _database_url, DEFAULT_DATABASE_URL),
             redis_url=reader.get("REDIS_URL", _redis_url, DEFAULT_REDIS_URL),
             agent_modules=reader.get("TASKLANE_AGENTS", _modules, (DEFAULT_AGENTS,)),
-            queue=reader.get("TASKLANE_QUEUE", _name, DEFAULT_QUEUE),
+            queue=reader.get("TASKLANE_QUEUE", queue_name, DEFAULT_QUEUE),
             concurrency=reader.get("TASKLANE_CONCURRENCY", _positive_int, 50),
             lease_seconds=reader.get("TASKLANE_LEASE_SECONDS", _positive_float, 30.0),
             task_timeout=reader.get("TASKLANE_TASK_TIMEOUT", _positive_float, 300.0),
@@ -158,9 +159,16 @@ def _modules(raw: str) -> tuple[str, ...]:
     return modules
 
 
-def _name(raw: str) -> str:
+def queue_name(raw: str) -> str:
+    """A queue name (TASKLANE_QUEUE, `tasklane worker --queue`): no whitespace, not empty, at
+    most MAX_QUEUE_LENGTH characters (it is part of a btree index on tasks, whose entries hold
+    at most 2704 bytes, and of arq's Redis keys)."""
+    if not raw:
+        raise ValueError("must not be empty")
     if any(c.isspace() for c in raw):
-        raise ValueError(f"must not contain whitespace: {raw!r}")
+        raise ValueError(f"must not contain whitespace: {raw!r:.60}")
+    if len(raw) > MAX_QUEUE_LENGTH:
+        raise ValueError(f"is {len(raw)} characters, over the limit of {MAX_QUEUE_LENGTH}")
     return raw
 
 
