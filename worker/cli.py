@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from uuid import UUID
 
 from domain.value_objects import FINISHED_STATUSES, TaskStatus
-from worker.config import ConfigError, Settings, queue_name, redact_url
+from worker.config import (
+    MAX_CONCURRENCY,
+    ConfigError,
+    Settings,
+    concurrency,
+    queue_name,
+    redact_url,
+)
 from worker.redaction import redact, redact_text
 
 if TYPE_CHECKING:
@@ -45,7 +52,6 @@ MAX_LIST_LIMIT = 1000
 MAX_PRUNE_AGE = timedelta(days=3650)  # prune --older-than: ten years
 DEFAULT_PRUNE_BATCH = 1000
 MAX_PRUNE_BATCH = 10_000  # one transaction each: bigger batches hold their locks longer
-MAX_CONCURRENCY = 10_000
 MAX_DEMO_SUBTASKS = 1000
 DEFAULT_TREE_CHILDREN = 50  # tree: children shown per task, the rest counted on one line
 MAX_TREE_CHILDREN = 10_000
@@ -426,11 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(handler=cmd_migrate)
 
     worker = sub.add_parser("worker", help="run a worker until SIGTERM")
-    worker.add_argument("--queue", type=_queue, help="arq queue name (default: TASKLANE_QUEUE)")
+    worker.add_argument(
+        "--queue",
+        type=_configured(queue_name, "queue name"),
+        help="arq queue name (default: TASKLANE_QUEUE)",
+    )
     worker.add_argument(
         "--concurrency",
         metavar="N",
-        type=_whole_number(1, MAX_CONCURRENCY),
+        type=_configured(concurrency, "concurrency"),
         help=f"tasks run at once (default: TASKLANE_CONCURRENCY; at most {MAX_CONCURRENCY})",
     )
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
@@ -604,11 +614,16 @@ def _seconds(high: float) -> Callable[[str], float]:
     return parse
 
 
-def _queue(raw: str) -> str:
-    try:
-        return queue_name(raw)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"queue name {exc}") from None
+def _configured(parse: Callable[[str], T], what: str) -> Callable[[str], T]:
+    """An option that overrides a setting, parsed by the setting's own rule."""
+
+    def parse_option(raw: str) -> T:
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{what} {exc}") from None
+
+    return parse_option
 
 
 def _status(raw: str) -> TaskStatus:

@@ -23,6 +23,8 @@ DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklane"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_AGENTS = "worker.demo_agents"
 MAX_QUEUE_LENGTH = 200
+# Beyond this arq asks Redis for more queue entries per poll than Redis takes as a count.
+MAX_CONCURRENCY = 10_000
 
 T = TypeVar("T")
 
@@ -65,7 +67,7 @@ class Settings:
             redis_url=reader.get("REDIS_URL", _redis_url, DEFAULT_REDIS_URL),
             agent_modules=reader.get("TASKLANE_AGENTS", _modules, (DEFAULT_AGENTS,)),
             queue=reader.get("TASKLANE_QUEUE", queue_name, DEFAULT_QUEUE),
-            concurrency=reader.get("TASKLANE_CONCURRENCY", _positive_int, 50),
+            concurrency=reader.get("TASKLANE_CONCURRENCY", concurrency, 50),
             lease_seconds=reader.get("TASKLANE_LEASE_SECONDS", _positive_float, 30.0),
             task_timeout=reader.get("TASKLANE_TASK_TIMEOUT", _positive_float, 300.0),
             max_attempts=reader.get("TASKLANE_MAX_ATTEMPTS", _positive_int, 3),
@@ -179,6 +181,14 @@ def _positive_int(raw: str) -> int:
         raise ValueError(f"expected a whole number, got {raw!r}") from None
     if value < 1:
         raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def concurrency(raw: str) -> int:
+    """TASKLANE_CONCURRENCY, `tasklane worker --concurrency`: 1 to MAX_CONCURRENCY."""
+    value = _positive_int(raw)
+    if value > MAX_CONCURRENCY:
+        raise ValueError(f"must be at most {MAX_CONCURRENCY}, got {value}")
     return value
 
 

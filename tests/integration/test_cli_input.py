@@ -73,7 +73,8 @@ HUGE_NUMBER = "9" * 5000  # over Python's int/str limit of 4300 digits
         (("worker", "--queue", ""), "must not be empty"),
         (("worker", "--queue", "a b"), "whitespace"),
         (("worker", "--queue", "q" * 201), "over the limit of 200"),
-        (("worker", "--concurrency", "10001"), "between 1 and 10000"),
+        (("worker", "--concurrency", "10001"), "at most 10000"),
+        (("worker", "--concurrency", HUGE_NUMBER), "expected a whole number"),
         (("submit", "echo", "--wait", "--timeout", "nan"), "at most 86400 seconds"),
         (("submit", "echo", "--wait", "--timeout", "inf"), "at most 86400 seconds"),
         (("submit", "echo", "--wait", "--timeout", "1e300"), "at most 86400 seconds"),
@@ -93,6 +94,32 @@ def test_an_argument_error_is_one_bounded_line(
     capsys: pytest.CaptureFixture[str], args: tuple[str, ...], says: str
 ) -> None:
     assert_usage_error(tasklane(capsys, *args), says)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("TASKLANE_CONCURRENCY", "10001", "at most 10000"),
+        ("TASKLANE_CONCURRENCY", HUGE_NUMBER, "expected a whole number"),
+        ("TASKLANE_QUEUE", "q" * 201, "over the limit of 200"),
+    ],
+    ids=["concurrency", "huge concurrency", "long queue"],
+)
+def test_a_setting_out_of_bounds_is_one_bounded_line(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    says: str,
+) -> None:
+    """The same rules as the options that override them (`worker --concurrency`, `--queue`)."""
+    monkeypatch.setenv(variable, value)
+    output = tasklane(capsys, "stats")
+    assert output.code == 2
+    line = one_line(output)
+    assert f"{variable}: " in line
+    assert says in line
+    assert len(line) <= LONGEST_LINE
 
 
 @pytest.mark.parametrize("command", ["show", "tree", "cancel", "retry"])
