@@ -36,7 +36,11 @@ _AT_END = (
     r"token|auth|authorization|cookie|credentials?|jwt|pwd|(?<![a-z0-9])pass"
     r"|(?:api|private|access|signing|encryption|client|master|session|ssh)[_-]?key"
 )
-_KEY = rf"[\w.-]*?(?:{_ANYWHERE})[\w.-]*|[\w.-]*?(?:{_AT_END})"
+# Every part that can repeat is bounded (64 characters of a key around its secret word, 1024 of
+# a URL password or a quoted value) or possessive, so that no text, however long or crafted,
+# makes the scan worse than linear: a log line is redacted in the worker's event loop. Past a
+# bound the redaction runs to the next whitespace.
+_KEY = rf"[\w.-]{{0,64}}?(?:{_ANYWHERE})[\w.-]{{0,64}}+|[\w.-]{{0,64}}?(?:{_AT_END})"
 _SECRET_KEY = re.compile(_KEY, re.IGNORECASE)
 
 # A quoted value ends at its closing quote only where something else begins after it, and not
@@ -44,16 +48,18 @@ _SECRET_KEY = re.compile(_KEY, re.IGNORECASE)
 # closing one, and then the value runs to the next whitespace instead. A quote never closed
 # (the text was cut) runs to the end.
 _QUOTED = r"""
-    (?:"(?:[^"\\]|\\.)*(?<!\\)"|'(?:[^'\\]|\\.|'')*(?<!\\)')(?=[\s,;&)}\]]|$)
-    | "[^"]*$ | '[^']*$
+    (?:"(?:[^"\\]|\\.){0,1024}+(?<!\\)"|'(?:[^'\\]|\\.|''){0,1024}+(?<!\\)')(?=[\s,;&)}\]]|$)
+    | "[^"]{0,1024}+$ | '[^']{0,1024}+$
 """
 _SECRETS_IN_TEXT = re.compile(
     rf"""
-    (?P<url>\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)         # scheme://user:
-        (?P<password>\S*@|[^\s@]*…)                    # …to the last @ (or a cut-off …)
-    | (?<![\w.-])(?P<key>{_KEY})(?P<sep>\\*["']?\s*[=:]\s*)
-        (?P<value>{_QUOTED}|(?:(?:bearer|basic|token|digest)\s+)?\S+)
-    | \b(?P<scheme>bearer\s+)(?P<token>\S+)
+    (?<![\w+.-])(?P<url>[a-z][a-z0-9+.-]{{0,31}}://[^\s:/@]{{0,256}}+:)  # scheme://user:
+        (?P<password>(?:[^\s@]{{0,1024}}+@)+  # to the last @,
+        | [^\s@…]{{0,1024}}+…                  # or to where the text was cut,
+        | [^\s@]{{1024}}\S*+)                  # or, when too long to tell, to the whitespace
+    | (?<![\w.-])(?P<key>{_KEY})(?P<sep>\\{{0,4}}["']?\s{{0,8}}[=:]\s{{0,8}})
+        (?P<value>{_QUOTED}|(?:(?:bearer|basic|token|digest)\s{{1,8}})?\S+)
+    | \b(?P<scheme>bearer\s{{1,8}})(?P<token>\S+)
     """,
     re.IGNORECASE | re.VERBOSE,
 )
@@ -93,7 +99,8 @@ def _may_hold_secret(lowered: str) -> bool:
 
 def _replace(match: re.Match[str]) -> str:
     if match["url"] is not None:
-        return match["url"] + REDACTED + match["password"][-1]
+        end = match["password"][-1]
+        return match["url"] + REDACTED + (end if end in "@…" else "")
     if match["scheme"] is not None:
         return match["scheme"] + REDACTED
     value = match["value"]

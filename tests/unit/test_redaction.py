@@ -41,6 +41,8 @@ def test_secrets_are_redacted_at_any_depth(drawn: tuple[Secret, Any]) -> None:
         ("PGPASSWORD=abc psql", "PGPASSWORD=*** psql"),
         # cut off by a renderer before its end: what is left of it is redacted
         ("url postgresql://u:verylongpassw…", "url postgresql://u:***…"),
+        # a password too long to look for its @: redacted to the whitespace
+        ("x redis://:" + "p" * 2000 + "@h/0 y", "x redis://:*** y"),
     ],
 )
 def test_redacted_text(text: str, expected: str) -> None:
