@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -24,7 +25,15 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from uuid import UUID
 
 from domain.value_objects import FINISHED_STATUSES, TaskStatus
-from worker.config import ConfigError, Settings, redact_url
+from worker.config import (
+    MAX_CONCURRENCY,
+    ConfigError,
+    Settings,
+    concurrency,
+    queue_name,
+    redact_url,
+)
+from worker.redaction import redact, redact_text
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -35,11 +44,21 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
+# Bounds of what a person may type: a value outside is one line of error, exit 2.
 DEFAULT_WAIT_SECONDS = 60.0
+MAX_WAIT_SECONDS = 86_400.0  # submit --wait --timeout, demo --timeout: a day
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
+MAX_PRUNE_AGE = timedelta(days=3650)  # prune --older-than: ten years
 DEFAULT_PRUNE_BATCH = 1000
+MAX_PRUNE_BATCH = 10_000  # one transaction each: bigger batches hold their locks longer
+MAX_DEMO_SUBTASKS = 1000
+DEFAULT_TREE_CHILDREN = 50  # tree: children shown per task, the rest counted on one line
+MAX_TREE_CHILDREN = 10_000
 DEMO_AGENTS = "tasklane.demo_agents"
+# How much of a rejected argument an error repeats, and how long an error line may be.
+ECHO_CHARS = 40
+MAX_ERROR_LINE = 500
 
 
 class CommandError(Exception):
@@ -66,7 +85,7 @@ def alembic_config(database_url: str) -> Any:
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     migrate(settings)
-    print(f"database {redact_url(settings.database_url)} is at the latest schema revision")
+    _say(f"database {redact_url(settings.database_url)} is at the latest schema revision")
     return 0
 
 
@@ -158,18 +177,35 @@ def _operate(
 
 def _emit(args: argparse.Namespace, document: Callable[[], Any], text: Callable[[], str]) -> None:
     if args.json:
-        from worker.cli_render import dumps
-
-        print(dumps(document()))
+        _print_document(document())
     else:
-        print(text())
+        _say(text())
+
+
+def _print_document(document: Any) -> None:
+    """One JSON document on stdout, secrets redacted (in the data, so it stays valid JSON)."""
+    from worker.cli_render import dumps
+
+    print(dumps(redact(document)))
+
+
+def _say(text: str, *, err: bool = False) -> None:
+    """Print readable output (stdout) or a remark (stderr), secrets redacted. Everything the
+    CLI prints goes through here or `_print_document`."""
+    print(redact_text(text), file=sys.stderr if err else sys.stdout)
+
+
+def _error_line(text: str) -> str:
+    """An error as one bounded line."""
+    line = " ".join(text.split("\n"))
+    return line if len(line) <= MAX_ERROR_LINE else line[: MAX_ERROR_LINE - 1] + "…"
 
 
 def _id(raw: str, what: str = "task") -> UUID:
     try:
         return UUID(raw.strip())
     except ValueError:
-        raise CommandError(f"not a {what} id (expected a UUID): {raw!r:.80}") from None
+        raise CommandError(f"not a {what} id (expected a UUID): {_shown(raw)}") from None
 
 
 # -- submit ---------------------------------------------------------------------------------------
@@ -189,10 +225,10 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             idempotency_key=args.idempotency_key,
         )
         if not await op.agent_known(args.agent):
-            print(
-                f"tasklane: warning: no worker has registered agent {args.agent!r} yet; "
+            _say(
+                f"tasklane: warning: no worker has registered agent {_shown(args.agent)} yet; "
                 "the task fails as an unknown agent unless a worker serving it claims it",
-                file=sys.stderr,
+                err=True,
             )
         finished = True
         if args.wait:
@@ -205,13 +241,12 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     _emit(args, lambda: render.task_json(row), lambda: render.task_block(row, now))
     if not finished:
-        print(
-            f"tasklane: task {row['id']} is still {row['status']} after {args.timeout:g}s",
-            file=sys.stderr,
+        _say(
+            f"tasklane: task {row['id']} is still {row['status']} after {args.timeout:g}s", err=True
         )
         return 1
     if row["status"] != TaskStatus.COMPLETED.value:
-        print(f"tasklane: task {row['id']} ended {row['status']}", file=sys.stderr)
+        _say(f"tasklane: task {row['id']} ended {row['status']}", err=True)
         return 1
     return 0
 
@@ -227,6 +262,8 @@ def _parse_input(raw: str | None) -> Any:
         return json.loads(raw, parse_constant=reject)
     except ValueError as exc:
         raise CommandError(f"--input is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise CommandError("--input is not valid JSON: it is nested too deeply") from None
 
 
 # -- read commands --------------------------------------------------------------------------------
@@ -264,7 +301,7 @@ def cmd_tree(args: argparse.Namespace, settings: Settings) -> int:
 
     task_id = _id(args.id)
     tree = _operate(settings, lambda op: op.tree(task_id), redis=False)
-    _emit(args, lambda: render.tree_json(tree), lambda: render.tree_text(tree))
+    _emit(args, lambda: render.tree_json(tree), lambda: render.tree_text(tree, args.max_children))
     return 0
 
 
@@ -285,7 +322,7 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     if report.ok:
         return 0
     failed = ", ".join(c.name for c in report.checks if not c.ok)
-    print(f"tasklane: unhealthy: {failed}", file=sys.stderr)
+    _say(f"tasklane: unhealthy: {failed}", err=True)
     return 1
 
 
@@ -314,10 +351,10 @@ def _act(args: argparse.Namespace, settings: Settings, verb: str) -> int:
     # alone (an operator must be able to stop work while Redis is away).
     result, now = _operate(settings, action, redis=verb == "retry")
     if args.json:  # the remark goes to stderr: stdout holds the document only
-        print(result.message, file=sys.stderr)
-        print(render.dumps(render.task_json(result.row)))
+        _say(result.message, err=True)
+        _print_document(render.task_json(result.row))
     else:
-        print(render.action_text(result, now))
+        _say(render.action_text(result, now))
     return 0
 
 
@@ -348,23 +385,27 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from worker.cli_demo import run_demo
     from worker.health import check_postgres
 
-    if "LOG_LEVEL" not in os.environ:  # the demo's output is its tree, not the worker's log
-        settings = replace(settings, log_level="WARNING")
+    # The demo's output is its tree, not the log of the worker it starts.
+    settings = replace(settings, log_level=_command_log_level(settings))
     if DEMO_AGENTS not in settings.agent_modules:  # its worker must serve fanout and square
         settings = replace(settings, agent_modules=(*settings.agent_modules, DEMO_AGENTS))
     _run(check_postgres(settings, schema=False))  # a clear line if it is away; then migrate
     migrate(settings)
     if not args.json:
-        print(f"migrated {redact_url(settings.database_url)}; starting a worker in this process")
+        _say(f"migrated {redact_url(settings.database_url)}; starting a worker in this process")
     tree = _run(run_demo(settings, n=args.n, timeout=args.timeout))
     root = tree.nodes[0].row
-    _emit(args, lambda: render.tree_json(tree), lambda: render.tree_text(tree))
+    _emit(
+        args,
+        lambda: render.tree_json(tree),
+        lambda: render.tree_text(tree, DEFAULT_TREE_CHILDREN),
+    )
     if root["status"] != TaskStatus.COMPLETED.value:
-        print(f"tasklane: the demo task {root['id']} ended {root['status']}", file=sys.stderr)
+        _say(f"tasklane: the demo task {root['id']} ended {root['status']}", err=True)
         return 1
     if not args.json:
-        print(f"\nfanout of {args.n} completed: {json.dumps(root['output'])}")
-        print(f"see it again with: tasklane tree {root['id']}")
+        _say(f"\nfanout of {args.n} completed: {json.dumps(root['output'])}")
+        _say(f"see it again with: tasklane tree {root['id']}")
     return 0
 
 
@@ -373,8 +414,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        """A usage error: one line on stderr (the usage is one --help away), exit 2."""
+        line = _error_line(redact_text(f"{self.prog}: error: {message}"))
+        self.exit(2, f"{line} (see {self.prog} --help)\n")
 
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -391,8 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(handler=cmd_migrate)
 
     worker = sub.add_parser("worker", help="run a worker until SIGTERM")
-    worker.add_argument("--queue", help="arq queue name (default: TASKLANE_QUEUE)")
-    worker.add_argument("--concurrency", type=_positive_int, help="tasks run at once")
+    worker.add_argument(
+        "--queue",
+        type=_configured(queue_name, "queue name"),
+        help="arq queue name (default: TASKLANE_QUEUE)",
+    )
+    worker.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=_configured(concurrency, "concurrency"),
+        help=f"tasks run at once (default: TASKLANE_CONCURRENCY; at most {MAX_CONCURRENCY})",
+    )
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     worker.set_defaults(handler=cmd_worker)
 
@@ -409,9 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--timeout",
         metavar="S",
-        type=_positive_float,
+        type=_seconds(MAX_WAIT_SECONDS),
         default=DEFAULT_WAIT_SECONDS,
-        help=f"with --wait: give up after S seconds (default {DEFAULT_WAIT_SECONDS:g})",
+        help=f"with --wait: give up after S seconds (default {DEFAULT_WAIT_SECONDS:g}, "
+        f"at most {MAX_WAIT_SECONDS:g})",
     )
     submit.set_defaults(handler=cmd_submit)
 
@@ -428,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     list_.add_argument(
         "--limit",
         metavar="N",
-        type=_limit,
+        type=_whole_number(1, MAX_LIST_LIMIT),
         default=DEFAULT_LIST_LIMIT,
         help=f"at most N tasks (default {DEFAULT_LIST_LIMIT}, at most {MAX_LIST_LIMIT})",
     )
@@ -436,6 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     tree = sub.add_parser("tree", parents=[json_flag], help="a task and all its subtasks")
     tree.add_argument("id", metavar="ID")
+    tree.add_argument(
+        "--max-children",
+        metavar="N",
+        type=_whole_number(1, MAX_TREE_CHILDREN),
+        default=DEFAULT_TREE_CHILDREN,
+        help=f"children shown per task, the rest counted on a '… N more' line (default "
+        f"{DEFAULT_TREE_CHILDREN}; --json always has them all)",
+    )
     tree.set_defaults(handler=cmd_tree)
 
     cancel = sub.add_parser(
@@ -463,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         type=_duration,
         required=True,
-        help="e.g. 7d, 12h, 30m, 1d12h: tasks finished longer ago than this",
+        help="e.g. 7d, 12h, 30m, 1d12h: tasks finished longer ago than this "
+        f"(at most {MAX_PRUNE_AGE.days}d)",
     )
     prune.add_argument(
         "--status",
@@ -476,9 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--batch-size",
         metavar="N",
-        type=_positive_int,
+        type=_whole_number(1, MAX_PRUNE_BATCH),
         default=DEFAULT_PRUNE_BATCH,
-        help=f"tasks deleted per transaction (default {DEFAULT_PRUNE_BATCH})",
+        help=f"tasks deleted per transaction (default {DEFAULT_PRUNE_BATCH}, "
+        f"at most {MAX_PRUNE_BATCH})",
     )
     prune.set_defaults(handler=cmd_prune)
 
@@ -503,44 +565,80 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", parents=[json_flag], help="run a fan-out task end to end and print its tree"
     )
-    demo.add_argument("--n", type=_positive_int, default=10, help="subtasks (default 10)")
-    demo.add_argument("--timeout", metavar="S", type=_positive_float, default=DEFAULT_WAIT_SECONDS)
+    demo.add_argument(
+        "--n",
+        type=_whole_number(1, MAX_DEMO_SUBTASKS),
+        default=10,
+        help=f"subtasks (default 10, at most {MAX_DEMO_SUBTASKS})",
+    )
+    demo.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_seconds(MAX_WAIT_SECONDS),
+        default=DEFAULT_WAIT_SECONDS,
+        help=f"give up after S seconds (default {DEFAULT_WAIT_SECONDS:g}, "
+        f"at most {MAX_WAIT_SECONDS:g})",
+    )
     demo.set_defaults(handler=cmd_demo)
     return parser
 
 
-def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _shown(raw: str) -> str:
+    """A rejected argument as an error repeats it: redacted, quoted, cut to ECHO_CHARS."""
+    text = repr(redact_text(raw))
+    return text if len(text) <= ECHO_CHARS else text[: ECHO_CHARS - 1] + "…"
 
 
-def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {raw!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {raw!r}")
-    return value
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)  # more than 4300 digits is a ValueError too
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number, got {_shown(raw)}"
+            ) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {_shown(raw)}")
+        return value
+
+    return parse
 
 
-def _limit(raw: str) -> int:
-    value = _positive_int(raw)
-    if value > MAX_LIST_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_LIST_LIMIT}, got {value}")
-    return value
+def _seconds(high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a number of seconds, got {_shown(raw)}"
+            ) from None
+        if not 0 < value <= high:  # NaN fails this too
+            raise argparse.ArgumentTypeError(
+                f"must be more than 0 and at most {high:g} seconds, got {_shown(raw)}"
+            )
+        return value
+
+    return parse
+
+
+def _configured(parse: Callable[[str], T], what: str) -> Callable[[str], T]:
+    """An option that overrides a setting, parsed by the setting's own rule."""
+
+    def parse_option(raw: str) -> T:
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{what} {exc}") from None
+
+    return parse_option
 
 
 def _status(raw: str) -> TaskStatus:
     try:
         return TaskStatus.from_string(raw.strip().lower())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    except ValueError:
+        statuses = ", ".join(s.value for s in TaskStatus)
+        raise argparse.ArgumentTypeError(f"expected one of {statuses}, got {_shown(raw)}") from None
 
 
 def _finished_statuses(raw: str) -> list[TaskStatus]:
@@ -548,7 +646,7 @@ def _finished_statuses(raw: str) -> list[TaskStatus]:
     unfinished = [s.value for s in statuses if s not in FINISHED_STATUSES]
     if unfinished or not statuses:
         raise argparse.ArgumentTypeError(
-            f"prune deletes finished tasks only: completed, failed, cancelled (got {raw!r})"
+            f"prune deletes finished tasks only: completed, failed, cancelled (got {_shown(raw)})"
         )
     return statuses
 
@@ -558,14 +656,20 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def _duration(raw: str) -> timedelta:
-    """`7d`, `12h`, `30m`, `45s`, `2w`, or a combination such as `1d12h`."""
+    """`7d`, `12h`, `30m`, `45s`, `2w`, or a combination such as `1d12h`; at most
+    MAX_PRUNE_AGE."""
     text = raw.strip().lower()
     parts = _DURATION_PART.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         raise argparse.ArgumentTypeError(
-            f"expected a duration such as 7d, 12h, 30m, 45s or 1d12h, got {raw!r}"
+            f"expected a duration such as 7d, 12h, 30m, 45s or 1d12h, got {_shown(raw)}"
         )
-    return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)  # a huge one is inf, no error
+    if not seconds <= MAX_PRUNE_AGE.total_seconds():
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_PRUNE_AGE.days}d, got {_shown(raw)}"
+        )
+    return timedelta(seconds=seconds)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -582,12 +686,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env(**_overrides(args))
         handler: Command = args.handler
+        if handler is not cmd_worker:  # a worker configures its logging as it starts
+            _configure_logging(settings)
         return handler(args, settings)
     except ConfigError as exc:
-        print(f"tasklane: {exc}", file=sys.stderr)
+        _say(_error_line(f"tasklane: {exc}"), err=True)
         return 2
     except CommandError as exc:
-        print(f"tasklane: {exc}", file=sys.stderr)
+        _say(_error_line(f"tasklane: {exc}"), err=True)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -599,13 +705,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception as exc:  # the promise is one line, never a traceback
         if os.environ.get("LOG_LEVEL", "").upper() == "DEBUG":
-            raise
-        print(
-            f"tasklane: unexpected error: {type(exc).__name__}: {_reason(exc)} "
-            "(LOG_LEVEL=DEBUG shows the traceback)",
-            file=sys.stderr,
+            _say(traceback.format_exc().rstrip(), err=True)
+        _say(
+            _error_line(
+                f"tasklane: unexpected error: {type(exc).__name__}: {_reason(exc)} "
+                "(LOG_LEVEL=DEBUG shows the traceback)"
+            ),
+            err=True,
         )
         return 1
+
+
+def _configure_logging(settings: Settings) -> None:
+    """Log lines of a command (a library's warning, the client's) go to stderr, redacted like a
+    worker's: left unconfigured, structlog would print them on stdout, into a --json document.
+    WARNING unless LOG_LEVEL says otherwise."""
+    from worker.logs import configure_logging
+
+    configure_logging(fmt=settings.log_format, level=_command_log_level(settings))
+
+
+def _command_log_level(settings: Settings) -> str:
+    return settings.log_level if "LOG_LEVEL" in os.environ else "WARNING"
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from uuid import UUID
 from domain.entities import TaskAttempt, WorkerInfo
 from domain.value_objects import TaskStatus
 from worker.cli_format import duration, first_line
+from worker.redaction import redact, redact_text
 
 if TYPE_CHECKING:  # `tasklane health --live`, a probe, renders without loading the drivers
     from persistence.repositories.report_repository import TaskRow, TreeNode
@@ -24,6 +25,11 @@ if TYPE_CHECKING:  # `tasklane health --live`, a probe, renders without loading 
     from worker.operator import ActionResult, PruneResult, Stats, TaskReport, Tree
 
 NONE = "—"
+# `tree`: how many levels of guides are drawn (deeper tasks are labelled with their depth).
+MAX_DRAWN_DEPTH = 30
+# JSON deeper than this is not indented further (indentation would grow quadratically; the
+# document stays valid JSON).
+MAX_INDENT_LEVEL = 30
 
 # -- JSON -----------------------------------------------------------------------------------------
 
@@ -41,7 +47,62 @@ def _default(value: Any) -> Any:
 
 
 def dumps(document: Any) -> str:
-    return json.dumps(document, default=_default, indent=2, ensure_ascii=False)
+    """`document` as JSON text, indented by 2, like `json.dumps(…, indent=2)`."""
+    return _encode(document, indent=2)
+
+
+def _encode(document: Any, indent: int | None) -> str:
+    """JSON text built iteratively: a task tree or a task's input may nest deeper than
+    Python's recursion limit, and json's encoder recurses. Without `indent`, one line with
+    json's default separators."""
+    parts: list[str] = []
+    # What is left to write, last first: literal text, or (a value, its nesting level).
+    stack: list[str | tuple[Any, int]] = [(document, 0)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            parts.append(item)
+            continue
+        value, level = item
+        if not isinstance(value, _JSON_TYPES):
+            value = _default(value)  # a set becomes a list, indented like one
+        if isinstance(value, dict) and value:
+            entries = [(_key(k) + ": ", v) for k, v in value.items()]
+            opening, closing = "{", "}"
+        elif isinstance(value, list | tuple) and value:
+            entries = [("", v) for v in value]
+            opening, closing = "[", "]"
+        elif isinstance(value, str):
+            parts.append(_string(value))
+            continue
+        else:
+            parts.append(json.dumps(value, default=_default, ensure_ascii=False))
+            continue
+        parts.append(opening)
+        stack.append(_newline(indent, level) + closing)
+        separator = ", " if indent is None else ","
+        for i in range(len(entries) - 1, -1, -1):
+            label, child = entries[i]
+            stack.append((child, level + 1))
+            stack.append((separator if i else "") + _newline(indent, level + 1) + label)
+    return "".join(parts)
+
+
+def _newline(indent: int | None, level: int) -> str:
+    return "" if indent is None else "\n" + " " * (indent * min(level, MAX_INDENT_LEVEL))
+
+
+_string = json.encoder.encode_basestring
+_JSON_TYPES = (dict, list, tuple, str, int, float, bool, type(None))
+
+
+def _key(key: Any) -> str:
+    """An object key as json writes it (non-string keys become strings)."""
+    if isinstance(key, str):
+        return _string(key)
+    if key is None or isinstance(key, bool | int | float):
+        return _string(json.dumps(key))
+    raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
 
 
 def _plain(value: Any) -> Any:
@@ -160,16 +221,19 @@ def relative(value: datetime | None, now: datetime) -> str:
 
 
 def compact(value: Any, limit: int | None = None) -> str:
+    """`value` as one line of JSON, secrets redacted (before it is cut to `limit`: a cut could
+    hide what marks a secret)."""
     if value is None:
         return NONE
-    text = json.dumps(value, default=_default, ensure_ascii=False, separators=(", ", ": "))
+    text = _encode(redact(value), indent=None)
     if limit is not None and len(text) > limit:
         return text[: limit - 1] + "…"
     return text
 
 
 def _short(text: str | None, limit: int = 60) -> str:
-    return first_line(text, limit) if text else NONE
+    """The first line of `text`, secrets redacted, cut to `limit`."""
+    return first_line(redact_text(text), limit) if text else NONE
 
 
 def took(row: TaskRow, now: datetime) -> str:
@@ -264,41 +328,59 @@ def list_text(rows: Sequence[TaskRow], now: datetime) -> str:
     return table(headers, body)
 
 
-def tree_text(tree: Tree) -> str:
-    """An indented tree: status, how long each task took, how long its handler ran."""
+def tree_text(tree: Tree, max_children: int) -> str:
+    """An indented tree: status, how long each task took, how long its handler ran.
+
+    Each task shows at most `max_children` children, then a "… N more" line. Built with a stack,
+    not recursion: the tree may be as deep as the query allows. Guides are drawn for the first
+    MAX_DRAWN_DEPTH levels; deeper tasks are labelled with their depth instead.
+    """
     children: dict[Any, list[TreeNode]] = {}
     for node in tree.nodes[1:]:
         children.setdefault(node.row["parent_task_id"], []).append(node)
     lines: list[list[str]] = []
-
-    def walk(node: TreeNode, prefix: str, branch: str) -> None:
-        row = node.row
-        runs = row["runs"]
-        ran = f"ran {duration(node.run_seconds)}" + (f" in {runs} runs" if runs > 1 else "")
-        result = (
-            f"error: {_short(row['error'], 50)}"
-            if row["error"] and row["status"] != TaskStatus.COMPLETED.value
-            else compact(row["output"], 40)
-            if row["output"] is not None
-            else ""
-        )
-        lines.append(
-            [
-                prefix + branch + row["agent_id"],
-                str(row["id"]),
-                row["status"],
-                f"took {took(row, tree.now)}",
-                ran if runs else "not run",
-                result,
-            ]
-        )
-        kids = children.get(row["id"], [])
-        below = prefix + ("" if not branch else "   " if branch == "└─ " else "│  ")
-        for i, kid in enumerate(kids):
-            walk(kid, below, "└─ " if i == len(kids) - 1 else "├─ ")
-
-    walk(tree.nodes[0], "", "")
+    # Lines left to write, last first: a task (or how many children are not shown), the guides
+    # of its line, its branch and its depth.
+    stack: list[tuple[TreeNode | int, str, str, int]] = [(tree.nodes[0], "", "", 0)]
+    while stack:
+        item, guides, branch, depth = stack.pop()
+        label = guides + branch + (f"[depth {depth}] " if depth > MAX_DRAWN_DEPTH else "")
+        if isinstance(item, int):
+            lines.append([f"{label}… {item} more", "", "", "", "", ""])
+            continue
+        lines.append([label + item.row["agent_id"], *_tree_cells(item, tree.now)])
+        kids: list[TreeNode | int] = [*children.get(item.row["id"], [])]
+        if len(kids) > max_children:
+            kids[max_children:] = [len(kids) - max_children]
+        below = guides
+        if 0 < depth < MAX_DRAWN_DEPTH:
+            below += "   " if branch == _LAST else "│  "
+        for i in range(len(kids) - 1, -1, -1):
+            stack.append((kids[i], below, _LAST if i == len(kids) - 1 else _MIDDLE, depth + 1))
     return table(None, lines)
+
+
+_LAST, _MIDDLE = "└─ ", "├─ "
+
+
+def _tree_cells(node: TreeNode, now: datetime) -> list[str]:
+    row = node.row
+    runs = row["runs"]
+    ran = f"ran {duration(node.run_seconds)}" + (f" in {runs} runs" if runs > 1 else "")
+    result = (
+        f"error: {_short(row['error'], 50)}"
+        if row["error"] and row["status"] != TaskStatus.COMPLETED.value
+        else compact(row["output"], 40)
+        if row["output"] is not None
+        else ""
+    )
+    return [
+        str(row["id"]),
+        row["status"],
+        f"took {took(row, now)}",
+        ran if runs else "not run",
+        result,
+    ]
 
 
 def stats_text(stats: Stats) -> str:

@@ -24,12 +24,16 @@ from domain.entities import DEFAULT_QUEUE, MAX_ATTEMPTS_LIMIT
 from domain.payload import DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_OUTPUT_BYTES
 from domain.policies import Backoff
 from persistence.timeouts import DbTimeouts
+from worker.redaction import redact_url as redact_url  # where operator and app import it from
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklane"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_LIVENESS_PATH = "/tmp/tasklane-worker.alive"
 DEFAULT_AGENTS = "tasklane.demo_agents"  # a name that works installed and in the repository
 DEFAULT_MAX_CHILDREN = 10_000  # subtasks one step of a handler may spawn
+MAX_QUEUE_LENGTH = 200
+# Beyond this arq asks Redis for more queue entries per poll than Redis takes as a count.
+MAX_CONCURRENCY = 10_000
 
 T = TypeVar("T")
 
@@ -91,8 +95,8 @@ class Settings:
             database_url=reader.secret("DATABASE_URL", _database_url, DEFAULT_DATABASE_URL),
             redis_url=reader.secret("REDIS_URL", _redis_url, DEFAULT_REDIS_URL),
             agent_modules=reader.get("TASKLANE_AGENTS", _modules, (DEFAULT_AGENTS,)),
-            queue=reader.get("TASKLANE_QUEUE", _name, DEFAULT_QUEUE),
-            concurrency=reader.get("TASKLANE_CONCURRENCY", _positive_int, 50),
+            queue=reader.get("TASKLANE_QUEUE", queue_name, DEFAULT_QUEUE),
+            concurrency=reader.get("TASKLANE_CONCURRENCY", concurrency, 50),
             lease_seconds=reader.get("TASKLANE_LEASE_SECONDS", _positive_float, 30.0),
             task_timeout=reader.get("TASKLANE_TASK_TIMEOUT", _positive_float, 300.0),
             max_attempts=reader.get("TASKLANE_MAX_ATTEMPTS", _attempts, 3),
@@ -141,18 +145,6 @@ class Settings:
         values["database_url"] = redact_url(self.database_url)
         values["redis_url"] = redact_url(self.redis_url)
         return values
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ***."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 class _Reader:
@@ -246,9 +238,16 @@ def _absolute_path(raw: str) -> str:
     return raw
 
 
-def _name(raw: str) -> str:
+def queue_name(raw: str) -> str:
+    """A queue name (TASKLANE_QUEUE, `tasklane worker --queue`): no whitespace, not empty, at
+    most MAX_QUEUE_LENGTH characters (it is part of a btree index on tasks, whose entries hold
+    at most 2704 bytes, and of arq's Redis keys)."""
+    if not raw:
+        raise ValueError("must not be empty")
     if any(c.isspace() for c in raw):
-        raise ValueError(f"must not contain whitespace: {raw!r}")
+        raise ValueError(f"must not contain whitespace: {raw!r:.60}")
+    if len(raw) > MAX_QUEUE_LENGTH:
+        raise ValueError(f"is {len(raw)} characters, over the limit of {MAX_QUEUE_LENGTH}")
     return raw
 
 
@@ -266,6 +265,14 @@ def _attempts(raw: str) -> int:
     value = _positive_int(raw)
     if value > MAX_ATTEMPTS_LIMIT:
         raise ValueError(f"must be at most {MAX_ATTEMPTS_LIMIT}, got {value}")
+    return value
+
+
+def concurrency(raw: str) -> int:
+    """TASKLANE_CONCURRENCY, `tasklane worker --concurrency`: 1 to MAX_CONCURRENCY."""
+    value = _positive_int(raw)
+    if value > MAX_CONCURRENCY:
+        raise ValueError(f"must be at most {MAX_CONCURRENCY}, got {value}")
     return value
 
 

@@ -8,54 +8,30 @@ written while a task runs carry task_id, agent_id, attempt and worker_id from co
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-REDACTED = "***"
-_SECRET_KEY = re.compile(
-    r"pass(word|wd)?$|^pwd$|token|secret|api[_-]?key|authorization|credential|dsn", re.I
-)
-# user:password@ in any URL
-_URL_PASSWORD = re.compile(r"(?P<prefix>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]+)@", re.I)
-# password=…, token: …, secret='…' in free text (reprs, messages)
-_KEY_VALUE = re.compile(
-    r"(?P<prefix>\b(?:password|passwd|pwd|token|secret|api_key)['\"]?\s*[=:]\s*['\"]?)"
-    r"(?P<secret>[^'\"\s,;&)}]+)",
-    re.I,
-)
+from worker.redaction import REDACTED, is_secret_key, redact, redact_text
 
-
-def redact_text(text: str) -> str:
-    if "://" in text:
-        text = _URL_PASSWORD.sub(rf"\g<prefix>{REDACTED}@", text)
-    return _KEY_VALUE.sub(rf"\g<prefix>{REDACTED}", text)
-
-
-def redact(value: Any, depth: int = 0) -> Any:
-    if isinstance(value, str):
-        return redact_text(value)
-    if depth > 5:
-        return value
-    if isinstance(value, dict):
-        return {
-            k: REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) else redact(v, depth + 1)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return type(value)(redact(v, depth + 1) for v in value)
-    return value
+# Containers nested deeper than this in a log event print as a marker: the line stays renderable
+# (json.dumps recurses), and nothing below the cut can print a secret.
+LOG_MAX_DEPTH = 100
+_PLAIN = (str, int, float, bool, type(None))
 
 
 def redact_secrets(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """Redact every value of the event (the exception already rendered to text). Values that
+    are not plain data become their redacted repr: that is what the renderers would print."""
     for key, value in event.items():
-        if _SECRET_KEY.search(key):
+        if is_secret_key(key):
             event[key] = REDACTED
-        elif isinstance(value, str | dict | list | tuple):
-            event[key] = redact(value)
+        elif isinstance(value, str):
+            event[key] = redact_text(value)
+        elif not isinstance(value, _PLAIN):
+            event[key] = redact(value, stringify=True, max_depth=LOG_MAX_DEPTH)
     return event
 
 
@@ -107,7 +83,9 @@ def configure_logging(
     if fmt is None:
         fmt = "console" if stream.isatty() else "json"
     final: list[Processor] = [
-        structlog.processors.format_exc_info if fmt == "json" else _noop,
+        # Both renderers get the traceback as text, after redaction: the console renderer's own
+        # exception formatting would print it unredacted (with rich installed, with locals).
+        structlog.processors.format_exc_info,
         redact_secrets,
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -132,10 +110,6 @@ def configure_logging(
     root.setLevel(numeric_level)
     # arq logs every job start and end at INFO: one line per job is ours to write, not arq's.
     logging.getLogger("arq.worker").setLevel(max(numeric_level, logging.WARNING))
-
-
-def _noop(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
-    return event
 
 
 def get_logger(name: str = "tasklane") -> Any:

@@ -35,6 +35,7 @@ from worker.agents import (
 from worker.config import Settings
 from worker.dispatch import Dispatcher
 from worker.heartbeat import Heartbeat
+from worker.redaction import redact_text
 
 T = TypeVar("T")
 
@@ -309,7 +310,9 @@ class WorkerRuntime:
                 return Failed(f"timed out after {limit_seconds:g}s")
             return self._error(exc)
         except Retry as exc:
-            reason = f"retry requested: {exc.reason}" if exc.reason else "retry requested"
+            reason = (
+                f"retry requested: {redact_text(exc.reason)}" if exc.reason else "retry requested"
+            )
             return Failed(reason, retry_after=exc.after)
         except PermanentError as exc:
             return Failed(_describe(exc), permanent=True)
@@ -486,11 +489,11 @@ def _unreadable(task: Task) -> str | None:
 
 
 def _describe(exc: BaseException) -> str:
-    """`Type: message`, whatever the exception does: one whose str() raises is described by
-    what it raised instead."""
+    """`Type: message`, secrets redacted, whatever the exception does: one whose str() raises
+    is described by what it raised instead."""
     name = type(exc).__name__
     try:
-        text = str(exc)
+        text = redact_text(str(exc))
     except Exception as broken:
         return f"{name} (its message could not be read: str() raised {type(broken).__name__})"
     return f"{name}: {text}" if text else name

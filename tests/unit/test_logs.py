@@ -11,18 +11,19 @@ from typing import Any
 
 import pytest
 import structlog
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
+from tests.support.cli import logging_restored
+from tests.support.secrets import Secret, secret_structures, secret_texts
 from worker.logs import configure_logging
 
 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.reset_defaults()
+    with logging_restored():
+        yield
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -97,3 +98,48 @@ def test_task_context_is_bound_to_lines_written_while_it_runs() -> None:
         structlog.contextvars.unbind_contextvars("task_id")
 
     assert [line.get("task_id") for line in lines(out)] == ["t-1", "t-1"]
+
+
+# -- secrets never print --------------------------------------------------------------------------
+
+
+def _raise_chained(outer: str, inner: str) -> BaseException:
+    """An exception whose text, and whose cause's text, carry `outer` and `inner`."""
+    try:
+        try:
+            raise KeyError(inner)
+        except KeyError as cause:
+            raise RuntimeError(outer) from cause
+    except RuntimeError as exc:
+        return exc
+
+
+@hypothesis_settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    drawn=secret_texts(),
+    structure=secret_structures(),
+    fmt=st.sampled_from(["json", "console"]),
+)
+def test_no_secret_reaches_a_log_line_in_either_renderer(
+    drawn: tuple[Secret, str], structure: tuple[Secret, Any], fmt: str
+) -> None:
+    """A secret as the message, as a field, in a nested field, in an object's repr, in an
+    exception's text and its cause's (the traceback), through structlog and the standard
+    library's loggers."""
+    (secret, text), (nested_secret, nested) = drawn, structure
+    out = io.StringIO()
+    configure_logging(fmt=fmt, level="INFO", stream=out)
+    log = structlog.get_logger("tasklane.worker")
+    error = _raise_chained(text, text)
+
+    log.info(text, detail=text, nested=nested, obj=ValueError(text), db_password=text)
+    log.warning("handler.raised", exc_info=error)
+    library = logging.getLogger("persistence.store")
+    library.warning("claim failed: %s", text)
+    library.error("dropped", exc_info=error)
+
+    written = out.getvalue()
+    assert not secret.leaks(written), written
+    assert not nested_secret.leaks(written), written
+    # both chained tracebacks were written (redacted), by both loggers
+    assert written.count("The above exception was the direct cause") == 2
