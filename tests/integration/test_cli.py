@@ -243,11 +243,11 @@ async def test_show_reason_for_a_waiting_parent(
     settings: Settings, client: TaskClient, conversation: Conversation
 ) -> None:
     parent = await client.submit("fanout", {"n": 3}, conversation_id=conversation.id)
-    for i in range(3):
+    await sql(settings, "UPDATE tasks SET status = 'waiting' WHERE id = $1", parent.id)
+    for i in range(3):  # a subtask is attached to a running or waiting parent only
         await client.submit(
             "square", {"x": i}, conversation_id=conversation.id, parent_task_id=parent.id
         )
-    await sql(settings, "UPDATE tasks SET status = 'waiting' WHERE id = $1", parent.id)
     await sql(
         settings,
         "UPDATE tasks SET status = 'cancelled', completed_at = now()"
@@ -353,10 +353,10 @@ async def test_cancel_cancels_and_a_second_cancel_changes_nothing(
     settings: Settings, client: TaskClient, conversation: Conversation
 ) -> None:
     parent = await client.submit("fanout", {"n": 1}, conversation_id=conversation.id)
+    await sql(settings, "UPDATE tasks SET status = 'waiting' WHERE id = $1", parent.id)
     child = await client.submit(
         "square", {"x": 1}, conversation_id=conversation.id, parent_task_id=parent.id
     )
-    await sql(settings, "UPDATE tasks SET status = 'waiting' WHERE id = $1", parent.id)
 
     run = await tasklane(settings, "cancel", str(parent.id), "--json")
     assert run.code == 0, run.explained

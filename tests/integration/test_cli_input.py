@@ -21,12 +21,14 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from domain.entities import Conversation
-from persistence.repositories.report_repository import MAX_TREE_DEPTH
 from tests.integration.test_cli import OFFLINE
 from tests.support import db
 from tests.support.cli import Output, logging_restored, one_line, run_cli, use_settings
 from worker.cli import MAX_ERROR_LINE
 from worker.config import Settings
+
+# A chain deeper than Python's recursion limit.
+DEEP = 1200
 
 # An error line is MAX_ERROR_LINE at most, plus where the usage is: " (see tasklane xyz --help)".
 LONGEST_LINE = MAX_ERROR_LINE + 40
@@ -218,26 +220,26 @@ async def test_tree_renders_the_deepest_tree_the_query_returns(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     use_settings(monkeypatch, settings)
-    chain = await insert_tree(settings, conversation, [None, *range(MAX_TREE_DEPTH + 5)])
+    chain = await insert_tree(settings, conversation, [None, *range(DEEP)])
 
     text = await asyncio.to_thread(tasklane, capsys, "tree", str(chain[0]))
     assert text.code == 0, text.explained[:2000]
     lines = text.stdout.splitlines()
-    assert len(lines) == MAX_TREE_DEPTH + 1  # the query stops at its depth cap
+    assert len(lines) == DEEP + 1  # any depth: the walk has no cap (a parent loop stops it)
     assert lines[1].startswith("└─ echo")
-    assert f"[depth {MAX_TREE_DEPTH}] echo" in lines[-1]
-    assert str(chain[MAX_TREE_DEPTH]) in lines[-1]
+    assert f"[depth {DEEP}] echo" in lines[-1]
+    assert str(chain[DEEP]) in lines[-1]
     assert max(len(line) for line in lines) < 400  # guides stop growing past a depth
 
     document = await asyncio.to_thread(tasklane, capsys, "tree", str(chain[0]), "--json")
     assert document.code == 0, document.explained[:2000]
     limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(10 * MAX_TREE_DEPTH)  # json.loads recurses too
+    sys.setrecursionlimit(10 * DEEP)  # json.loads recurses too
     try:
         tree = json.loads(document.stdout)
     finally:
         sys.setrecursionlimit(limit)
-    assert depth_of(tree) == MAX_TREE_DEPTH
+    assert depth_of(tree) == DEEP
 
 
 async def test_tree_caps_the_children_it_shows_per_task(
