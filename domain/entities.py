@@ -300,6 +300,7 @@ class WorkerInfo:
     agents: tuple[str, ...]
     started_at: datetime
     last_seen_at: datetime
+    abandoned_handlers: int = 0  # handlers left running past their timeout, ignoring it
 
 
 @dataclass(slots=True, frozen=True)

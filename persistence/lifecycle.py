@@ -383,7 +383,7 @@ class Lifecycle:
     # -- this worker's row ----------------------------------------------------------------------
 
     async def touch_worker(
-        self, *, hostname: str, pid: int, queue: str, agents: Sequence[str]
+        self, *, hostname: str, pid: int, queue: str, agents: Sequence[str], abandoned: int = 0
     ) -> None:
         await self.run(
             "touch-worker",
@@ -393,6 +393,7 @@ class Lifecycle:
                 pid=pid,
                 queue=queue,
                 agents=agents,
+                abandoned=abandoned,
             ),
         )
 

@@ -372,6 +372,7 @@ async def _start(
         agents=list(agents),
         log=log,
         redis_away=lambda: outage is not None and outage.active,
+        abandoned=lambda: len(runtime.abandoned),
     )
     # One pass before the first poll: tasks already due are dispatched (a burst worker then
     # sees them), the worker row exists, expired leases are rescued.

@@ -206,4 +206,11 @@ async def _worker_check(settings: Settings, local: bool) -> Check:
         return Check(
             "workers", False, f"no worker on {where} seen in the last {LIVE_WITHIN_SECONDS:g}s"
         )
-    return Check("workers", True, f"{len(workers)} live on {where}")
+    abandoned = sum(w.abandoned_handlers for w in workers)
+    note = (
+        f"; {abandoned} handler(s) ignored their timeout's cancellation and were abandoned"
+        " (still running in their worker: fix the handler, restart the worker)"
+        if abandoned
+        else ""
+    )
+    return Check("workers", True, f"{len(workers)} live on {where}{note}")

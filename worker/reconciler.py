@@ -87,9 +87,11 @@ class Reconciler:
         agents: Sequence[str],
         log: Any,
         redis_away: Callable[[], bool] = lambda: False,
+        abandoned: Callable[[], int] = lambda: 0,
     ) -> None:
         self.lifecycle = lifecycle
         self.redis_away = redis_away
+        self.abandoned = abandoned
         self.dispatcher = dispatcher
         self.settings = settings
         self.agents = sorted(agents)
@@ -127,7 +129,11 @@ class Reconciler:
 
     async def touch(self) -> None:
         await self.lifecycle.touch_worker(
-            hostname=self.hostname, pid=self.pid, queue=self.settings.queue, agents=self.agents
+            hostname=self.hostname,
+            pid=self.pid,
+            queue=self.settings.queue,
+            agents=self.agents,
+            abandoned=self.abandoned(),
         )
         if time.monotonic() - self._last_forget > FORGET_OLD_WORKERS_EVERY:
             await self.lifecycle.forget_old_workers()

@@ -14,9 +14,10 @@ from persistence.sql import Executor, Row, Sql
 LIVE_WITHIN_SECONDS = 30.0
 
 TOUCH = Sql("""
-INSERT INTO workers (id, hostname, pid, queue, agents, started_at, last_seen_at)
-VALUES (:id, :hostname, :pid, :queue, CAST(:agents AS text[]), now(), now())
-ON CONFLICT (id) DO UPDATE SET last_seen_at = now()
+INSERT INTO workers (id, hostname, pid, queue, agents, started_at, last_seen_at,
+                     abandoned_handlers)
+VALUES (:id, :hostname, :pid, :queue, CAST(:agents AS text[]), now(), now(), :abandoned)
+ON CONFLICT (id) DO UPDATE SET last_seen_at = now(), abandoned_handlers = :abandoned
 """)
 
 FORGET = Sql("DELETE FROM workers WHERE id = :id")
@@ -25,7 +26,8 @@ FORGET = Sql("DELETE FROM workers WHERE id = :id")
 FORGET_OLD = Sql("DELETE FROM workers WHERE last_seen_at < now() - make_interval(days => 1)")
 
 LIVE = Sql("""
-SELECT id, hostname, pid, queue, agents, started_at, last_seen_at FROM workers
+SELECT id, hostname, pid, queue, agents, started_at, last_seen_at, abandoned_handlers
+FROM workers
 WHERE last_seen_at > now() - make_interval(secs => :within_seconds)
   AND (CAST(:queue AS text) IS NULL OR queue = CAST(:queue AS text))
 ORDER BY started_at, id
@@ -56,14 +58,28 @@ class WorkerRepository(BaseRepository[WorkerModel, WorkerInfo]):
             agents=tuple(row["agents"]),
             started_at=row["started_at"],
             last_seen_at=row["last_seen_at"],
+            abandoned_handlers=row["abandoned_handlers"],
         )
 
     async def touch(
-        self, *, worker_id: str, hostname: str, pid: int, queue: str, agents: Iterable[str]
+        self,
+        *,
+        worker_id: str,
+        hostname: str,
+        pid: int,
+        queue: str,
+        agents: Iterable[str],
+        abandoned: int = 0,
     ) -> None:
-        """Register this worker, or say it is still alive."""
+        """Register this worker, or say it is still alive (and how many handlers it abandoned)."""
         await self._fetch(
-            TOUCH, id=worker_id, hostname=hostname, pid=pid, queue=queue, agents=sorted(agents)
+            TOUCH,
+            id=worker_id,
+            hostname=hostname,
+            pid=pid,
+            queue=queue,
+            agents=sorted(agents),
+            abandoned=abandoned,
         )
 
     async def forget(self, worker_id: str) -> None:

@@ -19,6 +19,7 @@ from tests.support import db
 from tests.support.workers import WorkerProcess, running_worker, start_process
 from worker.client import TaskClient
 from worker.config import Settings
+from worker.health import health
 from worker.runtime import HANDLER_UNWIND_SECONDS, MAX_ERROR_CHARS, WorkerRuntime
 
 
@@ -147,7 +148,7 @@ async def test_a_handler_that_ignores_cancellation_is_timed_out_and_frees_its_sl
     one_slot = replace(settings, concurrency=1, lease_seconds=30.0)
     async with running_worker(one_slot) as runtime:
         deaf = await client.submit(
-            "t_deaf", {"seconds": 60}, conversation_id=conversation.id, max_attempts=1
+            "t_deaf", {"seconds": 10}, conversation_id=conversation.id, max_attempts=1
         )
         behind = await client.submit("echo", {"x": 1}, conversation_id=conversation.id)
         done = await finished(client, deaf.id, timeout=1 + HANDLER_UNWIND_SECONDS + 15)
@@ -158,6 +159,13 @@ async def test_a_handler_that_ignores_cancellation_is_timed_out_and_frees_its_sl
         # Its slot is free: the task behind it runs while the deaf handler still sleeps.
         assert (await finished(client, behind.id)).status is TaskStatus.COMPLETED
         assert len(runtime.abandoned) == 1
+        # `tasklane health` says so, from the worker's row (refreshed every reconcile tick).
+        report = await db.eventually(
+            lambda: health(one_slot),
+            lambda r: "1 handler(s) ignored their timeout" in r.checks[-1].detail,
+            what="health reporting the abandoned handler",
+        )
+        assert report.checks[-1].ok
 
 
 # -- 9. livelocks ----------------------------------------------------------------------------------
