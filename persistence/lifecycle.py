@@ -88,6 +88,13 @@ class Lifecycle:
         self._completions: Batcher[tuple[Task, str], bool] = Batcher(
             "complete", self._complete_batch, busy=busy, window=batch_window, max_size=batch_max
         )
+        self._child_completions: Batcher[tuple[Task, str], Finish] = Batcher(
+            "complete-children",
+            self._complete_children_batch,
+            busy=busy,
+            window=batch_window,
+            max_size=batch_max,
+        )
         self._finish_patience = config.lease_seconds
         self._row_failures: dict[tuple[str, object], float] = {}
         # Tasks whose claim statements got no answer (they may have committed all the same),
@@ -97,6 +104,7 @@ class Lifecycle:
     async def close(self) -> None:
         await self._claims.drain()
         await self._completions.drain()
+        await self._child_completions.drain()
         await self.pool.close()
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -225,10 +233,12 @@ class Lifecycle:
     # -- finish ---------------------------------------------------------------------------------
 
     async def complete(self, task: Task, output_json: str, children: Sequence[Task] = ()) -> Finish:
-        """running → completed (with any fire-and-forget subtasks). Plain root tasks take the
-        batched path."""
-        if task.parent_task_id is None and not children:
+        """running → completed (with any fire-and-forget subtasks). Roots and subtasks that
+        spawned nothing take the batched paths (a fan-out's children finish in batches)."""
+        if not children and task.parent_task_id is None:
             return Finish(await self._completions.submit((task, output_json)))
+        if not children:
+            return await self._child_completions.submit((task, output_json))
         return await self._finish(
             "complete",
             lambda uow: uow.tasks.complete(
@@ -239,6 +249,23 @@ class Lifecycle:
     async def _complete_batch(self, items: list[tuple[Task, str]]) -> list[bool]:
         landed = await self._finish("complete", lambda uow: uow.tasks.complete_roots(items))
         return [task.id in landed for task, _ in items]
+
+    async def _complete_children_batch(self, items: list[tuple[Task, str]]) -> list[Finish]:
+        landed, doorbells = await self._finish(
+            "complete-children",
+            lambda uow: uow.tasks.complete_children(
+                items, dispatch_delay=self.config.redispatch_seconds
+            ),
+        )
+        # A resumed parent's doorbell goes with one of its children's finishes (rung once).
+        by_parent = {d.task_id: d for d in doorbells}
+        finishes = []
+        for task, _ in items:
+            parent = None
+            if task.id in landed and task.parent_task_id is not None:
+                parent = by_parent.pop(task.parent_task_id, None)
+            finishes.append(Finish(task.id in landed, [parent] if parent else []))
+        return finishes
 
     async def fail(self, task: Task, error: str) -> Finish:
         return await self._finish(

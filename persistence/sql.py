@@ -93,6 +93,8 @@ class SessionExecutor:
     async def fetch(self, stmt: Statement, **params: Any) -> Sequence[Row]:
         clause = stmt.clause if isinstance(stmt, Sql) else stmt
         result = await self.session.execute(clause, params or None)
+        if not result.returns_rows:  # an UPDATE without RETURNING: no rows, as on asyncpg
+            return []
         return cast("Sequence[Row]", result.mappings().all())
 
     async def execute(self, stmt: Statement, **params: Any) -> None:

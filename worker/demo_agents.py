@@ -71,6 +71,8 @@ async def fanout(ctx: TaskContext) -> dict[str, Any] | WaitForSubtasks:
         n = _field(ctx, "n", int)
         if not 0 <= n <= MAX_FANOUT:
             raise PermanentError(f"n must be between 0 and {MAX_FANOUT}, got {n}")
+        if n == 0:
+            return {"sum": 0}  # nothing to wait for
         for i in range(n):
             await ctx.spawn("square", {"x": i})
         return ctx.wait_for_subtasks()

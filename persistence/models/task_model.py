@@ -63,6 +63,10 @@ class TaskModel(Base):
         DateTime(timezone=True), server_default=func.now()
     )
     version: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    # Fan-in: how many of this task's children are unfinished, kept by the statements that add
+    # and finish children (under this row's lock). It says when to check for a resume, so that
+    # no child's finish reads its siblings.
+    open_children: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -82,6 +86,7 @@ class TaskModel(Base):
             name="agent_id_format",
         ),
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+        CheckConstraint("open_children >= 0", name="open_children_not_negative"),
         CheckConstraint(
             f"status NOT IN ({_UNFINISHED}) OR max_attempts IS NULL"
             f" OR max_attempts BETWEEN 1 AND {MAX_ATTEMPTS_LIMIT}",

@@ -17,6 +17,7 @@ row, which only the run itself ever gives that outcome.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, NamedTuple
@@ -113,10 +114,18 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
             async with self._ex.atomic():
                 await self._lock_parents_to_attach(parents)
                 inserted = await self._entities(stmt, **params)
+                await self._count_up([t.parent_task_id for t in inserted if t.parent_task_id])
         else:
             inserted = await self._entities(stmt, **params)
         by_id = {task.id: task for task in inserted}
         return [by_id[t.id] for t in tasks if t.id in by_id]
+
+    async def _count_up(self, parents: Sequence[UUID]) -> None:
+        """Each of `parents` (locked) gained a child for every time it is named."""
+        counts = Counter(parents)
+        if counts:
+            ids = sorted(counts)
+            await self._fetch(q.COUNT_UP, ids=ids, counts=[counts[i] for i in ids])
 
     async def _lock_parents_to_attach(self, parents: Sequence[UUID]) -> None:
         rows = {_uuid(r["id"]): r["status"] for r in await self._fetch(q.LOCK_PARENTS, ids=parents)}
@@ -303,8 +312,10 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
                 run = _Run(_uuid(row["id"]), row["runs"], _maybe_uuid(row["parent_task_id"]))
                 error = f"the task cannot be loaded: {exc}"
 
-                async def change(run: _Run = run, error: str = error) -> bool:
-                    return bool(await self._fetch(q.FAIL, id=run.id, run=run.runs, error=error))
+                async def change(run: _Run = run, error: str = error) -> Sequence[Row]:
+                    return await self._fetch(
+                        q.FAIL, id=run.id, run=run.runs, error=error, dispatch_delay=0.0
+                    )
 
                 await self._finish_in_family(run, change, AttemptOutcome.FAILED, dispatch_delay=0)
         return tasks
@@ -352,10 +363,34 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
             ids=[task.id for task, _ in items],
             runs=[task.runs for task, _ in items],
             outputs=[output for _, output in items],
+            dispatch_delay=0.0,  # roots have no parent to resume
         )
         landed = {_uuid(row["id"]) for row in rows}
         missed = [task for task, _ in items if task.id not in landed]
         return landed | await self._runs_with_outcome(missed, AttemptOutcome.COMPLETED)
+
+    async def complete_children(
+        self, items: Sequence[tuple[Task, str]], *, dispatch_delay: float
+    ) -> tuple[set[UUID], list[Doorbell]]:
+        """running → completed for many subtasks at once, in one transaction: their parents
+        locked first (in id order), the children completed and their parents counted down in
+        one statement, the parents left awaiting no child resumed. No child reads its siblings.
+        Returns the ids whose write landed (now or on an earlier try) and the resumed parents'
+        doorbells."""
+        parents = sorted({t.parent_task_id for t, _ in items if t.parent_task_id is not None})
+        async with self._ex.atomic():
+            await self._fetch(q.LOCK_PARENTS, ids=parents)
+            rows = await self._fetch(
+                q.COMPLETE,
+                ids=[task.id for task, _ in items],
+                runs=[task.runs for task, _ in items],
+                outputs=[output for _, output in items],
+                dispatch_delay=float(dispatch_delay),
+            )
+            doorbells = _resumed_parents(rows)
+        landed = {_uuid(row["id"]) for row in rows}
+        missed = [task for task, _ in items if task.id not in landed]
+        return landed | await self._runs_with_outcome(missed, AttemptOutcome.COMPLETED), doorbells
 
     async def complete(
         self, task: Task, output_json: str, children: Sequence[Task] = (), *, dispatch_delay: float
@@ -363,11 +398,14 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         """running → completed, with any fire-and-forget subtasks created in the same
         transaction; the parent resumes if this was its last unfinished child."""
 
-        async def change() -> bool:
-            rows = await self._fetch(
-                q.COMPLETE, ids=[task.id], runs=[task.runs], outputs=[output_json]
+        async def change() -> Sequence[Row]:
+            return await self._fetch(
+                q.COMPLETE,
+                ids=[task.id],
+                runs=[task.runs],
+                outputs=[output_json],
+                dispatch_delay=float(dispatch_delay),
             )
-            return bool(rows)
 
         return await self._finish_in_family(
             task, change, AttemptOutcome.COMPLETED, children, dispatch_delay=dispatch_delay
@@ -376,8 +414,10 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
     async def fail(self, task: Task, error: str, *, dispatch_delay: float) -> Finish:
         """running → failed with `error`; the parent resumes if this was its last open child."""
 
-        async def change() -> bool:
-            return bool(await self._fetch(q.FAIL, id=task.id, run=task.runs, error=error))
+        async def change() -> Sequence[Row]:
+            return await self._fetch(
+                q.FAIL, id=task.id, run=task.runs, error=error, dispatch_delay=float(dispatch_delay)
+            )
 
         return await self._finish_in_family(
             task, change, AttemptOutcome.FAILED, dispatch_delay=dispatch_delay
@@ -406,17 +446,18 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         return bool(rows) or await self._landed_before(task, AttemptOutcome.RELEASED)
 
     async def wait(self, task: Task, children: Sequence[Task], *, dispatch_delay: float) -> Finish:
-        """running → waiting with its new subtasks, in one transaction. With no children the task
-        resumes at once."""
+        """running → waiting with its new subtasks, in one transaction. Waiting for no subtask
+        is refused: it would resume at once, forever."""
+        if not children:
+            raise InvalidInputError(f"task {task.id} cannot wait for subtasks: it spawned none")
         async with self._ex.atomic():
-            if not await self._fetch(q.WAIT, id=task.id, run=task.runs):
+            if not await self._fetch(q.WAIT, id=task.id, run=task.runs, children=len(children)):
                 # Lost its claim, or a retry whose first try landed (children and all: the
                 # reconciler rings their doorbells).
                 return Finish(await self._landed_before(task, AttemptOutcome.WAITING))
-            doorbells = await self._insert_children(children, dispatch_delay=dispatch_delay)
-            if not children:
-                doorbells += await self._resume_if_done(task.id, dispatch_delay=dispatch_delay)
-            return Finish(True, doorbells)
+            return Finish(
+                True, await self._insert_children(children, dispatch_delay=dispatch_delay)
+            )
 
     async def _finish_in_family(
         self,
@@ -432,15 +473,14 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         children is a single statement and needs no transaction."""
         parent_id = task.parent_task_id
         if parent_id is None and not children:
-            return Finish(await change() or await self._landed_before(task, outcome))
+            return Finish(bool(await change()) or await self._landed_before(task, outcome))
         async with self._ex.atomic():
             await self._lock_family(parent_id)
-            if not await change():
+            landed = await change()
+            if not landed:
                 return Finish(await self._landed_before(task, outcome))
             doorbells = await self._insert_children(children, dispatch_delay=dispatch_delay)
-            if parent_id is not None:
-                doorbells += await self._resume_if_done(parent_id, dispatch_delay=dispatch_delay)
-            return Finish(True, doorbells)
+            return Finish(True, doorbells + _resumed_parents(landed))
 
     async def _landed_before(self, task: Task | _Run, outcome: AttemptOutcome) -> bool:
         """A fenced finish found nothing to change: had this very run's write already landed (a
@@ -489,11 +529,15 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
             seen.update(level)  # a parent loop made by hand stops here
         return subtree
 
-    async def _resume_if_done(self, parent_id: UUID, *, dispatch_delay: float) -> list[Doorbell]:
-        """waiting → pending when no child of `parent_id` is unfinished; inside the transaction
-        that holds the parent's lock."""
+    async def _resume_if_done(
+        self, parent_ids: Sequence[UUID], *, dispatch_delay: float
+    ) -> list[Doorbell]:
+        """waiting → pending for each of `parent_ids` none of whose children is unfinished;
+        inside the transaction that holds their locks."""
+        if not parent_ids:
+            return []
         rows = await self._fetch(
-            q.RESUME_IF_DONE, id=parent_id, dispatch_delay=float(dispatch_delay)
+            q.RESUME_IF_DONE, ids=list(parent_ids), dispatch_delay=float(dispatch_delay)
         )
         return [_doorbell(row) for row in rows]
 
@@ -520,7 +564,7 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         """Resume a waiting parent, under its lock, if none of its children is unfinished."""
         async with self._ex.atomic():
             await self._lock_family(parent_id)
-            return await self._resume_if_done(parent_id, dispatch_delay=dispatch_delay)
+            return await self._resume_if_done([parent_id], dispatch_delay=dispatch_delay)
 
     # -- operator actions -----------------------------------------------------------------------
 
@@ -535,10 +579,10 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
             parent = rows[0]["parent_task_id"]
             parent_id = _uuid(parent) if parent is not None else None
             subtree = await self._lock_family(parent_id, subtree_of=task_id)
-            done = await self._fetch(q.CANCEL_MANY, ids=subtree, root_id=task_id)
-            doorbells: list[Doorbell] = []
-            if parent_id is not None and any(_uuid(row["id"]) == task_id for row in done):
-                doorbells = await self._resume_if_done(parent_id, dispatch_delay=dispatch_delay)
+            done = await self._fetch(
+                q.CANCEL_MANY, ids=subtree, root_id=task_id, dispatch_delay=float(dispatch_delay)
+            )
+            doorbells = _resumed_parents(done)
             task = await self.get_by_id(task_id)
         assert task is not None
         return CancelResult(task=task, cancelled=len(done), doorbells=doorbells)
@@ -548,11 +592,13 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         A subtask is retried under its parent's lock, like every other change of a child."""
         async with self._ex.atomic():
             parent = await self._fetch(q.PARENT_OF, id=task_id)
-            if parent and parent[0]["parent_task_id"] is not None:
-                await self._lock_family(_uuid(parent[0]["parent_task_id"]))
+            parent_id = _maybe_uuid(parent[0]["parent_task_id"]) if parent else None
+            await self._lock_family(parent_id)
             rows = await self._fetch(
                 q.OPERATOR_RETRY, id=task_id, dispatch_delay=float(dispatch_delay)
             )
+            if rows and parent_id is not None:  # an unfinished child again: counted
+                await self._count_up([parent_id])
         if rows:
             retried = task_from_row(rows[0])
             return RetryResult(retried, True, [Doorbell.for_task(retried)])
@@ -571,6 +617,7 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
             limit=limit,
             retry_base_seconds=float(backoff.base_seconds),
             retry_max_seconds=float(backoff.max_seconds),
+            dispatch_delay=0.0,  # roots have no parent to resume
         )
         return [_rescued(row) for row in rows]
 
@@ -586,6 +633,7 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
             run=run,
             retry_base_seconds=float(backoff.base_seconds),
             retry_max_seconds=float(backoff.max_seconds),
+            dispatch_delay=0.0,  # a root: no parent to resume
         )
         return _rescued(rows[0]) if rows else None
 
@@ -606,16 +654,12 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
                 run=expired.run,
                 retry_base_seconds=float(backoff.base_seconds),
                 retry_max_seconds=float(backoff.max_seconds),
+                dispatch_delay=float(dispatch_delay),
             )
             if not rows:
                 return None, None
-            rescued = _rescued(rows[0])
-            resumed: list[Doorbell] = []
-            if rescued.status is TaskStatus.FAILED:
-                resumed = await self._resume_if_done(
-                    expired.parent_id, dispatch_delay=dispatch_delay
-                )
-            return rescued, resumed[0] if resumed else None
+            resumed = _resumed_parents(rows)  # it failed for good, the last unfinished child
+            return _rescued(rows[0]), resumed[0] if resumed else None
 
     async def mark_due_dispatched(
         self, *, queue: str, limit: int, redispatch_seconds: float
@@ -716,6 +760,21 @@ def _maybe_uuid(value: Any) -> UUID | None:
 
 def _doorbell(row: Row) -> Doorbell:
     return Doorbell(_uuid(row["id"]), row["runs"], row["queue"], row["run_after"])
+
+
+def _resumed_parents(landed: Sequence[Row]) -> list[Doorbell]:
+    """The doorbells of the parents a finishing statement resumed (each once)."""
+    resumed = {
+        _uuid(row["parent_task_id"]): Doorbell(
+            _uuid(row["parent_task_id"]),
+            row["parent_runs"],
+            row["parent_queue"],
+            row["parent_run_after"],
+        )
+        for row in landed
+        if row["parent_resumed"]
+    }
+    return list(resumed.values())
 
 
 def _rescued(row: Row) -> Rescued:

@@ -168,6 +168,47 @@ SELECT h.id,
 FROM held AS h
 """)
 
+# Appended to a statement whose CTE `done` holds tasks that just reached a final state: each
+# parent's count of unfinished children goes down by its children in `done`, and a waiting
+# parent left with none resumes (pending again, step + 1, fresh attempts) — in this same update,
+# for a parent row must change once per transaction: a cancel waiting for its lock would
+# otherwise deadlock with the second change. The count says when to look; the look itself
+# checks the children (one index probe, those in `done` left out: this statement's snapshot
+# still sees them unfinished), so a child added or changed by hand, which no count saw, still
+# holds its parent. The caller holds the parents' locks already (parent first, then the child).
+# Parents that are in `done` themselves (a cancelled subtree) are left out: theirs are final.
+_RESUMES = f"""(p.status IN {_guard(PENDING, only=WAITING)} AND p.open_children - counted.n <= 0
+        AND NOT EXISTS (SELECT 1 FROM tasks AS c
+                        WHERE c.parent_task_id = p.id AND c.status IN {UNFINISHED}
+                          AND c.id NOT IN (SELECT id FROM done)))"""
+_COUNT_DOWN = f"""
+, counted AS (
+    SELECT parent_task_id AS id, count(*) AS n FROM done
+    WHERE parent_task_id IS NOT NULL GROUP BY parent_task_id
+), parents AS (
+    UPDATE tasks AS p
+    SET open_children = GREATEST(p.open_children - counted.n, 0),
+        status = CASE WHEN {_RESUMES} THEN '{PENDING}' ELSE p.status END,
+        attempts = CASE WHEN {_RESUMES} THEN 0 ELSE p.attempts END,
+        step = CASE WHEN {_RESUMES} THEN p.step + 1 ELSE p.step END,
+        run_after = CASE WHEN {_RESUMES} THEN now() ELSE p.run_after END,
+        dispatch_after = CASE WHEN {_RESUMES}
+                         THEN now() + make_interval(secs => :dispatch_delay)
+                         ELSE p.dispatch_after END,
+        version = p.version + 1, updated_at = now()
+    FROM counted
+    WHERE p.id = counted.id AND p.id NOT IN (SELECT id FROM done)
+    RETURNING p.id, p.runs, p.queue, p.run_after, p.status = '{PENDING}' AS resumed
+)"""
+# The final SELECT of such a statement: each landed task and, when it resumed its parent, the
+# parent's doorbell.
+_LANDED = """
+SELECT done.id, done.parent_task_id, COALESCE(parents.resumed, false) AS parent_resumed,
+       parents.runs AS parent_runs, parents.queue AS parent_queue,
+       parents.run_after AS parent_run_after
+FROM done LEFT JOIN parents ON parents.id = done.parent_task_id
+"""
+
 # --- finish (fenced by the run number) ---------------------------------------------------------
 
 # Roots complete in batches; this also serves one child inside its parent-locked transaction.
@@ -184,9 +225,7 @@ WITH done AS (
 ), history AS (
     UPDATE task_attempts AS a SET finished_at = now(), outcome = '{AttemptOutcome.COMPLETED}'
     FROM done WHERE a.task_id = done.id AND a.run = done.runs
-)
-SELECT id, parent_task_id FROM done
-""")
+){_COUNT_DOWN}{_LANDED}""")
 
 FAIL = Sql(f"""
 WITH done AS (
@@ -199,9 +238,7 @@ WITH done AS (
     UPDATE task_attempts AS a
     SET finished_at = now(), outcome = '{AttemptOutcome.FAILED}', error = :error
     FROM done WHERE a.task_id = done.id AND a.run = done.runs
-)
-SELECT id, parent_task_id FROM done
-""")
+){_COUNT_DOWN}{_LANDED}""")
 
 # The reconciler sends the doorbell once the backoff has passed (dispatch_after = run_after).
 RETRY_LATER = Sql(f"""
@@ -241,10 +278,12 @@ WITH done AS (
 SELECT id, runs FROM done
 """)
 
+# With :children, the subtasks the same transaction inserts next: the count it waits on.
 WAIT = Sql(f"""
 WITH done AS (
     UPDATE tasks AS t
-    SET status = '{WAITING}', lease_expires_at = NULL, version = t.version + 1, updated_at = now()
+    SET status = '{WAITING}', lease_expires_at = NULL, open_children = t.open_children + :children,
+        version = t.version + 1, updated_at = now()
     WHERE t.id = :id AND t.runs = :run AND t.status IN {_guard(WAITING)}
     RETURNING t.id, t.runs
 ), history AS (
@@ -269,15 +308,17 @@ WHERE a.outcome = :outcome
 # Taken before any child of this parent changes to a final state: parent first, then the child.
 LOCK_TASK = Sql("SELECT id, status, parent_task_id FROM tasks WHERE id = :id FOR UPDATE")
 
-# Resume a waiting parent whose children have all finished. Run after the child's change, in the
-# same transaction that holds the parent's lock, so siblings finishing at once serialise here and
-# exactly one of them sees "no unfinished child left".
+# Resume waiting parents whose children have all finished. Run after the children's change, in
+# the same transaction that holds the parents' locks, so siblings finishing at once serialise and
+# exactly one of them sees "no unfinished child left". The count (`open_children`) says when to
+# look; the check itself reads the open children (one index probe), so a child inserted or
+# changed by hand with SQL, which no count saw, still holds its parent.
 RESUME_IF_DONE = Sql(f"""
 UPDATE tasks AS p
 SET status = '{PENDING}', attempts = 0, step = p.step + 1, run_after = now(),
-    dispatch_after = now() + make_interval(secs => :dispatch_delay),
+    dispatch_after = now() + make_interval(secs => :dispatch_delay), open_children = 0,
     version = p.version + 1, updated_at = now()
-WHERE p.id = :id AND p.status IN {_guard(PENDING, only=WAITING)}
+WHERE p.id = ANY(CAST(:ids AS uuid[])) AND p.status IN {_guard(PENDING, only=WAITING)}
   AND NOT EXISTS (SELECT 1 FROM tasks AS c
                   WHERE c.parent_task_id = p.id AND c.status IN {UNFINISHED})
 RETURNING p.id, p.runs, p.queue, p.run_after
@@ -300,6 +341,13 @@ SELECT {TASK_COLUMNS} FROM tasks WHERE parent_task_id = :id ORDER BY created_at,
 """)
 
 PARENT_OF = Sql("SELECT id, parent_task_id FROM tasks WHERE id = :id")
+
+# Subtasks added to parents (from outside, or a failed one retried): their counts go up.
+COUNT_UP = Sql("""
+UPDATE tasks AS p SET open_children = p.open_children + a.n
+FROM unnest(CAST(:ids AS uuid[]), CAST(:counts AS int[])) AS a(id, n)
+WHERE p.id = a.id
+""")
 
 # --- cancel ------------------------------------------------------------------------------------
 
@@ -331,13 +379,11 @@ WITH done AS (
                      ELSE 'cancelled with ancestor ' || CAST(CAST(:root_id AS uuid) AS text) END,
         version = t.version + 1, updated_at = now()
     WHERE t.id = ANY(CAST(:ids AS uuid[])) AND t.status IN {_guard(CANCELLED)}
-    RETURNING t.id, t.runs
+    RETURNING t.id, t.runs, t.parent_task_id
 ), history AS (
     UPDATE task_attempts AS a SET finished_at = now(), outcome = '{AttemptOutcome.CANCELLED}'
     FROM done WHERE a.task_id = done.id AND a.run = done.runs AND a.outcome IS NULL
-)
-SELECT id FROM done
-""")
+){_COUNT_DOWN}{_LANDED}""")
 
 # --- operator retry ----------------------------------------------------------------------------
 
@@ -371,14 +417,19 @@ def _rescue(source: str, where: str) -> Sql:
         completed_at = CASE WHEN {_HAS_ATTEMPTS_LEFT} THEN NULL ELSE now() END,
         lease_expires_at = NULL, version = t.version + 1, updated_at = now()
     {where}
-    RETURNING t.id, t.runs, t.status, t.queue, t.worker_id
+    RETURNING t.id, t.runs, t.status, t.queue, t.worker_id, t.parent_task_id
 ), history AS (
     UPDATE task_attempts AS a
     SET finished_at = now(), outcome = '{AttemptOutcome.LOST}',
         error = 'lease expired on worker ' || COALESCE(r.worker_id, '?')
     FROM rescued AS r WHERE a.task_id = r.id AND a.run = r.runs AND a.outcome IS NULL
-)
-SELECT id, runs, status, queue FROM rescued
+), done AS (
+    SELECT id, parent_task_id FROM rescued WHERE status = '{FAILED}'
+){_COUNT_DOWN}
+SELECT r.id, r.runs, r.status, r.queue, COALESCE(parents.resumed, false) AS parent_resumed,
+       parents.runs AS parent_runs, parents.queue AS parent_queue,
+       parents.run_after AS parent_run_after
+FROM rescued AS r LEFT JOIN parents ON parents.id = r.parent_task_id
 """)
 
 

@@ -88,7 +88,7 @@ async def test_other_bad_arguments(
 ) -> None:
     with pytest.raises(InvalidInputError, match="timezone-aware"):
         await client.submit("echo", {}, conversation_id=conversation.id, run_after=datetime.now())
-    with pytest.raises(InvalidInputError, match="max_attempts must be at least 1"):
+    with pytest.raises(InvalidInputError, match="max_attempts must be between 1 and 10000"):
         await client.submit("echo", {}, conversation_id=conversation.id, max_attempts=0)
     with pytest.raises(InvalidInputError, match="idempotency_key"):
         await client.submit("echo", {}, conversation_id=conversation.id, idempotency_key=" ")

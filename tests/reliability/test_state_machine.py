@@ -42,7 +42,7 @@ from hypothesis.stateful import (
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from domain.entities import Task
-from domain.exceptions import AttemptsExhaustedError
+from domain.exceptions import AttemptsExhaustedError, InvalidInputError
 from domain.value_objects import ALLOWED_TRANSITIONS, TaskStatus
 from persistence import pg
 from persistence.lifecycle import Lifecycle, LifecycleConfig
@@ -603,10 +603,14 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     def wait(self, run: Run, data: st.DataObject) -> None:
         room = len(self.tasks) < MAX_TASKS
-        n = data.draw(st.sampled_from([1, 1, 2, 3, 0]), label="children") if room else 0
+        n = data.draw(st.sampled_from([1, 1, 2, 3]), label="children") if room else 0
         m = self.tasks[run.task.id]
         holds, before = self.holds(run), self.landed_before(run, WAITING)
         children = self.new_children(m, n, data) if holds else []
+        if not children:  # waiting for nothing is refused, whoever asks: nothing changes
+            with pytest.raises(InvalidInputError, match="spawned none"):
+                self.run(self.lifecycle(run.worker).wait(run.task, children))
+            return
         finish = self.run(self.lifecycle(run.worker).wait(run.task, children))
         assert finish.landed == (holds or before)
         if not holds:
@@ -614,10 +618,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             return
         m.task.wait(at=NOW)
         m.ended(WAITING)
-        expected = {c.id for c in children}
-        if not children:  # nothing to wait for (or only children that are finished already)
-            expected |= self.resume_if_done(m.id)
-        assert {d.task_id for d in finish.doorbells} == expected
+        assert {d.task_id for d in finish.doorbells} == {c.id for c in children}
 
     # -- the reconciler ---------------------------------------------------------------------------
 
