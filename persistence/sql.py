@@ -93,7 +93,7 @@ class SessionExecutor:
     async def fetch(self, stmt: Statement, **params: Any) -> Sequence[Row]:
         clause = stmt.clause if isinstance(stmt, Sql) else stmt
         result = await self.session.execute(clause, params or None)
-        if not result.returns_rows:  # an UPDATE without RETURNING: no rows, as on asyncpg
+        if not result.returns_rows:  # type: ignore[attr-defined]  # an UPDATE without RETURNING
             return []
         return cast("Sequence[Row]", result.mappings().all())
 
