@@ -199,6 +199,9 @@ class _Server:
             was_running = self.running()
             opened = self.start()
         except BaseException:
+            # Interrupted half-way (a Ctrl-C during initdb, say): leave nothing running.
+            with contextlib.suppress(Exception):
+                self.stop()
             self._unlock()
             raise
         return Opened.REUSED if was_running else opened
@@ -254,7 +257,10 @@ class _Server:
 
 
 def _port_free(port: int) -> bool:
+    """Whether nothing listens on `port`. SO_REUSEADDR, as the servers set it: a port whose last
+    connections linger in TIME_WAIT (the server stopped a moment ago) is free for them."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:
@@ -310,7 +316,10 @@ class EmbeddedPostgres(_Server):
         super().__init__(directory, durable=durable)
         self.conf = self.directory / "tasklane.conf"
         self.log = self.directory / "server.log"
-        self.user = server_user()
+
+    @property
+    def user(self) -> str | None:
+        return server_user()
 
     def url(self, database: str = "postgres", *, driver: str = "postgresql") -> str:
         return f"{driver}://{POSTGRES_SUPERUSER}@{HOST}:{self.port}/{database}"
