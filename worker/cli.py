@@ -19,7 +19,6 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from uuid import UUID
 
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
     from persistence.repositories.report_repository import TaskRow
     from worker.operator import ActionResult, Operator, PruneResult
 
-ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 DEFAULT_WAIT_SECONDS = 60.0
@@ -46,39 +44,52 @@ class CommandError(Exception):
     """A failure to report as one line on stderr, exit code 1."""
 
 
-def migrations_dir() -> Path:
-    return ROOT / "migrations"
-
-
-def alembic_config(database_url: str) -> Any:
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(migrations_dir()))
-    config.set_main_option("path_separator", "os")
-    config.attributes["url"] = database_url
-    config.attributes["skip_logging_setup"] = True
-    return config
-
-
 # -- migrate and worker ---------------------------------------------------------------------------
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    migrate(settings)
+    prepare_database(settings)
     print(f"database {redact_url(settings.database_url)} is at the latest schema revision")
     return 0
 
 
+def prepare_database(settings: Settings) -> None:
+    """Reach PostgreSQL (waiting while it starts), create the database when it is missing and
+    the role may, and bring its schema to the latest revision."""
+    asyncio.run(reach_database(settings, create=True))
+    migrate(settings)
+
+
 def migrate(settings: Settings) -> None:
-    from alembic import command
+    from persistence.migrate import migrate as upgrade
 
     try:
-        command.upgrade(alembic_config(settings.database_url), "head")
+        upgrade(settings.database_url)
     except Exception as exc:
         raise CommandError(
             f"migration failed on {redact_url(settings.database_url)}: {_reason(exc)}"
         ) from None
+
+
+async def reach_database(settings: Settings, *, create: bool) -> None:
+    """The first connection: wait up to TASKLANE_STARTUP_WAIT_SECONDS for PostgreSQL to accept
+    (one line per wait), then create the database if it is missing and `create` allows."""
+    from persistence.startup import DatabaseMissing, StartupError
+    from persistence.startup import reach_database as reach
+
+    try:
+        await reach(
+            settings.database_url,
+            wait_seconds=settings.startup_wait_seconds,
+            create=create,
+            say=lambda line: print(f"tasklane: {line}", file=sys.stderr, flush=True),
+        )
+    except DatabaseMissing as exc:
+        if create:
+            raise CommandError(str(exc)) from None
+        raise CommandError(f"{exc}: `tasklane migrate` creates it and its schema") from None
+    except StartupError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -106,6 +117,7 @@ async def preflight(settings: Settings) -> None:
     """Fail with one clear line before arq starts: Postgres, the schema, Redis."""
     from worker.operator import OperatorError, check_postgres, check_redis
 
+    await reach_database(settings, create=False)
     try:
         await check_postgres(settings)
         await check_redis(settings)
@@ -345,17 +357,26 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from worker import cli_render as render
     from worker.cli_demo import run_demo
-    from worker.operator import check_postgres
+    from worker.dev import servers
 
     if "LOG_LEVEL" not in os.environ:  # the demo's output is its tree, not the worker's log
         settings = replace(settings, log_level="WARNING")
     if DEMO_AGENTS not in settings.agent_modules:  # its worker must serve fanout and square
         settings = replace(settings, agent_modules=(*settings.agent_modules, DEMO_AGENTS))
-    _run(check_postgres(settings, schema=False))  # a clear line if it is away; then migrate
-    migrate(settings)
-    if not args.json:
-        print(f"migrated {redact_url(settings.database_url)}; starting a worker in this process")
-    tree = _run(run_demo(settings, n=args.n, timeout=args.timeout))
+
+    def say(line: str) -> None:
+        print(f"tasklane: {line}", file=sys.stderr, flush=True)
+
+    # Embedded servers when nothing else answers (or with --embedded): those a `tasklane dev`
+    # in this folder runs are shared, others are started here and stopped at the end.
+    with servers(settings, embedded_only=args.embedded, share=True, say=say) as running:
+        settings = running.settings
+        prepare_database(settings)
+        if not args.json:
+            print(
+                f"migrated {redact_url(settings.database_url)}; starting a worker in this process"
+            )
+        tree = _run(run_demo(settings, n=args.n, timeout=args.timeout))
     root = tree.nodes[0].row
     _emit(args, lambda: render.tree_json(tree), lambda: render.tree_text(tree))
     if root["status"] != TaskStatus.COMPLETED.value:
@@ -365,6 +386,15 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         print(f"\nfanout of {args.n} completed: {json.dumps(root['output'])}")
         print(f"see it again with: tasklane tree {root['id']}")
     return 0
+
+
+# -- dev ------------------------------------------------------------------------------------------
+
+
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.dev import run_dev
+
+    return run_dev(settings, embedded_only=args.embedded, fresh=args.fresh)
 
 
 # -- parsing --------------------------------------------------------------------------------------
@@ -383,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tasklane", description="Background tasks for agent systems.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    embedded_help = (
+        "use the embedded PostgreSQL and Redis under ./.tasklane even when other servers answer"
+    )
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
@@ -498,7 +531,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--n", type=_positive_int, default=10, help="subtasks (default 10)")
     demo.add_argument("--timeout", metavar="S", type=_positive_float, default=DEFAULT_WAIT_SECONDS)
+    demo.add_argument("--embedded", action="store_true", help=embedded_help)
     demo.set_defaults(handler=cmd_demo)
+
+    dev = sub.add_parser(
+        "dev",
+        help="run PostgreSQL and Redis (embedded if none answer), migrations and a worker "
+        "until Ctrl-C",
+    )
+    dev.add_argument("--embedded", action="store_true", help=embedded_help)
+    dev.add_argument(
+        "--fresh", action="store_true", help="wipe the embedded servers' data (./.tasklane) first"
+    )
+    dev.set_defaults(handler=cmd_dev)
     return parser
 
 
