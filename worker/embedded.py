@@ -49,6 +49,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -399,6 +400,8 @@ class EmbeddedPostgres(_Server):
         self._wipe()  # initdb wants an empty folder; an earlier initdb may have died half-way
         self.directory.mkdir(parents=True)
         if self.user is not None:
+            _check_reachable(self.directory.parent, self.user)
+            _check_reachable(binaries().postgres_bin, self.user)
             shutil.chown(self.directory, user=self.user, group=pwd.getpwnam(self.user).pw_gid)
         created = _run(
             [
@@ -416,7 +419,8 @@ class EmbeddedPostgres(_Server):
             user=self.user,
         )
         if created.returncode != 0:
-            reason = _first_lines(created.stdout)
+            errors = [line for line in created.stdout.splitlines() if "error" in line]
+            reason = _first_lines("\n".join(errors) or created.stdout)
             self._wipe()
             raise EmbeddedError(f"initdb failed for {self.directory}: {reason}")
         with (self.directory / "postgresql.conf").open("a") as conf:
@@ -441,6 +445,26 @@ class EmbeddedPostgres(_Server):
         self.conf.write_text("\n".join(lines) + "\n")
         if self.user is not None:
             shutil.chown(self.conf, user=self.user)
+
+
+def _check_reachable(folder: Path, user: str) -> None:
+    """Raise unless `user` may enter `folder` and every folder above it."""
+    entry = pwd.getpwnam(user)
+    groups = {entry.pw_gid, *os.getgrouplist(user, entry.pw_gid)}
+    for path in (folder, *folder.parents):
+        mode = path.stat()
+        if mode.st_uid == entry.pw_uid:
+            allowed = mode.st_mode & stat.S_IXUSR
+        elif mode.st_gid in groups:
+            allowed = mode.st_mode & stat.S_IXGRP
+        else:
+            allowed = mode.st_mode & stat.S_IXOTH
+        if not allowed:
+            raise EmbeddedError(
+                f"PostgreSQL will not run as root, so it runs as user {user}, who may not enter "
+                f"{path}: run this as another user, or from a folder {user} may enter "
+                f"(`chmod o+x {path}`)"
+            )
 
 
 # -- Redis ----------------------------------------------------------------------------------------

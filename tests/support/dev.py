@@ -1,0 +1,213 @@
+"""`tasklane dev` as a developer runs it: a real process, its printed URLs, the processes it
+started, and proof that none of them is left once it stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.databases import ROOT
+
+READY_TIMEOUT_SECONDS = 180.0  # a cold start on a busy machine, or `uv run` building a venv
+STOP_TIMEOUT_SECONDS = 60.0
+_EXPORT = re.compile(r"^  export DATABASE_URL=(\S+) REDIS_URL=(\S+)$", re.M)
+_WORKER = re.compile(r"^  worker      pid (\d+),", re.M)
+
+
+@contextlib.contextmanager
+def shared_folder() -> Iterator[Path]:
+    """A temporary folder that other users may enter. Run as root, the embedded PostgreSQL runs
+    as another user (worker.embedded.server_user), who must reach its data; pytest's `tmp_path`
+    is private to root."""
+    path = Path(tempfile.mkdtemp(prefix="tasklane-dev-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def fresh_env(**extra: str) -> dict[str, str]:
+    """This environment without tasklane's settings: what a new shell on a new machine has."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TASKLANE_", "LOG_", "DATABASE_URL", "REDIS_URL"))
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def tasklane_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "worker.cli", *args]
+
+
+@dataclass
+class Ready:
+    database_url: str
+    redis_url: str
+    worker_pid: int
+    text: str  # what it printed on stdout up to and including "Ctrl-C stops…"
+
+
+@dataclass
+class Dev:
+    """A started `tasklane dev` (or any command that prints what it does): stdout is read by a
+    thread, stderr goes to a file."""
+
+    process: subprocess.Popen[str]
+    stderr_path: Path
+    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    stdout: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(
+        cls, command: list[str], cwd: Path, env: dict[str, str], *, session: bool = False
+    ) -> Dev:
+        """`session`: in a process group of its own, as a shell runs a command, so that
+        `interrupt_group` is a terminal's Ctrl-C."""
+        stderr_path = cwd / f"stderr-{time.monotonic_ns()}.txt"
+        with stderr_path.open("w") as stderr:
+            process = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                start_new_session=session,
+            )
+        dev = cls(process, stderr_path)
+        threading.Thread(target=dev._read, daemon=True).start()
+        return dev
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def explain(self) -> str:
+        return f"stdout:\n{''.join(self.stdout)}\nstderr:\n{self.stderr}"
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_SECONDS) -> Ready:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"not ready within {timeout:g}s\n{self.explain()}") from None
+            if line is None:
+                self.process.wait(10)
+                raise AssertionError(f"exited {self.process.returncode}\n{self.explain()}")
+            self.stdout.append(line)
+            if line.startswith("Ctrl-C stops"):
+                break
+        text = "".join(self.stdout)
+        export = _EXPORT.search(text)
+        worker = _WORKER.search(text)
+        assert export, text
+        assert worker, text
+        return Ready(export[1], export[2], int(worker[1]), text)
+
+    def finish(self, timeout: float = STOP_TIMEOUT_SECONDS) -> int:
+        code = self.process.wait(timeout)
+        while (line := self.lines.get(timeout=10)) is not None:
+            self.stdout.append(line)
+        return code
+
+    def interrupt(self, sig: signal.Signals = signal.SIGINT) -> int:
+        """Send `sig` to the process alone; its exit code."""
+        self.process.send_signal(sig)
+        return self.finish()
+
+    def interrupt_group(self) -> int:
+        """Ctrl-C in a terminal: SIGINT to the whole process group (`session=True`)."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        return self.finish()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self.process.wait(10)
+
+
+# -- what it started, and whether any of it is left ------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, only not yet reaped
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def server_processes(directory: Path) -> dict[str, list[int]]:
+    """The embedded servers' processes under `directory` (./.tasklane) now: the postmaster and
+    its children, the Redis server."""
+    found: dict[str, list[int]] = {}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        postmaster = int((directory / "postgres" / "postmaster.pid").read_text().split()[0])
+        found["postgres"] = [postmaster, *children(postmaster)]
+    with contextlib.suppress(OSError, ValueError):
+        found["redis-server"] = [int((directory / "redis" / "server.pid").read_text().strip())]
+    return found
+
+
+def in_namespace(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/net")
+
+
+def processes_in_namespace(namespace: str) -> list[str]:
+    """Every process in network namespace `namespace`, with its command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "ns" / "net") == namespace and alive(int(entry.name)):
+                    cmdline = (entry / "cmdline").read_text().replace("\0", " ").strip()
+                    found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def port_closed(url: str) -> bool:
+    match = re.search(r"@?([\d.]+):(\d+)/", url)
+    assert match, url
+    try:
+        with socket.create_connection((match[1], int(match[2])), timeout=1):
+            return False
+    except OSError:
+        return True
