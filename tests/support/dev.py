@@ -71,6 +71,7 @@ class Dev:
 
     process: subprocess.Popen[str]
     stderr_path: Path
+    session: bool
     lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
     stdout: list[str] = field(default_factory=list)
 
@@ -92,14 +93,15 @@ class Dev:
                 text=True,
                 start_new_session=session,
             )
-        dev = cls(process, stderr_path)
+        dev = cls(process, stderr_path, session)
         threading.Thread(target=dev._read, daemon=True).start()
         return dev
 
     def _read(self) -> None:
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line)
+        with self.process.stdout:
+            for line in self.process.stdout:
+                self.lines.put(line)
         self.lines.put(None)
 
     @property
@@ -147,10 +149,10 @@ class Dev:
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
+            if self.session:
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.kill()
-        self.process.wait(10)
+        self.finish()
 
 
 # -- what it started, and whether any of it is left ------------------------------------------------
