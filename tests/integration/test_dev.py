@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,12 +20,11 @@ import pytest
 from tests.support import offline
 from tests.support.dev import (
     Dev,
+    Namespace,
     Ready,
     alive,
     fresh_env,
-    in_namespace,
     port_closed,
-    processes_in_namespace,
     server_processes,
     shared_folder,
     tasklane_command,
@@ -66,36 +63,10 @@ def started() -> Iterator[list[Dev]]:
             dev.kill()
 
 
-@dataclass
-class Namespace:
-    """A network namespace with nothing in it: a fresh machine, as far as ports go."""
-
-    holder: subprocess.Popen[bytes]
-    id: str
-
-    def run(self, command: list[str]) -> list[str]:
-        return offline.joined(self.holder.pid, command)
-
-    def leftovers(self) -> list[str]:
-        mine = f"{self.holder.pid}:"
-        return [p for p in processes_in_namespace(self.id) if not p.startswith(mine)]
-
-
 @pytest.fixture
 def namespace() -> Iterator[Namespace]:
-    holder = subprocess.Popen(offline.offline(["sleep", "infinity"]))
-    try:
-        # Once `sleep` runs, the namespace exists and its loopback is up.
-        wait_until(lambda: Path(f"/proc/{holder.pid}/cmdline").read_bytes().startswith(b"sleep"))
-        space = Namespace(holder, in_namespace(holder.pid))
-        assert space.id != in_namespace(os.getpid())
+    with Namespace.start() as space:
         yield space
-        for line in space.leftovers():  # a failing test's processes: gone, whatever they are
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(line.split(":")[0]), signal.SIGKILL)
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def submit(

@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support import offline
 from tests.support.databases import ROOT
+from tests.support.services import wait_until
 
 READY_TIMEOUT_SECONDS = 180.0  # a cold start on a busy machine, or `uv run` building a venv
 STOP_TIMEOUT_SECONDS = 60.0
@@ -213,3 +215,38 @@ def port_closed(url: str) -> bool:
             return False
     except OSError:
         return True
+
+
+@dataclass
+class Namespace:
+    """A network namespace with nothing listening in it: a fresh machine, as far as ports go
+    (tests/support/offline.py). A `sleep` holds it open while a test runs commands in it."""
+
+    holder: subprocess.Popen[bytes]
+    id: str
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(cls) -> Iterator[Namespace]:
+        holder = subprocess.Popen(offline.offline(["sleep", "infinity"]))
+        try:
+            # Once `sleep` runs, the namespace exists and its loopback is up.
+            wait_until(lambda: Path(f"/proc/{holder.pid}/cmdline").read_bytes().startswith(b"sl"))
+            space = cls(holder, in_namespace(holder.pid))
+            assert space.id != in_namespace(os.getpid())
+            yield space
+            for line in space.leftovers():  # a failed test's processes: gone, whatever they are
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        finally:
+            holder.kill()
+            holder.wait()
+
+    def run(self, command: list[str]) -> list[str]:
+        """`command`, to be run in this namespace."""
+        return offline.joined(self.holder.pid, command)
+
+    def leftovers(self) -> list[str]:
+        """The processes in this namespace, but for the one holding it."""
+        mine = f"{self.holder.pid}:"
+        return [p for p in processes_in_namespace(self.id) if not p.startswith(mine)]
