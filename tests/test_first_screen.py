@@ -22,7 +22,7 @@ import pytest
 
 from tests.support import offline
 from tests.support.databases import ROOT
-from tests.support.dev import Dev, Namespace, fresh_env, shared_folder, tasklane_command
+from tests.support.dev import Dev, Namespace, fresh_env, shared_folder, tasklane, urls_env
 
 README = Path(ROOT) / "README.md"
 SLICE = ["tests/unit/test_value_objects.py", "tests/integration/test_dispatch.py"]
@@ -79,14 +79,11 @@ def test_the_run_command_from_a_fresh_clone_on_a_machine_with_no_servers(clone: 
         try:
             ready = dev.wait_ready()
             assert "(embedded, created, data in .tasklane/postgres)" in ready.text
-            submit = subprocess.run(
-                space.run(
-                    tasklane_command("submit", "square", "--input", '{"x": 7}', "--wait", "--json")
-                ),
-                env=fresh_env(DATABASE_URL=ready.database_url, REDIS_URL=ready.redis_url),
-                capture_output=True,
-                text=True,
-                timeout=120,
+            submit = tasklane(
+                *("submit", "square", "--input", '{"x": 7}', "--wait", "--json"),
+                cwd=clone,
+                env=urls_env(ready),
+                inside=space,
             )
             assert submit.returncode == 0, submit.stderr
             assert json.loads(submit.stdout)["output"] == {"y": 49}

@@ -246,6 +246,15 @@ class _Server:
             self._lock.close()  # closing the file releases the lock
             self._lock = None
 
+    def _next_port(self) -> int:
+        """The port to start on: the one it had, so the URLs people copied stay right, unless
+        something else took it since; a free one the first time."""
+        try:
+            port = self.port
+        except EmbeddedError:
+            return _free_port()
+        return port if _port_free(port) else _free_port()
+
     def _wipe(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -427,16 +436,9 @@ class EmbeddedPostgres(_Server):
             conf.write("\ninclude_if_exists = 'tasklane.conf'\n")
 
     def _write_conf(self) -> None:
-        """The server's own settings: the port it had, unless something else took it since."""
-        try:
-            port = self.port
-        except EmbeddedError:
-            port = _free_port()
-        if not _port_free(port):
-            port = _free_port()
         lines = [
             "# Written by tasklane (worker/embedded.py) at every start.",
-            f"port = {port}",
+            f"port = {self._next_port()}",
             f"listen_addresses = '{HOST}'",
             "unix_socket_directories = ''",
         ]
@@ -553,15 +555,9 @@ class EmbeddedRedis(_Server):
             time.sleep(0.02)
 
     def _write_conf(self) -> None:
-        try:
-            port = self.port
-        except EmbeddedError:
-            port = _free_port()
-        if not _port_free(port):
-            port = _free_port()
         lines = [
             "# Written by tasklane (worker/embedded.py) at every start.",
-            f"port {port}",
+            f"port {self._next_port()}",
             f"bind {HOST}",
             f'dir "{self.directory}"',
             "daemonize yes",

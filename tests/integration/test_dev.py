@@ -12,7 +12,7 @@ import contextlib
 import json
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,9 @@ from tests.support.dev import (
     port_closed,
     server_processes,
     shared_folder,
+    tasklane,
     tasklane_command,
+    urls_env,
 )
 from tests.support.services import wait_until
 from worker.embedded import EmbeddedPostgres, EmbeddedRedis, binaries
@@ -69,17 +71,14 @@ def namespace() -> Iterator[Namespace]:
         yield space
 
 
-def submit(
-    ready: Ready, folder: Path, wrap: Callable[[list[str]], list[str]] | None = None
-) -> dict[str, object]:
+def submit(ready: Ready, folder: Path, inside: Namespace | None = None) -> dict[str, object]:
     """`tasklane submit … --wait` from another process, with the URLs `tasklane dev` printed."""
-    command = tasklane_command(
-        "submit", "echo", "--input", '{"hello": "dev"}', "--wait", "--json", "--timeout", "60"
+    run = tasklane(
+        *("submit", "echo", "--input", '{"hello": "dev"}', "--wait", "--json"),
+        cwd=folder,
+        env=urls_env(ready),
+        inside=inside,
     )
-    if wrap is not None:
-        command = wrap(command)
-    env = fresh_env(DATABASE_URL=ready.database_url, REDIS_URL=ready.redis_url)
-    run = subprocess.run(command, env=env, cwd=folder, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     task: dict[str, object] = json.loads(run.stdout)
     return task
@@ -111,7 +110,7 @@ def test_dev_on_a_machine_with_no_servers(
     servers = server_processes(folder / ".tasklane")
     assert set(servers) == {"postgres", "redis-server"}
 
-    task = submit(ready, folder, namespace.run)
+    task = submit(ready, folder, namespace)
     assert task["status"] == "completed"
     assert task["output"] == {"echo": {"hello": "dev"}}
 
@@ -144,7 +143,7 @@ def test_dev_uses_a_server_that_answers_on_its_default_address(
         assert "  Redis       redis://127.0.0.1:6379/0\n" in ready.text  # not embedded
         assert "(embedded, created, data in .tasklane/postgres)" in ready.text
         assert not (folder / ".tasklane" / "redis").exists()
-        assert submit(ready, folder, namespace.run)["status"] == "completed"
+        assert submit(ready, folder, namespace)["status"] == "completed"
         assert dev.interrupt(signal.SIGINT) == 0, dev.explain()
         assert redis.poll() is None  # not ours to stop
     finally:
@@ -161,14 +160,7 @@ def _answers_in(namespace: Namespace, port: int) -> bool:
 
 @needs_namespace
 def test_demo_on_a_machine_with_no_servers(folder: Path, namespace: Namespace) -> None:
-    run = subprocess.run(
-        namespace.run(tasklane_command("demo", "--n", "3")),
-        env=fresh_env(),
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = tasklane("demo", "--n", "3", cwd=folder, inside=namespace)
     assert run.returncode == 0, run.stderr
     assert 'fanout of 3 completed: {"sum": 5}' in run.stdout
     assert "tasklane: embedded PostgreSQL created in .tasklane/postgres" in run.stderr
@@ -187,28 +179,14 @@ def test_a_second_dev_in_the_same_folder_is_told_they_are_in_use(
     ready = first.wait_ready()
     servers = server_processes(folder / ".tasklane")
 
-    second = subprocess.run(
-        tasklane_command("dev", "--embedded"),
-        env=fresh_env(),
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    second = tasklane("dev", "--embedded", cwd=folder)
     assert second.returncode == 1
     [line] = second.stderr.splitlines()
     assert f"is in use by process {first.process.pid}" in line
     assert f"DATABASE_URL={ready.database_url} REDIS_URL={ready.redis_url}" in line
 
     # `tasklane demo` in the same folder shares them, and leaves them running.
-    demo = subprocess.run(
-        tasklane_command("demo", "--embedded", "--n", "2"),
-        env=fresh_env(),
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    demo = tasklane("demo", "--embedded", "--n", "2", cwd=folder)
     assert demo.returncode == 0, demo.stderr
     assert f"using the embedded PostgreSQL that process {first.process.pid} runs" in demo.stderr
     assert submit(ready, folder)["status"] == "completed"
@@ -223,14 +201,7 @@ def test_data_is_kept_between_runs_and_fresh_wipes_it(folder: Path, started: lis
         dev = Dev.start(tasklane_command("dev", "--embedded", *flags), folder, fresh_env())
         started.append(dev)
         ready = dev.wait_ready()
-        shown = subprocess.run(
-            tasklane_command("show", show, "--json"),
-            env=fresh_env(DATABASE_URL=ready.database_url, REDIS_URL=ready.redis_url),
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        shown = tasklane("show", show, "--json", cwd=folder, env=urls_env(ready))
         servers = server_processes(folder / ".tasklane")
         assert dev.interrupt(signal.SIGINT) == 0, dev.explain()
         assert_all_gone(servers, ready)
@@ -269,16 +240,9 @@ def test_dev_uses_the_configured_servers(
 
 
 def test_a_worker_that_cannot_start_stops_dev_and_its_servers(folder: Path) -> None:
-    run = subprocess.run(
-        tasklane_command("dev", "--embedded"),
-        env=fresh_env(TASKLANE_AGENTS="no_such_agents_module"),
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = tasklane("dev", "--embedded", cwd=folder, env=fresh_env(TASKLANE_AGENTS="no_such"))
     assert run.returncode == 1
-    assert "no_such_agents_module" in run.stderr
+    assert "no_such" in run.stderr
     assert "the worker exited with code 1 before it started" in run.stderr
     assert "Traceback" not in run.stderr
     assert not EmbeddedPostgres(folder / ".tasklane" / "postgres").running()

@@ -58,6 +58,31 @@ def tasklane_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "worker.cli", *args]
 
 
+def tasklane(
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    inside: Namespace | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    """Run `tasklane ARGS` to its end in `cwd` (in network namespace `inside`, if given), with
+    `env` (default: a new shell's, `fresh_env()`)."""
+    command = tasklane_command(*args)
+    return subprocess.run(
+        inside.run(command) if inside else command,
+        env=env or fresh_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def urls_env(ready: Ready) -> dict[str, str]:
+    """Another shell, with the URLs `tasklane dev` printed."""
+    return fresh_env(DATABASE_URL=ready.database_url, REDIS_URL=ready.redis_url)
+
+
 @dataclass
 class Ready:
     database_url: str
