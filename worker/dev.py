@@ -17,6 +17,7 @@ runs in its own session, so a Ctrl-C reaches it once, through this process, in t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shlex
@@ -156,9 +157,9 @@ def _open(
         say(f"wiping the embedded {server.kind} in {where} (--fresh)")
     try:
         opened = server.open(fresh=fresh, share=share)
+    except embedded.InUse:
+        raise  # the caller says whose, and what to do
     except (embedded.EmbeddedUnavailable, embedded.EmbeddedError) as exc:
-        if isinstance(exc, embedded.InUse):
-            raise
         raise CommandError(str(exc)) from None
     stack.callback(server.close)
     if opened is embedded.Opened.SHARED:
@@ -257,8 +258,6 @@ def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
 
 def _wait_until_serving(settings: Settings, worker: subprocess.Popen[bytes]) -> WorkerInfo:
     """The worker's row in `workers` once it serves (its start-up is done)."""
-    import asyncio
-
     from persistence.session import UnitOfWork, create_engine, create_session_factory
 
     hostname = socket.gethostname()
