@@ -186,6 +186,7 @@ class _Server:
         process owns. `fresh` wipes its data first (only an owner may)."""
         if self.owned or self._shared:
             raise EmbeddedError(f"{self.kind} in {self.directory} is already open")
+        binaries()  # without the packages, say so before touching anything
         if not self._try_lock():
             pid = self.owner_pid()
             whose = f"process {pid}" if pid else "another process"
