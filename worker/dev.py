@@ -193,25 +193,31 @@ def run_dev(settings: Settings, *, embedded_only: bool, fresh: bool) -> int:
             with servers(
                 settings, embedded_only=embedded_only, fresh=fresh, share=False, say=_say
             ) as running:
-                prepare_database(running.settings)
-                worker = _start_worker(running.settings)
+                worker = None
                 try:
+                    prepare_database(running.settings)
+                    worker = _start_worker(running.settings)
                     info = _wait_until_serving(running.settings, worker)
                     _print_ready(running, worker.pid, info, time.monotonic() - began)
                     code = worker.wait()  # until it ends, or a signal raises in here
                     _say(f"the worker exited with code {code}; stopping")
                     return 1
                 finally:
+                    _calm_signals()  # whatever ended it, the stop below runs to its end
                     # The worker first: it needs the servers to hand its tasks back. The
                     # servers stop when the `with` ends.
-                    _stop_worker(worker, settings.shutdown_grace_seconds)
+                    if worker is not None:
+                        _stop_worker(worker, settings.shutdown_grace_seconds)
         except KeyboardInterrupt:
             _say("stopped")
             return 0
 
 
 def _say(line: str) -> None:
-    print(f"tasklane dev: {line}", file=sys.stderr, flush=True)
+    # Never fails: a closed terminal (SIGHUP, then EIO) or a reader gone (EPIPE) must not cut
+    # the stop short and leave the worker or the servers running.
+    with contextlib.suppress(OSError):
+        print(f"tasklane dev: {line}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -219,10 +225,7 @@ def _signals_raise_stopped() -> Iterator[None]:
     """SIGTERM and SIGHUP stop `tasklane dev` as Ctrl-C does, through `finally` blocks."""
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        # Once stopping, further signals only say so: the stop is already under way, and it is
-        # bounded (the worker's grace, then a kill; the servers' fast shutdown).
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, _still_stopping)
+        _calm_signals()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise Stopped
@@ -233,6 +236,14 @@ def _signals_raise_stopped() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _calm_signals() -> None:
+    """Once stopping, further signals only say so: the stop is under way and bounded (the
+    worker's grace, then a kill; the servers' fast shutdown), and cutting it short would leave
+    processes behind."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _still_stopping)
 
 
 def _still_stopping(signum: int, frame: FrameType | None) -> None:

@@ -225,6 +225,17 @@ def test_data_is_kept_between_runs_and_fresh_wipes_it(folder: Path, started: lis
     assert f"no task with id {task_id}" in shown.stderr
 
 
+def test_a_closed_terminal_does_not_cut_the_stop_short(folder: Path, started: list[Dev]) -> None:
+    dev = Dev.start(tasklane_command("dev", "--embedded"), folder, fresh_env(), stderr_pipe=True)
+    started.append(dev)
+    ready = dev.wait_ready()
+    servers = server_processes(folder / ".tasklane")
+    assert dev.process.stderr is not None
+    dev.process.stderr.close()  # where it reports its progress is gone (EPIPE, or EIO on a tty)
+    dev.interrupt(signal.SIGHUP)
+    assert_all_gone(servers, ready)
+
+
 def test_dev_uses_the_configured_servers(
     folder: Path, started: list[Dev], database_url: str, redis_url: str, queue: str
 ) -> None:

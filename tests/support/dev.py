@@ -63,19 +63,43 @@ def tasklane(
     cwd: Path,
     env: dict[str, str] | None = None,
     inside: Namespace | None = None,
-    timeout: float = 300,
+    timeout: float = 240,
 ) -> subprocess.CompletedProcess[str]:
     """Run `tasklane ARGS` to its end in `cwd` (in network namespace `inside`, if given), with
     `env` (default: a new shell's, `fresh_env()`)."""
     command = tasklane_command(*args)
-    return subprocess.run(
-        inside.run(command) if inside else command,
-        env=env or fresh_env(),
+    return run(inside.run(command) if inside else command, cwd=cwd, env=env, timeout=timeout)
+
+
+def run(
+    command: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """Run `command` to its end. One that outlives `timeout` (a `tasklane dev` that should
+    have stopped) gets a Ctrl-C — its process group, so it stops what it started — then a
+    SIGKILL, and the test fails."""
+    process = subprocess.Popen(
+        command,
         cwd=cwd,
-        capture_output=True,
+        env=env or fresh_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            out, err = process.communicate(timeout=STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+        raise AssertionError(
+            f"{command} still ran after {timeout:g}s\nstdout:\n{out}\nstderr:\n{err}"
+        ) from None
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def urls_env(ready: Ready) -> dict[str, str]:
@@ -99,15 +123,23 @@ class Dev:
     process: subprocess.Popen[str]
     stderr_path: Path
     session: bool
+    worker_pid: int | None = None
     lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
     stdout: list[str] = field(default_factory=list)
 
     @classmethod
     def start(
-        cls, command: list[str], cwd: Path, env: dict[str, str], *, session: bool = False
+        cls,
+        command: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        *,
+        session: bool = False,
+        stderr_pipe: bool = False,
     ) -> Dev:
         """`session`: in a process group of its own, as a shell runs a command, so that
-        `interrupt_group` is a terminal's Ctrl-C."""
+        `interrupt_group` is a terminal's Ctrl-C. `stderr_pipe`: stderr is a pipe (the test
+        may close it, as a closed terminal would be) instead of a file."""
         stderr_path = cwd / f"stderr-{time.monotonic_ns()}.txt"
         with stderr_path.open("w") as stderr:
             process = subprocess.Popen(
@@ -116,7 +148,7 @@ class Dev:
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
-                stderr=stderr,
+                stderr=subprocess.PIPE if stderr_pipe else stderr,
                 text=True,
                 start_new_session=session,
             )
@@ -156,7 +188,8 @@ class Dev:
         worker = _WORKER.search(text)
         assert export, text
         assert worker, text
-        return Ready(export[1], export[2], int(worker[1]), text)
+        self.worker_pid = int(worker[1])
+        return Ready(export[1], export[2], self.worker_pid, text)
 
     def finish(self, timeout: float = STOP_TIMEOUT_SECONDS) -> int:
         code = self.process.wait(timeout)
@@ -175,10 +208,19 @@ class Dev:
         return self.finish()
 
     def kill(self) -> None:
+        """Stop it whatever state it is in: a Ctrl-C first (it stops its worker and servers),
+        then SIGKILL for it and its worker."""
         with contextlib.suppress(ProcessLookupError):
             if self.session:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                os.killpg(self.process.pid, signal.SIGINT)
+            else:
+                self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
             self.process.kill()
+        if self.worker_pid is not None and alive(self.worker_pid):
+            os.kill(self.worker_pid, signal.SIGKILL)
         self.finish()
 
 
