@@ -82,7 +82,7 @@ async def reach_database(settings: Settings, *, create: bool) -> None:
             settings.database_url,
             wait_seconds=settings.startup_wait_seconds,
             create=create,
-            say=lambda line: print(f"tasklane: {line}", file=sys.stderr, flush=True),
+            say=say,
         )
     except DatabaseMissing as exc:
         if create:
@@ -123,6 +123,11 @@ async def preflight(settings: Settings) -> None:
         await check_redis(settings)
     except OperatorError as exc:
         raise CommandError(str(exc)) from None
+
+
+def say(line: str) -> None:
+    """A line of progress on stderr (stdout holds the command's output)."""
+    print(f"tasklane: {line}", file=sys.stderr, flush=True)
 
 
 def _reason(exc: BaseException) -> str:
@@ -357,19 +362,20 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from worker import cli_render as render
     from worker.cli_demo import run_demo
-    from worker.dev import servers
+    from worker.dev import servers, stop_on_signals
 
     if "LOG_LEVEL" not in os.environ:  # the demo's output is its tree, not the worker's log
         settings = replace(settings, log_level="WARNING")
     if DEMO_AGENTS not in settings.agent_modules:  # its worker must serve fanout and square
         settings = replace(settings, agent_modules=(*settings.agent_modules, DEMO_AGENTS))
 
-    def say(line: str) -> None:
-        print(f"tasklane: {line}", file=sys.stderr, flush=True)
-
     # Embedded servers when nothing else answers (or with --embedded): those a `tasklane dev`
-    # in this folder runs are shared, others are started here and stopped at the end.
-    with servers(settings, embedded_only=args.embedded, share=True, say=say) as running:
+    # in this folder runs are shared, others are started here and stopped at the end, also on
+    # SIGTERM.
+    with (
+        stop_on_signals(),
+        servers(settings, embedded_only=args.embedded, share=True, say=say) as running,
+    ):
         settings = running.settings
         prepare_database(settings)
         if not args.json:

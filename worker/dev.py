@@ -188,7 +188,7 @@ def run_dev(settings: Settings, *, embedded_only: bool, fresh: bool) -> int:
     began = time.monotonic()
     agents = tuple(dict.fromkeys((*settings.agent_modules, DEMO_AGENTS)))
     settings = replace(settings, agent_modules=agents)
-    with _signals_raise_stopped():
+    with stop_on_signals():
         try:
             with servers(
                 settings, embedded_only=embedded_only, fresh=fresh, share=False, say=_say
@@ -221,8 +221,9 @@ def _say(line: str) -> None:
 
 
 @contextlib.contextmanager
-def _signals_raise_stopped() -> Iterator[None]:
-    """SIGTERM and SIGHUP stop `tasklane dev` as Ctrl-C does, through `finally` blocks."""
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop the command as Ctrl-C does, through `finally` blocks (which
+    stop what it started); the CLI exits 130 if the interruption reaches it."""
 
     def stop(signum: int, frame: FrameType | None) -> None:
         _calm_signals()
