@@ -56,13 +56,12 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
-from alembic import command
 from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
 
 from domain.entities import Doorbell
 from persistence import pg
-from worker.cli import alembic_config
+from persistence.migrate import migrate
 from worker.client import SUBMIT_BATCH, TaskClient, TaskSpec
 from worker.config import Settings
 from worker.dispatch import Dispatcher
@@ -1028,7 +1027,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"database {database}, Redis {REDIS_URL}, load {load()}")
     asyncio.run(admin(f'CREATE DATABASE "{database}"'))
     try:
-        command.upgrade(alembic_config(server_url(database, "postgresql+asyncpg")), "head")
+        migrate(server_url(database, "postgresql+asyncpg"))
         output = asyncio.run(run_bench(args, plan, database))
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))

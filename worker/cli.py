@@ -20,7 +20,6 @@ import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from uuid import UUID
 
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
     from persistence.repositories.report_repository import TaskRow
     from worker.operator import ActionResult, Operator, PruneResult
 
-ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 # Bounds of what a person may type: a value outside is one line of error, exit 2.
@@ -65,39 +63,52 @@ class CommandError(Exception):
     """A failure to report as one line on stderr, exit code 1."""
 
 
-def migrations_dir() -> Path:
-    return ROOT / "migrations"
-
-
-def alembic_config(database_url: str) -> Any:
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(migrations_dir()))
-    config.set_main_option("path_separator", "os")
-    config.attributes["url"] = database_url
-    config.attributes["skip_logging_setup"] = True
-    return config
-
-
 # -- migrate and worker ---------------------------------------------------------------------------
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    migrate(settings)
+    prepare_database(settings)
     _say(f"database {redact_url(settings.database_url)} is at the latest schema revision")
     return 0
 
 
+def prepare_database(settings: Settings) -> None:
+    """Reach PostgreSQL (waiting while it starts), create the database when it is missing and
+    the role may, and bring its schema to the latest revision."""
+    asyncio.run(reach_database(settings, create=True))
+    migrate(settings)
+
+
 def migrate(settings: Settings) -> None:
-    from alembic import command
+    from persistence.migrate import migrate as upgrade
 
     try:
-        command.upgrade(alembic_config(settings.database_url), "head")
+        upgrade(settings.database_url)
     except Exception as exc:
         raise CommandError(
             f"migration failed on {redact_url(settings.database_url)}: {_reason(exc)}"
         ) from None
+
+
+async def reach_database(settings: Settings, *, create: bool) -> None:
+    """The first connection: wait up to TASKLANE_STARTUP_WAIT_SECONDS for PostgreSQL to accept
+    (one line per wait), then create the database if it is missing and `create` allows."""
+    from persistence.startup import DatabaseMissing, StartupError
+    from persistence.startup import reach_database as reach
+
+    try:
+        await reach(
+            settings.database_url,
+            wait_seconds=settings.startup_wait_seconds,
+            create=create,
+            say=say,
+        )
+    except DatabaseMissing as exc:
+        if create:
+            raise CommandError(str(exc)) from None
+        raise CommandError(f"{exc}: `tasklane migrate` creates it and its schema") from None
+    except StartupError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -125,11 +136,17 @@ async def preflight(settings: Settings) -> None:
     """Fail with one clear line before arq starts: Postgres, the schema, Redis."""
     from worker.health import ServiceError, check_postgres, check_redis
 
+    await reach_database(settings, create=False)
     try:
         await check_postgres(settings)
         await check_redis(settings)
     except ServiceError as exc:
         raise CommandError(str(exc)) from None
+
+
+def say(line: str) -> None:
+    """A line of progress on stderr (stdout holds the command's output)."""
+    print(f"tasklane: {line}", file=sys.stderr, flush=True)
 
 
 def _reason(exc: BaseException) -> str:
@@ -383,17 +400,25 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from worker import cli_render as render
     from worker.cli_demo import run_demo
-    from worker.health import check_postgres
+    from worker.dev import servers, stop_on_signals
 
     # The demo's output is its tree, not the log of the worker it starts.
     settings = replace(settings, log_level=_command_log_level(settings))
     if DEMO_AGENTS not in settings.agent_modules:  # its worker must serve fanout and square
         settings = replace(settings, agent_modules=(*settings.agent_modules, DEMO_AGENTS))
-    _run(check_postgres(settings, schema=False))  # a clear line if it is away; then migrate
-    migrate(settings)
-    if not args.json:
-        _say(f"migrated {redact_url(settings.database_url)}; starting a worker in this process")
-    tree = _run(run_demo(settings, n=args.n, timeout=args.timeout))
+
+    # Embedded servers when nothing else answers (or with --embedded): those a `tasklane dev`
+    # in this folder runs are shared, others are started here and stopped at the end, also on
+    # SIGTERM.
+    with (
+        stop_on_signals(),
+        servers(settings, embedded_only=args.embedded, share=True, say=say) as running,
+    ):
+        settings = running.settings
+        prepare_database(settings)
+        if not args.json:
+            _say(f"migrated {redact_url(settings.database_url)}; starting a worker in this process")
+        tree = _run(run_demo(settings, n=args.n, timeout=args.timeout))
     root = tree.nodes[0].row
     _emit(
         args,
@@ -407,6 +432,15 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         _say(f"\nfanout of {args.n} completed: {json.dumps(root['output'])}")
         _say(f"see it again with: tasklane tree {root['id']}")
     return 0
+
+
+# -- dev ------------------------------------------------------------------------------------------
+
+
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.dev import run_dev
+
+    return run_dev(settings, embedded_only=args.embedded, fresh=args.fresh)
 
 
 # -- parsing --------------------------------------------------------------------------------------
@@ -426,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tasklane", description="Background tasks for agent systems.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    embedded_help = (
+        "use the embedded PostgreSQL and Redis under ./.tasklane, whatever DATABASE_URL and "
+        "REDIS_URL say or other servers answer"
+    )
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
@@ -579,7 +617,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"give up after S seconds (default {DEFAULT_WAIT_SECONDS:g}, "
         f"at most {MAX_WAIT_SECONDS:g})",
     )
+    demo.add_argument("--embedded", action="store_true", help=embedded_help)
     demo.set_defaults(handler=cmd_demo)
+
+    dev = sub.add_parser(
+        "dev",
+        help="run PostgreSQL and Redis (embedded if none answer), migrations and a worker "
+        "until Ctrl-C",
+    )
+    dev.add_argument("--embedded", action="store_true", help=embedded_help)
+    dev.add_argument(
+        "--fresh", action="store_true", help="wipe the embedded servers' data (./.tasklane) first"
+    )
+    dev.set_defaults(handler=cmd_dev)
     return parser
 
 

@@ -57,6 +57,7 @@ class Settings:
     reconcile_seconds: float = 1.0
     redispatch_seconds: float = 30.0
     shutdown_grace_seconds: float = 10.0
+    startup_wait_seconds: float = 30.0  # how long start-up waits for PostgreSQL to accept
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     max_children: int = DEFAULT_MAX_CHILDREN
@@ -106,6 +107,9 @@ class Settings:
             redispatch_seconds=reader.get("TASKLANE_REDISPATCH_SECONDS", _positive_float, 30.0),
             shutdown_grace_seconds=reader.get(
                 "TASKLANE_SHUTDOWN_GRACE_SECONDS", _non_negative_float, 10.0
+            ),
+            startup_wait_seconds=reader.get(
+                "TASKLANE_STARTUP_WAIT_SECONDS", _non_negative_float, 30.0
             ),
             max_input_bytes=reader.get(
                 "TASKLANE_MAX_INPUT_BYTES", _positive_int, DEFAULT_MAX_INPUT_BYTES

@@ -17,11 +17,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection
 
+from persistence.migrate import alembic_config
 from persistence.models import Base
 from persistence.schema import SCHEMA_REVISION
 from persistence.session import create_engine
 from tests.support.databases import (
-    alembic_config,
     create_database,
     drop_database,
     plain_url_for,

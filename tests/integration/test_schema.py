@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from domain.entities import Conversation, Task
 from domain.exceptions import InvalidInputError
 from domain.value_objects import TaskStatus
+from persistence.migrate import alembic_config
 from persistence.schema import SCHEMA_REVISION, SchemaError, check_schema
 from persistence.session import UnitOfWork
-from tests.support.databases import alembic_config, plain_url_for
+from tests.support.databases import plain_url_for
 
 
 @pytest.fixture

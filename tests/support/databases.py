@@ -10,9 +10,9 @@ import os
 import uuid
 
 import asyncpg
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.engine import make_url
+
+from persistence.migrate import migrate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVER_URL = os.environ.get(
@@ -53,19 +53,6 @@ async def create_database(
 
 async def drop_database(name: str, server_url: str = SERVER_URL) -> None:
     await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', server_url)
-
-
-def alembic_config(url: str) -> Config:
-    config = Config(os.path.join(ROOT, "alembic.ini"))
-    config.set_main_option("script_location", os.path.join(ROOT, "migrations"))
-    config.attributes["url"] = url
-    config.attributes["skip_logging_setup"] = True
-    return config
-
-
-def migrate(url: str, revision: str = "head") -> None:
-    """Run `alembic upgrade` (it starts its own event loop, so call it outside one)."""
-    command.upgrade(alembic_config(url), revision)
 
 
 async def _execute(database: str, sql: str, server_url: str = SERVER_URL) -> None:

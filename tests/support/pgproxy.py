@@ -70,10 +70,11 @@ class PgProxy:
     def server_url(self, user: str = "postgres") -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/postgres"
 
-    def start(self) -> PgProxy:
+    def start(self, port: int = 0) -> PgProxy:
+        """Listen on `port` (0: a free one)."""
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._accept, "127.0.0.1", 0), self._loop
+            asyncio.start_server(self._accept, "127.0.0.1", port), self._loop
         ).result(timeout=10)
         self.port = self._server.sockets[0].getsockname()[1]
         return self

@@ -29,6 +29,7 @@ FAST = {
     "retry_base_seconds": 0.05,
     "retry_max_seconds": 0.5,
     "shutdown_grace_seconds": 2.0,
+    "startup_wait_seconds": 0.0,  # an unreachable server fails at once (tests that wait say so)
     "log_level": "WARNING",  # tests that read the logs ask for INFO
 }
 
@@ -45,6 +46,7 @@ ENV_NAMES = {
     "reconcile_seconds": "TASKLANE_RECONCILE_SECONDS",
     "redispatch_seconds": "TASKLANE_REDISPATCH_SECONDS",
     "shutdown_grace_seconds": "TASKLANE_SHUTDOWN_GRACE_SECONDS",
+    "startup_wait_seconds": "TASKLANE_STARTUP_WAIT_SECONDS",
     "db_pool_size": "TASKLANE_DB_POOL_SIZE",
     "max_input_bytes": "TASKLANE_MAX_INPUT_BYTES",
 }
