@@ -35,6 +35,8 @@ from persistence.errors import find_postgres_error
 from persistence.lifecycle import Lifecycle, LifecycleConfig
 from persistence.schema import SchemaError, check_schema
 from persistence.session import PooledUnitOfWork
+from persistence.startup import StartupError as StartupFailed
+from persistence.startup import reach_database
 from worker.agents import AgentSpec, load_agents
 from worker.config import Settings, redact_url
 from worker.dispatch import JOB_FUNCTION, REDIS_NOW_MS_LUA, Dispatcher
@@ -322,6 +324,17 @@ async def _start(
     ctx: dict[str, Any], settings: Settings, agents: dict[str, AgentSpec], log: Any
 ) -> None:
     worker_id = new_worker_id()
+    # `arq worker.settings.WorkerSettings` starts here with no preflight: the first connection
+    # waits for PostgreSQL too (one line per wait), as `tasklane worker`'s does.
+    try:
+        await reach_database(
+            settings.database_url,
+            wait_seconds=settings.startup_wait_seconds,
+            create=False,
+            say=lambda line: log.info("worker.waiting_for_postgres", detail=line),
+        )
+    except StartupFailed as exc:
+        raise StartupError(str(exc)) from None
     try:
         pool = await pg.create_pool(
             settings.database_url,
