@@ -410,9 +410,17 @@ class Lifecycle:
     # -- this worker's row ----------------------------------------------------------------------
 
     async def touch_worker(
-        self, *, hostname: str, pid: int, queue: str, agents: Sequence[str], abandoned: int = 0
-    ) -> None:
-        await self.run(
+        self,
+        *,
+        hostname: str,
+        pid: int,
+        queue: str,
+        agents: Sequence[str],
+        abandoned: int = 0,
+        sweep_seconds: float,
+    ) -> bool:
+        """This worker's row refreshed; True when it sweeps its queue until the next tick."""
+        return await self.run(
             "touch-worker",
             lambda uow: uow.workers.touch(
                 worker_id=self.config.worker_id,
@@ -421,6 +429,7 @@ class Lifecycle:
                 queue=queue,
                 agents=agents,
                 abandoned=abandoned,
+                sweep_seconds=sweep_seconds,
             ),
         )
 

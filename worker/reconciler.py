@@ -37,6 +37,9 @@ STRANDED_BATCH = 100
 FORGET_OLD_WORKERS_EVERY = 3600.0  # seconds
 # A step that keeps failing is logged again after this long (and when it recovers).
 REPEAT_FAILURE_LOG_SECONDS = 60.0
+# A queue's sweeper role lapses this many ticks after its holder's last one (a worker killed):
+# another worker of the queue then takes it.
+SWEEPER_TICKS = 3
 
 
 class _StepHealth:
@@ -100,10 +103,11 @@ class Reconciler:
         self.pid = os.getpid()
         self._last_forget = 0.0
         self.clock: Callable[[], float] = time.monotonic  # steps' failure logging goes by it
-        self._steps: list[tuple[_StepHealth, Callable[[], Awaitable[Any]]]] = [
+        self.sweeping = False  # this worker sweeps its queue (see `touch`)
+        self._touch = _StepHealth("worker-row", log, lambda: self.clock())
+        self._sweeps: list[tuple[_StepHealth, Callable[[], Awaitable[Any]]]] = [
             (_StepHealth(name, log, lambda: self.clock()), step)
             for name, step in (
-                ("worker-row", self.touch),
                 ("rescue", self.rescue),
                 ("resume-stranded", self.resume_stranded),
                 ("dispatch", self.dispatch),
@@ -118,22 +122,33 @@ class Reconciler:
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     async def tick(self) -> None:
-        """One pass of every step; a failing step is logged and the others still run."""
-        for health, step in self._steps:
-            try:
-                await step()
-            except Exception as exc:
-                health.failed(exc)
-            else:
-                health.succeeded()
+        """This worker's row, then — if it is its queue's sweeper — every sweep. A failing step
+        is logged and the others still run (a worker that cannot reach Postgres to say it is
+        alive keeps sweeping until its role would have lapsed)."""
+        await self._run(self._touch, self.touch)
+        if self.sweeping:
+            for health, step in self._sweeps:
+                await self._run(health, step)
+
+    @staticmethod
+    async def _run(health: _StepHealth, step: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            await step()
+        except Exception as exc:
+            health.failed(exc)
+        else:
+            health.succeeded()
 
     async def touch(self) -> None:
-        await self.lifecycle.touch_worker(
+        """Refresh this worker's row; take or keep its queue's sweeper role if free. Only one
+        worker per queue sweeps, so the reconciler's cost does not grow with the workers."""
+        self.sweeping = await self.lifecycle.touch_worker(
             hostname=self.hostname,
             pid=self.pid,
             queue=self.settings.queue,
             agents=self.agents,
             abandoned=self.abandoned(),
+            sweep_seconds=SWEEPER_TICKS * self.settings.reconcile_seconds,
         )
         if time.monotonic() - self._last_forget > FORGET_OLD_WORKERS_EVERY:
             await self.lifecycle.forget_old_workers()

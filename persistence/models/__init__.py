@@ -4,6 +4,7 @@ from persistence.models.agent_model import AgentModel
 from persistence.models.base import Base
 from persistence.models.conversation_model import ConversationModel
 from persistence.models.schema_model import SchemaModel
+from persistence.models.sweeper_model import SweeperModel
 from persistence.models.task_attempt_model import TaskAttemptModel
 from persistence.models.task_model import TaskModel
 from persistence.models.worker_model import WorkerModel
@@ -13,6 +14,7 @@ __all__ = [
     "Base",
     "ConversationModel",
     "SchemaModel",
+    "SweeperModel",
     "TaskAttemptModel",
     "TaskModel",
     "WorkerModel",

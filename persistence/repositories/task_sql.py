@@ -426,7 +426,8 @@ def _rescue(source: str, where: str) -> Sql:
 ), done AS (
     SELECT id, parent_task_id FROM rescued WHERE status = '{FAILED}'
 ){_COUNT_DOWN}
-SELECT r.id, r.runs, r.status, r.queue, COALESCE(parents.resumed, false) AS parent_resumed,
+SELECT r.id, r.runs, r.status, r.queue, r.parent_task_id,
+       COALESCE(parents.resumed, false) AS parent_resumed,
        parents.runs AS parent_runs, parents.queue AS parent_queue,
        parents.run_after AS parent_run_after
 FROM rescued AS r LEFT JOIN parents ON parents.id = r.parent_task_id

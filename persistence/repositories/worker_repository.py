@@ -13,14 +13,30 @@ from persistence.sql import Executor, Row, Sql
 # A worker is live when it refreshed its row within this many seconds (by the database clock).
 LIVE_WITHIN_SECONDS = 30.0
 
+# A worker's tick: its row refreshed, and its queue's sweeper role taken (or kept) when nobody
+# else holds it, in one statement. The role lapses :sweep_seconds after its last renewal.
 TOUCH = Sql("""
-INSERT INTO workers (id, hostname, pid, queue, agents, started_at, last_seen_at,
-                     abandoned_handlers)
-VALUES (:id, :hostname, :pid, :queue, CAST(:agents AS text[]), now(), now(), :abandoned)
-ON CONFLICT (id) DO UPDATE SET last_seen_at = now(), abandoned_handlers = :abandoned
+WITH worker AS (
+    INSERT INTO workers (id, hostname, pid, queue, agents, started_at, last_seen_at,
+                         abandoned_handlers)
+    VALUES (:id, :hostname, :pid, :queue, CAST(:agents AS text[]), now(), now(), :abandoned)
+    ON CONFLICT (id) DO UPDATE SET last_seen_at = now(), abandoned_handlers = :abandoned
+), sweeper AS (
+    INSERT INTO sweepers (queue, worker_id, expires_at)
+    VALUES (:queue, :id, now() + make_interval(secs => :sweep_seconds))
+    ON CONFLICT (queue) DO UPDATE
+        SET worker_id = excluded.worker_id, expires_at = excluded.expires_at
+        WHERE sweepers.worker_id = excluded.worker_id OR sweepers.expires_at < now()
+    RETURNING worker_id
+)
+SELECT EXISTS (SELECT 1 FROM sweeper) AS sweeps
 """)
 
-FORGET = Sql("DELETE FROM workers WHERE id = :id")
+# A worker that stops: its row goes, and its sweeper role, so another takes it at once.
+FORGET = Sql("""
+WITH sweeper AS (DELETE FROM sweepers WHERE worker_id = :id)
+DELETE FROM workers WHERE id = :id
+""")
 
 # Rows of workers not seen for a day are history nobody reads.
 FORGET_OLD = Sql("DELETE FROM workers WHERE last_seen_at < now() - make_interval(days => 1)")
@@ -70,9 +86,11 @@ class WorkerRepository(BaseRepository[WorkerModel, WorkerInfo]):
         queue: str,
         agents: Iterable[str],
         abandoned: int = 0,
-    ) -> None:
-        """Register this worker, or say it is still alive (and how many handlers it abandoned)."""
-        await self._fetch(
+        sweep_seconds: float = 3.0,
+    ) -> bool:
+        """Register this worker, or say it is still alive (and how many handlers it abandoned);
+        True when it is its queue's sweeper for the next `sweep_seconds`."""
+        [row] = await self._fetch(
             TOUCH,
             id=worker_id,
             hostname=hostname,
@@ -80,7 +98,9 @@ class WorkerRepository(BaseRepository[WorkerModel, WorkerInfo]):
             queue=queue,
             agents=sorted(agents),
             abandoned=abandoned,
+            sweep_seconds=float(sweep_seconds),
         )
+        return bool(row["sweeps"])
 
     async def forget(self, worker_id: str) -> None:
         await self._fetch(FORGET, id=worker_id)

@@ -99,6 +99,7 @@ async def test_upgrade_compare_downgrade_upgrade(empty_database: str) -> None:
         "agents",
         "alembic_version",
         "conversations",
+        "sweepers",
         "task_attempts",
         "tasklane_schema",
         "tasks",

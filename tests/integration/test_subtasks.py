@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -193,6 +194,8 @@ async def test_fifty_children_finishing_on_two_workers_resume_the_parent_once(
     database_url: str,
     processes: list[WorkerProcess],
 ) -> None:
+    # Few slots each, so that neither worker can take every child alone.
+    settings = replace(settings, concurrency=4)
     workers = [start_process(processes, settings), start_process(processes, settings)]
     parents = [
         await client.submit("fanout", {"n": 50}, conversation_id=conversation.id) for _ in range(4)
