@@ -19,10 +19,11 @@ import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from uuid import UUID
 
+from domain.entities import MAX_ATTEMPTS_LIMIT
 from domain.value_objects import FINISHED_STATUSES, TaskStatus
 from worker.config import (
     MAX_CONCURRENCY,
@@ -35,8 +36,6 @@ from worker.config import (
 from worker.redaction import redact, redact_text
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from persistence.repositories.report_repository import TaskRow
     from worker.operator import ActionResult, Operator, PruneResult
 
@@ -268,7 +267,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _parse_input(raw: str | None) -> Any:
+def _parse_input(raw: str | None, what: str = "--input") -> Any:
     if raw is None:
         return {}
 
@@ -278,9 +277,9 @@ def _parse_input(raw: str | None) -> Any:
     try:
         return json.loads(raw, parse_constant=reject)
     except ValueError as exc:
-        raise CommandError(f"--input is not valid JSON: {exc}") from None
+        raise CommandError(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
-        raise CommandError("--input is not valid JSON: it is nested too deeply") from None
+        raise CommandError(f"{what} is not valid JSON: it is nested too deeply") from None
 
 
 # -- read commands --------------------------------------------------------------------------------
@@ -368,6 +367,44 @@ def _act(args: argparse.Namespace, settings: Settings, verb: str) -> int:
     # alone (an operator must be able to stop work while Redis is away).
     result, now = _operate(settings, action, redis=verb == "retry")
     if args.json:  # the remark goes to stderr: stdout holds the document only
+        _say(result.message, err=True)
+        _print_document(render.task_json(result.row))
+    else:
+        _say(render.action_text(result, now))
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace, settings: Settings) -> int:
+    """An operator's edit of a task that has not started (TaskClient.update)."""
+    from worker import cli_render as render
+
+    task_id = _id(args.id)
+    if args.run_after is None and args.max_attempts is None and args.metadata is None:
+        raise CommandError("nothing to edit: give --run-after, --max-attempts and/or --metadata")
+    metadata = _parse_input(args.metadata, "--metadata") if args.metadata is not None else None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise CommandError("--metadata must be a JSON object")
+
+    async def action(op: Operator) -> tuple[ActionResult, datetime]:
+        now = await op.now()
+        from worker.client import UNSET
+
+        run_after: Any = UNSET
+        if args.run_after is not None:  # "now", an offset from the database's now, or a time
+            run_after = None if args.run_after == "now" else args.run_after
+            if isinstance(run_after, timedelta):
+                run_after = now + run_after
+        result = await op.edit(
+            task_id,
+            run_after=run_after,
+            max_attempts=args.max_attempts if args.max_attempts is not None else UNSET,
+            metadata=metadata if metadata is not None else UNSET,
+            expected_version=args.if_version,
+        )
+        return result, now
+
+    result, now = _operate(settings, action, redis=True)
+    if args.json:
         _say(result.message, err=True)
         _print_document(render.task_json(result.row))
     else:
@@ -548,6 +585,31 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("id", metavar="ID")
     retry.set_defaults(handler=cmd_retry)
 
+    edit = sub.add_parser(
+        "edit",
+        parents=[json_flag],
+        help="change when a pending task runs, its attempts or metadata (it must not have started)",
+    )
+    edit.add_argument("id", metavar="ID")
+    edit.add_argument(
+        "--run-after",
+        metavar="WHEN",
+        type=_when,
+        help="now, an offset such as +30m or +2h (by the database clock), or an ISO-8601 time "
+        "with its zone",
+    )
+    edit.add_argument(
+        "--max-attempts", metavar="N", type=_whole_number(1, MAX_ATTEMPTS_LIMIT), default=None
+    )
+    edit.add_argument("--metadata", metavar="JSON", help="the task's new metadata (an object)")
+    edit.add_argument(
+        "--if-version",
+        metavar="V",
+        type=_whole_number(1, 2**31 - 1),
+        help="refuse the edit unless the task is still at this version (as `show` printed it)",
+    )
+    edit.set_defaults(handler=cmd_edit)
+
     stats = sub.add_parser(
         "stats", parents=[json_flag], help="counts by agent and status, latency, live workers"
     )
@@ -720,6 +782,25 @@ def _duration(raw: str) -> timedelta:
             f"must be at most {MAX_PRUNE_AGE.days}d, got {_shown(raw)}"
         )
     return timedelta(seconds=seconds)
+
+
+def _when(raw: str) -> str | timedelta | datetime:
+    """`now`, `+DURATION` (an offset from now) or an ISO-8601 time with its time zone."""
+    text = raw.strip()
+    if text.lower() == "now":
+        return "now"
+    if text.startswith("+"):
+        return _duration(text[1:])
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected now, +30m or an ISO-8601 time such as 2026-12-24T08:00:00+00:00, "
+            f"got {_shown(raw)}"
+        ) from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give the time zone too (e.g. +00:00): {_shown(raw)}")
+    return value
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

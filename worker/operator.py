@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 from domain.entities import TaskAttempt, WorkerInfo
@@ -253,6 +254,29 @@ class Operator:
                 f"task {task_id} is {row['status']}: only a failed task can be retried",
             )
         return ActionResult(row, True, f"task {task_id} is pending again with fresh attempts")
+
+    async def edit(
+        self,
+        task_id: UUID,
+        *,
+        run_after: Any,
+        max_attempts: Any,
+        metadata: Any,
+        expected_version: int | None,
+    ) -> ActionResult:
+        """An operator's edit of a pending task (TaskClient.update); arguments left UNSET stay."""
+        try:
+            task = await self.client.update(
+                task_id,
+                run_after=run_after,
+                max_attempts=max_attempts,
+                metadata=metadata,
+                expected_version=expected_version,
+            )
+        except EntityNotFoundError:
+            raise OperatorError(f"no task with id {task_id}") from None
+        row = await self._row(task_id)
+        return ActionResult(row, True, f"task {task_id} edited (version {task.version})")
 
     async def prune(
         self,

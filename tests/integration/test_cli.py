@@ -12,7 +12,7 @@ import json
 import sys
 import uuid
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -694,3 +694,40 @@ async def test_usage_errors_exit_2(args: tuple[str, ...]) -> None:
     [line] = run.stderr.splitlines()
     assert line.startswith("tasklane")
     assert line.endswith("--help)")
+
+
+# -- edit -----------------------------------------------------------------------------------------
+
+
+async def test_edit_changes_a_pending_task_and_refuses_a_stale_version(
+    settings: Settings, client: TaskClient, conversation: Conversation
+) -> None:
+    later = datetime.now(UTC) + timedelta(hours=2)
+    task = await client.submit("echo", {}, conversation_id=conversation.id, run_after=later)
+    edited = await ok_json(
+        settings,
+        "edit",
+        str(task.id),
+        "--max-attempts",
+        "7",
+        "--metadata",
+        '{"why": "ops"}',
+        "--run-after",
+        "+3h",
+    )
+    assert (edited["max_attempts"], edited["metadata"]) == (7, {"why": "ops"})
+    assert edited["version"] == task.version + 1
+    run_after = datetime.fromisoformat(edited["run_after"])
+    assert later < run_after < later + timedelta(hours=2)  # three hours from the database's now
+
+    stale = await tasklane(
+        settings, "edit", str(task.id), "--max-attempts", "2", "--if-version", "1"
+    )
+    assert stale.code == 1
+    assert "was changed concurrently (expected version 1)" in stale.stderr
+    nothing = await tasklane(settings, "edit", str(task.id))
+    assert (nothing.code, "nothing to edit" in nothing.stderr) == (1, True)
+    bad = await tasklane(settings, "edit", str(task.id), "--run-after", "tomorrow")
+    assert bad.code == 2
+    assert "expected now, +30m or an ISO-8601 time" in bad.stderr
+    assert (await client.get(task.id)).max_attempts == 7
