@@ -4,18 +4,64 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterator
 
+import hypothesis
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from domain.entities import Conversation
 from persistence.session import UnitOfWork, create_engine, create_session_factory
-from tests.support import databases, services, workers
+from tests.support import databases, servers, services, workers
 from worker.client import TaskClient
 from worker.config import Settings
 from worker.runtime import WorkerRuntime
+
+# -- hypothesis ------------------------------------------------------------------------------------
+
+# How hard the property tests try. The fuzz tests and the state machine drive real servers, so
+# their examples cost milliseconds each: light keeps the suite in minutes, heavy is for a
+# deliberate long run. No deadline: the machine may be busy, and speed is never asserted.
+HYPOTHESIS_ENV = "TASKLANE_TEST_HYPOTHESIS"
+hypothesis.settings.register_profile(
+    "light", max_examples=50, stateful_step_count=50, deadline=None, print_blob=True
+)
+hypothesis.settings.register_profile(
+    "heavy", max_examples=500, stateful_step_count=100, deadline=None, print_blob=True
+)
+
+
+FALLBACK = pytest.StashKey[servers.Fallback]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    profile = os.environ.get(HYPOTHESIS_ENV, "light")
+    if profile not in ("light", "heavy"):
+        raise pytest.UsageError(f"{HYPOTHESIS_ENV}={profile!r}: use light or heavy")
+    hypothesis.settings.load_profile(profile)
+    # The process that runs the session (not an xdist worker, which inherits its environment)
+    # finds the servers, or starts embedded ones, before any test process starts.
+    if not hasattr(config, "workerinput"):
+        config.stash[FALLBACK] = servers.Fallback().start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if FALLBACK in config.stash:
+        config.stash[FALLBACK].stop()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return config.stash[FALLBACK].report if FALLBACK in config.stash else []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: run in parallel, a long test started last would finish alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +110,7 @@ def uow(session_factory: async_sessionmaker[AsyncSession]) -> UnitOfWork:
 
 @pytest.fixture
 def redis_url() -> str:
-    return services.SHARED_REDIS_URL
+    return servers.redis_url()
 
 
 @pytest.fixture

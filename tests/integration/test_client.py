@@ -24,7 +24,7 @@ from domain.exceptions import (
 from domain.value_objects import TaskStatus
 from persistence import pg
 from persistence.session import UnitOfWork
-from tests.support import databases, db
+from tests.support import databases, db, servers
 from tests.support.pgproxy import PgProxy
 from worker.client import TaskClient, TaskSpec
 from worker.config import Settings
@@ -360,7 +360,7 @@ async def test_plain_submit_after_its_pooled_connection_was_terminated(
 
 @pytest.fixture
 def proxy() -> Iterator[PgProxy]:
-    server = PgProxy(databases.SERVER_URL).start()
+    server = PgProxy(servers.postgres_url()).start()
     yield server
     server.stop()
 

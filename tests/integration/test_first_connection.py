@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from persistence.schema import SCHEMA_REVISION
-from tests.support import databases, db
+from tests.support import databases, db, servers
 from tests.support.pgproxy import PgProxy
 from tests.support.services import free_port
 from tests.support.workers import make_settings, settings_env
@@ -121,7 +121,7 @@ def test_migrate_waits_for_a_server_that_opens_late(missing_database: str) -> No
     process = cli(url, "migrate", wait=120)
     assert process.stderr is not None
     waits = [process.stderr.readline() for _ in range(2)]  # it is waiting, and says so each time
-    proxy = PgProxy(databases.SERVER_URL).start(port=port)  # the server "comes up"
+    proxy = PgProxy(servers.postgres_url()).start(port=port)  # the server "comes up"
     try:
         code, out, err = finish(process)
     finally:

@@ -38,6 +38,7 @@ from persistence.session import UnitOfWork, create_session_factory
 from tests.reliability.fuzz_agents import BAD_CHILDREN
 from tests.support import db
 from tests.support.invariants import check_invariants
+from tests.support.workers import stop_worker
 from worker.agents import load_agents
 from worker.app import TasklaneWorker, worker_options
 from worker.client import TaskClient
@@ -50,10 +51,9 @@ pytestmark = pytest.mark.reliability
 SHARED = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 
 
-def fuzz(examples: int, **kwargs: Any) -> Any:
-    return hypothesis_settings(
-        max_examples=examples, deadline=None, suppress_health_check=SHARED, **kwargs
-    )
+def fuzz() -> Any:
+    """The loaded profile's settings (tests/conftest.py), with fixtures shared by examples."""
+    return hypothesis_settings(suppress_health_check=SHARED)
 
 
 # -- a worker whose liveness the test can see -----------------------------------------------------
@@ -77,10 +77,7 @@ async def serving(settings: Settings) -> AsyncIterator[Live]:
     try:
         yield worker, run
     finally:
-        await worker.close()
-        run.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await run
+        await stop_worker(worker, run)
 
 
 @pytest.fixture
@@ -273,7 +270,7 @@ async def count_tasks(database_url: str) -> int:
 # -- task input through the client ----------------------------------------------------------------
 
 
-@fuzz(60)
+@fuzz()
 @given(payload=JSON_ISH)
 async def test_any_input_through_the_client_is_refused_clearly_or_echoed_exactly(
     payload: Payload,
@@ -402,7 +399,7 @@ class Row(dict[str, Any]):
         return repr(short)
 
 
-@fuzz(40)
+@fuzz()
 @given(row=sql_rows().map(Row))
 async def test_rows_inserted_with_sql_run_or_fail_with_a_reason(
     row: Row,
@@ -531,7 +528,7 @@ JUNK = st.lists(
 ).map(Junk)
 
 
-@fuzz(50)
+@fuzz()
 @given(junk=JUNK)
 async def test_junk_in_the_queue_never_stops_the_worker(
     junk: Junk,
@@ -632,7 +629,7 @@ async def finished(client: TaskClient, conversation: Conversation, live_worker: 
     return await served(client, task.id, live_worker)
 
 
-@fuzz(60)
+@fuzz()
 @given(raw=ODD_IDS, variant=st.integers(0, 5))
 async def test_random_task_ids_get_a_clear_answer(
     raw: Any,
@@ -689,7 +686,7 @@ AGENT_IDS = st.one_of(
 ).filter(lambda a: a not in REGISTERED)
 
 
-@fuzz(60)
+@fuzz()
 @given(agent_id=AGENT_IDS)
 async def test_random_agent_ids_are_refused_or_fail_naming_the_agent(
     agent_id: Any,
@@ -724,7 +721,7 @@ IDEMPOTENCY_KEYS = st.one_of(
 )
 
 
-@fuzz(40)
+@fuzz()
 @given(key=IDEMPOTENCY_KEYS)
 async def test_random_idempotency_keys_are_refused_or_deduplicate(
     key: Any, client: TaskClient, conversation: Conversation, database_url: str
@@ -792,7 +789,7 @@ class Filters(dict[Any, Any]):
         return "Filters(" + repr(dict(self))[:600] + ")"
 
 
-@fuzz(150)
+@fuzz()
 @given(
     filters=st.dictionaries(FILTER_NAMES, FILTER_VALUES, max_size=3).map(Filters),
     page=st.one_of(st.integers(1, 3), st.integers(), st.sampled_from([2**62, 2**64])),

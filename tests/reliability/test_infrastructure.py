@@ -29,11 +29,12 @@ from redis.asyncio import Redis
 
 from domain.entities import Conversation, Doorbell
 from persistence import pg
-from tests.support import databases, db, pgcluster
+from tests.support import databases, db, servers
 from tests.support.invariants import check_invariants, idle_in_transaction
 from tests.support.pgcluster import PrivatePostgres
 from tests.support.pgproxy import PgProxy
 from tests.support.services import PrivateRedis
+from tests.support.tools import missing
 from tests.support.workers import WorkerProcess, make_settings, start_process
 from worker.client import TaskClient, TaskSpec
 from worker.config import Settings
@@ -55,7 +56,7 @@ COMPLETE_SQL = ["%SET status = 'completed'%"]
 
 @pytest.fixture
 def proxy() -> Iterator[PgProxy]:
-    server = PgProxy(databases.SERVER_URL).start()
+    server = PgProxy(servers.postgres_url()).start()
     yield server
     server.stop()
 
@@ -526,8 +527,6 @@ async def test_a_connection_the_server_just_dropped_is_not_the_end_of_a_finish(
 
 @pytest.fixture
 def private_postgres() -> Iterator[PrivatePostgres]:
-    if not pgcluster.available():
-        pytest.skip("initdb/pg_ctl are not installed")
     server = PrivatePostgres().start()
     yield server
     server.stop()
@@ -686,7 +685,8 @@ LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
 
 
 def skewed(offset: str) -> dict[str, str]:
-    assert LIBFAKETIME is not None
+    if LIBFAKETIME is None:
+        missing("faketime (libfaketime)", "apt-get install faketime")
     return {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": offset}
 
 
@@ -698,7 +698,6 @@ def started_at(process: WorkerProcess) -> datetime:
     raise AssertionError("no worker.started line")
 
 
-@pytest.mark.skipif(LIBFAKETIME is None, reason="faketime (libfaketime) is not installed")
 async def test_workers_with_skewed_clocks_follow_the_database_clock(
     settings: Settings,
     database_url: str,

@@ -1,9 +1,10 @@
-"""Guarantees under process faults (DESIGN.md §8): real worker and producer processes killed,
-terminated, raced and frozen, on real Postgres and Redis.
+"""Real worker and producer processes killed, terminated, raced, frozen and misconfigured, on
+real Postgres and Redis: the guarantees of the README's table that only a process can show.
 
-Scenarios 1, 2, 5, 6 and 7 of the reliability issue. Every test ends with the invariant check
-(`check_invariants`: the audit trail of every transition replayed against the transition table)
-and with no connection left idle in a transaction.
+Every fault scenario ends with the invariant check (`check_invariants`: the audit trail of every
+transition replayed against the transition table) and with no connection left idle in a
+transaction. The last sections cover what a process shows at its edges: handlers that ignore
+cancellation, its logs, and how it refuses to start.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import asyncio
 import json
 import random
 import signal
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from dataclasses import replace
@@ -26,11 +29,14 @@ from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import Redis
 
 from domain.entities import Conversation, Doorbell, Task
+from domain.value_objects import TaskStatus
 from persistence.session import UnitOfWork
 from tests.support import db
+from tests.support.databases import ROOT, create_database, drop_database, unique_name, url_for
 from tests.support.invariants import check_invariants, idle_in_transaction
 from tests.support.producer import STALL_ENV, ProducerProcess
-from tests.support.workers import WorkerProcess, settings_env
+from tests.support.services import PrivateRedis
+from tests.support.workers import WorkerProcess, make_settings, settings_env
 from worker.client import TaskClient, TaskSpec
 from worker.config import Settings
 from worker.dispatch import JOB_FUNCTION, Dispatcher
@@ -382,6 +388,42 @@ async def test_sigterm_finishes_short_handlers_and_releases_long_ones(
     await assert_invariants(database_url, worker, other)
 
 
+async def test_a_handler_that_ignores_cancellation_cannot_hold_up_shutdown(
+    client: TaskClient,
+    conversation: Conversation,
+    settings: Settings,
+    database_url: str,
+    processes: list[WorkerProcess],
+) -> None:
+    [worker] = spawn(processes, settings)  # grace 2 s; a cancelled handler gets 5 s to unwind
+    task = await client.submit("t_stubborn", {"seconds": 120}, conversation_id=conversation.id)
+    await started_marks(database_url, task.id, 1)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0  # not the handler's 120 s
+    assert await db.marks(database_url, task.id, "ignored-cancel")
+    row = await db.task_row(database_url, task.id)
+    assert (row["status"], row["attempts"]) == ("pending", 0)
+    assert [a["outcome"] for a in await db.attempts(database_url, task.id)] == ["released"]
+
+
+async def test_cancelling_a_handler_that_ignores_it_frees_its_slot(
+    client: TaskClient,
+    conversation: Conversation,
+    settings: Settings,
+    database_url: str,
+    processes: list[WorkerProcess],
+) -> None:
+    spawn(processes, replace(settings, concurrency=1))
+    stubborn = await client.submit("t_stubborn", {"seconds": 120}, conversation_id=conversation.id)
+    await started_marks(database_url, stubborn.id, 1)
+    await client.cancel(stubborn.id)
+    # With its only slot taken by a handler that never ends, the worker could run nothing else
+    # if it waited for it; it stops waiting once the heartbeat finds the task cancelled.
+    after = await client.submit("echo", "next", conversation_id=conversation.id)
+    assert (await client.wait(after.id, timeout=20)).status is TaskStatus.COMPLETED
+    assert (await client.get(stubborn.id)).status is TaskStatus.CANCELLED
+
+
 # -- 5. Duplicate delivery -----------------------------------------------------------------------
 
 
@@ -560,6 +602,30 @@ async def test_producer_killed_between_commit_and_ring_is_dispatched_by_the_reco
     await assert_invariants(database_url, worker)
 
 
+async def test_flushdb_while_tasks_are_pending(
+    conversation: Conversation,
+    database_url: str,
+    private_redis: PrivateRedis,
+    processes: list[WorkerProcess],
+) -> None:
+    """Redis loses every doorbell before any worker runs: the reconciler rings them again."""
+    settings = make_settings(database_url, private_redis.url, "tasklane")
+    async with TaskClient.from_settings(settings) as client:
+        tasks = [
+            await client.submit("square", {"x": i}, conversation_id=conversation.id)
+            for i in range(30)
+        ]
+        redis = Redis.from_url(private_redis.url)
+        try:
+            assert await redis.zcard("tasklane") == 30
+            await redis.flushdb()
+        finally:
+            await redis.aclose()
+    spawn(processes, settings)
+    rows = await db.wait_final(database_url, [t.id for t in tasks], timeout=30)
+    assert sorted(r["output"]["y"] for r in rows) == sorted(i * i for i in range(30))
+
+
 # -- 7. A handler that blocks the event loop past its lease --------------------------------------
 
 
@@ -618,3 +684,111 @@ async def test_a_run_that_blocks_its_loop_past_the_lease_is_taken_over_and_disca
     assert stuck.process.poll() is None  # and the stuck worker carries on
     assert_clean(stuck, other)
     await assert_invariants(database_url, stuck, other)
+
+
+# -- Logs and startup ----------------------------------------------------------------------------
+
+
+async def test_logs_carry_task_context_and_no_password(
+    client: TaskClient,
+    conversation: Conversation,
+    database: str,
+    redis_url: str,
+    queue: str,
+    processes: list[WorkerProcess],
+) -> None:
+    # trust authentication ignores the password, so the worker connects all the same
+    secret = "s3cr3t-Pa55word"
+    url = url_for(database).replace("postgres@", f"postgres:{secret}@")
+    [worker] = spawn(processes, make_settings(url, redis_url, queue))
+    task = await client.submit("fail", {"fail_times": 1}, conversation_id=conversation.id)
+    await client.wait(task.id, timeout=15)
+    worker.stop()
+    output = worker.output()
+    assert secret not in output
+    assert "postgres:***@" in output
+    [started] = events(worker, "worker.started")
+    lines = [line for line in output.splitlines() if str(task.id) in line]
+    assert any('"task.retrying"' in line for line in lines)
+    assert any('"task.completed"' in line for line in lines)
+    for line in lines:
+        for key in ('"agent_id": "fail"', '"attempt": ', f'"worker_id": "{started["worker_id"]}"'):
+            assert key in line, f"{key} missing from {line}"
+
+
+def run_cli(
+    settings: Settings, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=env or settings_env(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_startup_fails_with_one_clear_line(
+    settings: Settings, redis_url: str, queue: str
+) -> None:
+    unreachable = make_settings(
+        "postgresql://postgres:hunter2@127.0.0.1:1/nowhere", redis_url, queue
+    )
+    result = run_cli(unreachable, "worker")
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "cannot connect to PostgreSQL at postgresql://postgres:***@127.0.0.1:1/nowhere" in line
+    assert "hunter2" not in result.stderr + result.stdout
+
+    bad_redis = make_settings(settings.database_url, "redis://127.0.0.1:1/0", queue)
+    result = run_cli(bad_redis, "worker")
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "cannot connect to Redis at redis://127.0.0.1:1/0" in line
+
+    empty = unique_name()
+    await create_database(empty)
+    try:
+        result = run_cli(make_settings(url_for(empty), redis_url, queue), "worker")
+    finally:
+        await drop_database(empty)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "not migrated" in line
+    assert "tasklane migrate" in line
+
+    bad_env = settings_env(settings, {"TASKLANE_CONCURRENCY": "lots"})
+    result = run_cli(settings, "worker", env=bad_env)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "TASKLANE_CONCURRENCY" in line
+
+
+async def test_startup_failure_of_any_kind_is_one_line(
+    settings: Settings, database_url: str
+) -> None:
+    # The schema check passes but a table is gone: registering the agents fails.
+    await db.query(database_url, "DROP TABLE agents")
+    result = run_cli(settings, "worker")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "agents" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+async def test_arq_cli_runs_the_worker_settings(
+    client: TaskClient, conversation: Conversation, settings: Settings
+) -> None:
+    task = await client.submit("square", {"x": 12}, conversation_id=conversation.id)
+    result = subprocess.run(
+        [sys.executable, "-m", "arq", "worker.settings.WorkerSettings", "--burst"],
+        env=settings_env(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (await client.get(task.id)).output == {"y": 144}

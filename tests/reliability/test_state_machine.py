@@ -49,7 +49,7 @@ from persistence.lifecycle import Lifecycle, LifecycleConfig
 from persistence.session import UnitOfWork, create_engine, create_session_factory
 from tests.support.invariants import check_invariants
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 T = TypeVar("T")
 
@@ -828,12 +828,8 @@ def test_the_lifecycle_matches_its_model(database_url: str) -> None:
             machine = type("LifecycleMachineOnDb", (LifecycleMachine,), {"env": env})
             run_state_machine_as_test(
                 machine,
-                settings=settings(
-                    max_examples=80,
-                    stateful_step_count=80,
-                    deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow],
-                ),
+                # Examples and steps per example: the loaded profile's (tests/conftest.py).
+                settings=settings(suppress_health_check=[HealthCheck.too_slow]),
             )
         finally:
             runner.run(env.close())

@@ -13,22 +13,23 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from persistence.migrate import migrate
+from tests.support.servers import postgres_url
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SERVER_URL = os.environ.get(
-    "TASKLANE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 
 
-def url_for(database: str, server_url: str = SERVER_URL) -> str:
-    """An asyncpg-flavoured SQLAlchemy URL for `database` on the test server."""
-    url = make_url(server_url).set(drivername="postgresql+asyncpg", database=database)
-    return url.render_as_string(hide_password=False)
+def url_for(database: str, server_url: str | None = None) -> str:
+    """An asyncpg-flavoured SQLAlchemy URL for `database` on the test server (or another)."""
+    return _url(database, "postgresql+asyncpg", server_url)
 
 
-def plain_url_for(database: str, server_url: str = SERVER_URL) -> str:
+def plain_url_for(database: str, server_url: str | None = None) -> str:
     """A libpq-style URL (for asyncpg.connect and psql)."""
-    url = make_url(server_url).set(drivername="postgresql", database=database)
+    return _url(database, "postgresql", server_url)
+
+
+def _url(database: str, driver: str, server_url: str | None) -> str:
+    url = make_url(server_url or postgres_url()).set(drivername=driver, database=database)
     return url.render_as_string(hide_password=False)
 
 
@@ -36,7 +37,7 @@ def unique_name(prefix: str = "tasklane_test") -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
 
-async def _admin(sql: str, server_url: str = SERVER_URL) -> None:
+async def _admin(sql: str, server_url: str | None = None) -> None:
     conn = await asyncpg.connect(plain_url_for("postgres", server_url))
     try:
         await conn.execute(sql)
@@ -45,17 +46,17 @@ async def _admin(sql: str, server_url: str = SERVER_URL) -> None:
 
 
 async def create_database(
-    name: str, *, template: str | None = None, server_url: str = SERVER_URL
+    name: str, *, template: str | None = None, server_url: str | None = None
 ) -> None:
     clause = f' TEMPLATE "{template}" STRATEGY FILE_COPY' if template else ""
     await _admin(f'CREATE DATABASE "{name}"{clause}', server_url)
 
 
-async def drop_database(name: str, server_url: str = SERVER_URL) -> None:
+async def drop_database(name: str, server_url: str | None = None) -> None:
     await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', server_url)
 
 
-async def _execute(database: str, sql: str, server_url: str = SERVER_URL) -> None:
+async def _execute(database: str, sql: str, server_url: str | None = None) -> None:
     conn = await asyncpg.connect(plain_url_for(database, server_url))
     try:
         await conn.execute(sql)
@@ -63,7 +64,7 @@ async def _execute(database: str, sql: str, server_url: str = SERVER_URL) -> Non
         await conn.close()
 
 
-def create_migrated_template(server_url: str = SERVER_URL) -> str:
+def create_migrated_template(server_url: str | None = None) -> str:
     """The migrated schema, plus what only tests use: the `test_marks` table the test agents
     write to, and the audit trigger that records every task transition (support/invariants.py)."""
     from tests.agents import MARKS_DDL

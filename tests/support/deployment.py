@@ -15,10 +15,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.support.databases import ROOT
+from tests.support.tools import missing
 from worker.config import Settings
 
 ROOT_PATH = Path(ROOT)
@@ -31,20 +31,17 @@ _SHELL_PREFIXES = ("TASKLANE_", "LOG_", "POSTGRES_", "REDIS_", "COMPOSE_", "DATA
 
 @cache
 def compose_client() -> tuple[str, ...]:
-    """`docker compose` (the v2 plugin) or the standalone `docker-compose` 1.x."""
+    """`docker compose` (the v2 plugin) or the standalone `docker-compose` 1.x; missing, the
+    test skips — or fails, under CI (tests.support.tools)."""
     docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("no docker client installed")
-    plugin = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=60)
-    if plugin.returncode == 0:
-        return (docker, "compose")
+    if docker is not None:
+        plugin = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=60)
+        if plugin.returncode == 0:
+            return (docker, "compose")
     legacy = shutil.which("docker-compose")
-    if legacy is not None:
-        return (legacy,)
-    pytest.fail(
-        "docker is installed but no Compose client: install the compose plugin "
-        "or docker-compose (apt-get install docker-compose)"
-    )
+    if legacy is None:
+        missing("a Compose client", "the docker compose plugin, or apt-get install docker-compose")
+    return (legacy,)
 
 
 def compose_config(

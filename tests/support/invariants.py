@@ -9,6 +9,7 @@ whatever process made it.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from uuid import UUID
@@ -168,11 +169,23 @@ def _check_attempts(task: object, runs: list[object]) -> list[str]:
     return problems
 
 
-async def idle_in_transaction(url: str) -> list[object]:
-    """Connections to this database left inside a transaction (a leaked session or lock)."""
-    return await db.query(
-        url,
-        "SELECT pid, application_name, state, query FROM pg_stat_activity"
-        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        " AND state LIKE 'idle in transaction%'",
-    )
+IDLE_IN_TRANSACTION = (
+    "SELECT pid, application_name, state, query, state_change FROM pg_stat_activity"
+    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    " AND state LIKE 'idle in transaction%'"
+)
+
+
+async def idle_in_transaction(url: str, settle: float = 2.0) -> list[object]:
+    """Connections to this database left inside a transaction (a leaked session or lock).
+
+    A live worker between two statements of a transaction is idle in it for a moment, and on a
+    busy machine the moment can be caught: a connection counts only if it is still idle in the
+    same state `settle` seconds later. One that was left there never moves on."""
+    seen = await db.query(url, IDLE_IN_TRANSACTION)
+    if not seen:
+        return []
+    await asyncio.sleep(settle)
+    before = {(r["pid"], r["state_change"]) for r in seen}
+    after = await db.query(url, IDLE_IN_TRANSACTION)
+    return [r for r in after if (r["pid"], r["state_change"]) in before]

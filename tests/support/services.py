@@ -1,9 +1,8 @@
-"""Redis for tests: the shared server (own database number, unique queue names) or a private
+"""Redis for tests: the shared server (tests/support/servers.py; unique queue names) or a private
 `redis-server` on a free port, for scenarios that flush, kill or restart it."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-SHARED_REDIS_URL = os.environ.get("TASKLANE_TEST_REDIS", "redis://127.0.0.1:6379/14")
+from tests.support.tools import redis_server
 
 
 def unique_queue() -> str:
@@ -38,42 +37,51 @@ def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.05)
 
 
 class PrivateRedis:
-    """A throwaway redis-server that keeps nothing on disk: kill it, restart it empty."""
+    """A throwaway redis-server that keeps nothing on disk: kill it, restart it empty.
 
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
+    Its port is free when chosen but not reserved, so with tests running in parallel another
+    server may take it first: the first start then tries another port. Once it has served, it
+    keeps its port (clients hold its URL), and a restart that finds the port taken fails."""
+
+    START_ATTEMPTS = 5
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or redis_server()
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="tasklane-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
+        self._served = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> PrivateRedis:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        for _ in range(self.START_ATTEMPTS):
+            if self._launch():
+                self._served = True
+                return self
+            if self._served:
+                raise AssertionError(f"redis-server could not listen on port {self.port} again")
+            self.port = free_port()
+        raise AssertionError(f"redis-server found no free port in {self.START_ATTEMPTS} tries")
+
+    def _launch(self) -> bool:
+        """Start redis-server on `self.port`; False if another process holds the port."""
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        command += ["--appendonly", "no", "--dir", str(self.dir)]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = process
         client = redis.Redis.from_url(self.url)
         try:
-            wait_until(lambda: _pings(client), timeout=10)
+            # Answering is not enough: the server on this port must be this process.
+            wait_until(lambda: process.poll() is not None or _pid(client) == process.pid)
         finally:
             client.close()
-        return self
+        if process.poll() is None:
+            return True
+        self.process = None
+        return False
 
     def kill(self) -> None:
         if self.process is not None:
@@ -91,8 +99,9 @@ class PrivateRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _pings(client: redis.Redis) -> bool:
+def _pid(client: redis.Redis) -> int | None:
+    """The process id of the server the client reaches, None while nothing answers."""
     try:
-        return bool(client.ping())
+        return int(client.info("server")["process_id"])
     except redis.RedisError:
-        return False
+        return None

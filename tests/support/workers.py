@@ -94,10 +94,24 @@ async def running_worker(settings: Settings, **worker_kwargs: Any) -> AsyncItera
     try:
         yield worker.ctx["tasklane"]
     finally:
-        await worker.close()
-        run.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await run
+        await stop_worker(worker, run)
+
+
+async def stop_worker(worker: TasklaneWorker, run: asyncio.Task[None]) -> None:
+    """Stop an in-process worker and close its connections, even with jobs still running.
+
+    arq's `close()` cancels the running jobs and then gathers them: a cancelled job re-raises
+    CancelledError out of it, which skips the worker's shutdown (its engines stay open) and, in
+    a fixture, every teardown after this one — the next test would inherit this test's
+    database. So the jobs are cancelled and awaited here first."""
+    worker.handle_sig(signal.SIGUSR1)  # stop polling; cancel the running jobs
+    jobs = list(worker.tasks.values())
+    await asyncio.gather(*jobs, return_exceptions=True)
+    worker.tasks.clear()  # all done: nothing left for close() to gather
+    await worker.close()
+    run.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await run
 
 
 class WorkerProcess:
