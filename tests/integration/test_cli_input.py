@@ -84,7 +84,10 @@ HUGE_NUMBER = "9" * 5000  # over Python's int/str limit of 4300 digits
         (("demo", "--n", "1001"), "between 1 and 1000"),
         (("demo", "--n", "99999999999"), "between 1 and 1000"),
         (("demo", "--timeout", "nan"), "at most 86400 seconds"),
-        (("tree", str(uuid.uuid4()), "--max-children", "0"), "between 1 and 10000"),
+        (
+            ("tree", "4e75dfde-0f2f-4962-9580-841d0d971050", "--max-children", "0"),
+            "between 1 and 10000",
+        ),
         ((), "required: command"),
         (("frobnicate",), "invalid choice"),
         (("show",), "required: ID"),
