@@ -21,6 +21,7 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import pytest
 from arq.constants import job_key_prefix
 from hypothesis import HealthCheck, given
@@ -30,7 +31,7 @@ from redis.asyncio import Redis
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from domain.entities import Conversation, Task
+from domain.entities import MAX_ATTEMPTS_LIMIT, Conversation, Task, check_agent_id
 from domain.exceptions import EntityNotFoundError, InvalidFilterError, InvalidInputError
 from domain.value_objects import TaskStatus
 from persistence.repositories import TaskRepository
@@ -399,16 +400,9 @@ class Row(dict[str, Any]):
         return repr(short)
 
 
-@fuzz()
-@given(row=sql_rows().map(Row))
-async def test_rows_inserted_with_sql_run_or_fail_with_a_reason(
-    row: Row,
-    settings: Settings,
-    conversation: Conversation,
-    live_worker: Live,
-    database_url: str,
+async def insert_row(
+    database_url: str, task_id: uuid.UUID, row: Row, settings: Settings, conversation: Conversation
 ) -> None:
-    task_id = uuid.uuid4()
     await db.query(
         database_url,
         "INSERT INTO tasks (id, conversation_id, queue, agent_id, input, metadata, max_attempts,"
@@ -426,6 +420,37 @@ async def test_rows_inserted_with_sql_run_or_fail_with_a_reason(
         row["idempotency_key"],
         row["own_parent"],
     )
+
+
+@fuzz()
+@given(row=sql_rows().map(Row))
+async def test_rows_inserted_with_sql_run_or_fail_with_a_reason(
+    row: Row,
+    settings: Settings,
+    conversation: Conversation,
+    live_worker: Live,
+    database_url: str,
+) -> None:
+    task_id = uuid.uuid4()
+    # The CHECK constraints state the domain's rules for a task that may still run: a row that
+    # breaks one is refused by name, and nothing is written.
+    refused_by = set()
+    if row["own_parent"]:
+        refused_by.add("ck_tasks_not_its_own_parent")
+    if row["max_attempts"] is not None and row["max_attempts"] > MAX_ATTEMPTS_LIMIT:
+        refused_by.add("ck_tasks_max_attempts_range")
+    try:
+        check_agent_id(row["agent_id"])
+    except InvalidInputError:
+        refused_by.add("ck_tasks_agent_id_format")
+    if refused_by:
+        with pytest.raises(asyncpg.CheckViolationError) as refused:
+            await insert_row(database_url, task_id, row, settings, conversation)
+        assert refused.value.constraint_name in refused_by, refused.value.constraint_name
+        count = "SELECT count(*) FROM tasks WHERE id = $1"
+        assert await db.value(database_url, count, task_id) == 0
+        return
+    await insert_row(database_url, task_id, row, settings, conversation)
     [done] = await db.wait_final(database_url, [task_id], timeout=20)
     error = done["error"] or ""
     if row["agent_id"] == "echo":
@@ -452,7 +477,8 @@ SQL_EDGE_CASES = [
     ("echo", "[" * 2000 + "]" * 2000, "{}", "failed", "input cannot be loaded in Python: nested"),
     ("echo", "{}", HUGE_INT_TEXT, "failed", "metadata cannot be loaded in Python"),
     ("echo", "1e400", "{}", "completed", None),  # jsonb writes the number out: an int for Python
-    ("echo", '"' + "x" * 2_000_000 + '"', "null", "completed", None),
+    ("echo", '"' + "x" * 500_000 + '"', "null", "completed", None),
+    ("echo", '"' + "x" * 2_000_000 + '"', "null", "failed", "TASKLANE_MAX_OUTPUT_BYTES"),
     ("no-such-agent", HUGE_INT_TEXT, "{}", "failed", "unknown agent 'no-such-agent'"),
 ]
 
@@ -864,6 +890,6 @@ async def test_a_handler_spawning_a_bad_subtask_fails_with_the_reason(
         assert done.status is TaskStatus.FAILED, case
         # Refused when spawned, so the run fails like any handler error; not found when the
         # result is written, the write failing and the run abandoned until its lease ran out.
-        assert "InvalidInputError" in (done.error or ""), case
+        assert "SpawnRefused" in (done.error or ""), case
         assert await client.subtasks(parent.id) == [], case
     await check_invariants(database_url, task_ids=[p.id for p in parents.values()])
