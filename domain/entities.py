@@ -33,6 +33,9 @@ AGENT_ID_PATTERN = f"^[A-Za-z0-9_][{AGENT_ID_CHARACTERS}]{{0,{MAX_AGENT_ID_LENGT
 _AGENT_ID = re.compile(AGENT_ID_PATTERN.replace("$", r"\Z"))
 # The most attempts a task may be given (also a CHECK constraint).
 MAX_ATTEMPTS_LIMIT = 10_000
+# Priorities run from -MAX_PRIORITY to MAX_PRIORITY (also a CHECK constraint); a task of
+# priority p competes as if it had become due p minutes earlier (`Task.due_rank`).
+MAX_PRIORITY = 1000
 
 
 def check_agent_id(agent_id: object) -> str:
@@ -50,6 +53,23 @@ def check_agent_id(agent_id: object) -> str:
             f"`_ . : / @ -`, starting with a letter, digit or `_`"
         )
     return agent_id
+
+
+def check_priority(priority: object) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidInputError(f"priority must be a whole number, got {priority!r:.40}")
+    if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidInputError(
+            f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}, got {priority}"
+        )
+    return priority
+
+
+def due_rank(run_after: datetime, priority: int) -> datetime:
+    """When a task competes as due: `priority` minutes before it became due. Higher priority
+    starts first among due tasks, and a task that has waited longer than the difference in
+    priority minutes starts first whatever its priority (aging: nothing starves)."""
+    return run_after - timedelta(minutes=priority)
 
 
 def check_max_attempts(max_attempts: object) -> None:
@@ -89,10 +109,12 @@ class Task:
     runs: int = 0  # handler runs ever started; the current run's number is its fencing token
     step: int = 0  # how many times the task resumed after waiting for subtasks
     version: int = 1  # bumped by every write; optimistic concurrency for `update`
+    priority: int = 0  # higher starts first among due tasks (see `due_rank`)
 
     def __post_init__(self) -> None:
         check_agent_id(self.agent_id)
         check_max_attempts(self.max_attempts)
+        check_priority(self.priority)
         if self.parent_task_id is not None and self.parent_task_id == self.id:
             raise InvalidInputError(f"task {self.id} cannot be its own parent")
 
@@ -314,11 +336,14 @@ class Doorbell:
     task_id: UUID
     runs: int  # runs the task has had so far; this doorbell is for run `runs + 1`
     queue: str | None = None  # the task's queue; None: the ringer's own
-    due_at: datetime | None = None  # when the task became due, by the database clock
+    # When the task competes as due (`due_rank`), by the database clock: the doorbell's place in
+    # its queue.
+    due_at: datetime | None = None
 
     @classmethod
     def for_task(cls, task: Task) -> Doorbell:
-        return cls(task.id, task.runs, task.queue, task.run_after)
+        due = task.run_after and due_rank(task.run_after, task.priority)
+        return cls(task.id, task.runs, task.queue, due)
 
     @property
     def job_id(self) -> str:

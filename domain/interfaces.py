@@ -46,6 +46,25 @@ class Miss:
 
     reason: str
     due_in_seconds: float | None = None  # set when the task is pending but not due yet
+    # Pending and due, its agent limited (flow control): only a flow claim of (queue, agent)
+    # may start it.
+    flow: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowClaim:
+    """What a flow claim (a limited agent's next start) came to."""
+
+    task: Task | None
+    held: str | None = None  # why nothing started: at its limit, paused, rate limited, none due
+    retry_at: datetime | None = None  # rate limited: when the next start is allowed
+    more: bool = False  # other tasks were due and allowed: worth another flow claim now
+    key: str = ""  # the started task's key
+    # The rate steps the start took (seconds per unit; None where that rate is not limited):
+    # what `ctx.consume` corrects against the estimate.
+    unit_seconds: float | None = None
+    key_unit_seconds: float | None = None
+    estimate: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,11 +28,12 @@ from uuid import UUID, uuid4
 import asyncpg
 
 from domain.entities import Doorbell, Task
-from domain.interfaces import Finish, Miss, Rescued
+from domain.interfaces import Finish, FlowClaim, Miss, Rescued
 from domain.policies import Backoff
 from persistence import batching
 from persistence.batching import Batcher
 from persistence.errors import CONNECTION_ERRORS, RETRYABLE_SQLSTATES
+from persistence.repositories.flow_repository import Declared
 from persistence.session import PooledUnitOfWork
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,64 @@ class Lifecycle:
 
         if limit <= 0 or not agents:
             return []
-        return await self.run("claim-due", step, transaction=True)
+        claimed = await self.run("claim-due", step, transaction=True)
+        if cfg.queue is None:
+            return claimed
+        # Limited agents' tasks start only through flow claims, their limits held.
+        for agent_id in agents:
+            while len(claimed) < limit:
+                flow = await self.claim_limited(cfg.queue, agent_id)
+                if flow.task is None:
+                    break
+                claimed.append(flow.task)
+                if not flow.more:
+                    break
+        return claimed
+
+    async def claim_limited(self, queue: str, agent_id: str) -> FlowClaim:
+        """A limited agent's next start, if its limits allow one (flow control)."""
+        cfg = self.config
+        return await self.run(
+            "claim-limited",
+            lambda uow: uow.tasks.claim_limited(
+                queue=queue,
+                agent_id=agent_id,
+                worker_id=cfg.worker_id,
+                lease_seconds=cfg.lease_seconds,
+                default_max_attempts=cfg.default_max_attempts,
+            ),
+        )
+
+    async def consumed(self, claim: FlowClaim, queue: str, agent_id: str, used: float) -> None:
+        """A run used `used` units against its claim's estimate (`ctx.consume`)."""
+        extra = used - claim.estimate
+        step = None if claim.unit_seconds is None else extra * claim.unit_seconds
+        key_step = None if claim.key_unit_seconds is None else extra * claim.key_unit_seconds
+        if step is None and key_step is None:
+            return
+        await self.run(
+            "consumed",
+            lambda uow: uow.tasks.consumed(
+                queue=queue, agent_id=agent_id, key=claim.key, step=step, key_step=key_step
+            ),
+        )
+
+    async def rate_limited(self, task: Task, *, delay_seconds: float, reason: str) -> bool:
+        return await self._finish(
+            "rate-limited",
+            lambda uow: uow.tasks.rate_limited(
+                task, delay_seconds=delay_seconds, reason=reason, paused_by=self.config.worker_id
+            ),
+        )
+
+    async def declare_limits(self, queue: str, agents: Sequence[Declared]) -> None:
+        await self.run("declare-limits", lambda uow: uow.flow.declare(queue, agents))
+
+    async def expire_pauses(self, queue: str) -> int:
+        return await self.run("expire-pauses", lambda uow: uow.flow.expire_pauses(queue))
+
+    async def ready_limited(self, queue: str) -> list[str]:
+        return await self.run("flow-ready", lambda uow: uow.flow.ready(queue))
 
     async def explain_miss(self, task_id: UUID) -> Miss:
         return await self.run(

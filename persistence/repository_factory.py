@@ -8,6 +8,7 @@ from persistence.repositories import (
     TaskRepository,
     WorkerRepository,
 )
+from persistence.repositories.flow_repository import FlowRepository
 from persistence.repositories.report_repository import ReportRepository
 from persistence.sql import Executor
 
@@ -30,3 +31,6 @@ class RepositoryFactory:
 
     def create_report_repository(self) -> ReportRepository:
         return ReportRepository(self.ex)
+
+    def create_flow_repository(self) -> FlowRepository:
+        return FlowRepository(self.ex)

@@ -99,6 +99,7 @@ class _Repositories:
         self.agents = repos.create_agent_repository()
         self.workers = repos.create_worker_repository()
         self.reports = repos.create_report_repository()
+        self.flow = repos.create_flow_repository()
 
 
 class UnitOfWork(_Repositories):

@@ -23,6 +23,7 @@ from uuid import UUID
 from domain.entities import Task, check_agent_id, check_max_attempts
 from domain.exceptions import InvalidInputError
 from domain.payload import JsonValue, encode_json
+from persistence.repositories.flow_repository import Declared, parse_key
 
 Handler: TypeAlias = Callable[["TaskContext"], Awaitable[Any]]
 
@@ -49,6 +50,24 @@ class PermanentError(Exception):
     """Raised by a handler: this task can never succeed; fail it now, without retrying."""
 
 
+class RateLimited(Exception):
+    """Raised by a handler whose provider said "too many requests" (an HTTP 429): the task goes
+    back to pending without spending an attempt, due after `after` seconds, and its key (its
+    agent, for an agent without keys) is paused as long: nothing else of it starts meanwhile."""
+
+    def __init__(self, after: float, reason: str | None = None) -> None:
+        if isinstance(after, bool) or not isinstance(after, int | float):
+            raise ValueError(f"RateLimited(after=…) must be a number of seconds, got {after!r}")
+        if not 0 < after <= MAX_RETRY_AFTER_SECONDS:
+            raise ValueError(
+                f"RateLimited(after=…) must be between 0 and {MAX_RETRY_AFTER_SECONDS:g} "
+                f"seconds, got {after!r}"
+            )
+        self.after = float(after)
+        self.reason = reason
+        super().__init__(reason or f"rate limited for {after:g}s")
+
+
 class SpawnRefused(PermanentError, InvalidInputError):
     """`ctx.spawn` refused a subtask (a bad agent id or input, over a limit): the same spawn
     would be refused on every retry, so the run fails at once, with the reason."""
@@ -69,9 +88,61 @@ class AgentSpec:
     timeout: float | None = None  # None: TASKLANE_TASK_TIMEOUT
     max_attempts: int | None = None  # None: TASKLANE_MAX_ATTEMPTS
     description: str | None = None
+    # Flow control's defaults for this agent (operators override them live): see `agent`.
+    flow: Declared | None = None
 
 
 _registry: dict[str, AgentSpec] = {}
+
+_PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
+        "hour": 3600, "d": 86400, "day": 86400}  # fmt: skip
+
+
+def parse_rate(rate: str) -> float:
+    """ "60/min" → 1.0: units per second. Periods: s, min, h, day (or second, minute, hour)."""
+    amount, slash, per = str(rate).strip().partition("/")
+    try:
+        value = float(amount)
+    except ValueError:
+        value = float("nan")
+    seconds = _PER.get(per.strip().lower().rstrip("s") or "s") if slash else None
+    if not slash or seconds is None or not 0 < value < 1e12:
+        raise ValueError(f"a rate is 'N/s', 'N/min', 'N/h' or 'N/day' with N > 0, got {rate!r:.40}")
+    return value / seconds
+
+
+def _flow(
+    agent_id: str,
+    *,
+    concurrency: int | None,
+    per_key: int | None,
+    key: str | None,
+    rate: str | None,
+    key_rate: str | None,
+    units: str,
+    estimate: float,
+) -> Declared | None:
+    for name, value in (("concurrency", concurrency), ("per_key", per_key)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):  # fmt: skip
+            raise ValueError(f"@agent({agent_id!r}): {name} must be a whole number ≥ 1")
+    if (per_key is not None or key_rate is not None) and key is None:
+        raise ValueError(f"@agent({agent_id!r}): per_key and key_rate need key='metadata.<field>'")
+    if key is not None:
+        parse_key(key)
+    if not isinstance(estimate, int | float) or not 0 < estimate < 1e12:
+        raise ValueError(f"@agent({agent_id!r}): estimate must be a positive number of {units}")
+    declared = Declared(
+        agent_id,
+        concurrency=concurrency,
+        per_key=per_key,
+        rate=None if rate is None else parse_rate(rate),
+        key_rate=None if key_rate is None else parse_rate(key_rate),
+        key=key,
+        units=units,
+        estimate=float(estimate),
+    )
+    return declared if declared.declares or key is not None else None
 
 
 def agent(
@@ -80,8 +151,22 @@ def agent(
     timeout: float | None = None,
     max_attempts: int | None = None,
     description: str | None = None,
+    concurrency: int | None = None,
+    per_key: int | None = None,
+    key: str | None = None,
+    rate: str | None = None,
+    key_rate: str | None = None,
+    units: str = "tasks",
+    estimate: float = 1.0,
 ) -> Callable[[Handler], Handler]:
-    """Register an async handler for `agent_id` when its module is imported."""
+    """Register an async handler for `agent_id` when its module is imported.
+
+    Flow control (enforced in Postgres across every worker; operators override it live with
+    `tasklane limits set`): at most `concurrency` of its tasks run at once, at most `per_key`
+    of one key, the key read from each task at `key` ("metadata.tenant", "input.user"); at most
+    `rate` starts ("60/min"), or `units` ("tokens": `rate="90000/min"`, `estimate` tokens per
+    task at its claim, corrected by `ctx.consume(tokens=…)`), and `key_rate` per key.
+    """
     try:
         check_agent_id(agent_id)
     except InvalidInputError as exc:
@@ -90,6 +175,16 @@ def agent(
         raise ValueError(f"@agent({agent_id!r}): timeout must be > 0 seconds, got {timeout!r}")
     try:
         check_max_attempts(max_attempts)
+        flow = _flow(
+            agent_id,
+            concurrency=concurrency,
+            per_key=per_key,
+            key=key,
+            rate=rate,
+            key_rate=key_rate,
+            units=units,
+            estimate=estimate,
+        )
     except InvalidInputError as exc:
         raise ValueError(f"@agent({agent_id!r}): {exc}") from None
 
@@ -101,7 +196,7 @@ def agent(
             where = f"{existing.handler.__module__}.{existing.handler.__qualname__}"
             raise ValueError(f"agent {agent_id!r} is already registered by {where}")
         doc = description or (inspect.getdoc(handler) or "").split("\n")[0] or None
-        _registry[agent_id] = AgentSpec(agent_id, handler, timeout, max_attempts, doc)
+        _registry[agent_id] = AgentSpec(agent_id, handler, timeout, max_attempts, doc, flow)
         return handler
 
     return register
@@ -141,6 +236,7 @@ class TaskContext:
         self._load_subtasks = load_subtasks
         self._limits = limits
         self._spawned: list[Task] = []
+        self.consumed: dict[str, float] = {}
 
     @property
     def input(self) -> JsonValue:
@@ -168,12 +264,21 @@ class TaskContext:
         metadata: Mapping[str, Any] | None = None,
         max_attempts: int | None = None,
         run_after: datetime | None = None,
+        priority: int | None = None,
     ) -> Task:
         """Create a subtask of this task (same conversation). It is written when the handler
         returns: together with the parent's wait (`return ctx.wait_for_subtasks()`) or with its
-        completion (fire-and-forget). If the handler raises, no subtask is created."""
+        completion (fire-and-forget). If the handler raises, no subtask is created. The subtask
+        has this task's priority unless `priority` says otherwise."""
         try:
-            child = self._new_child(agent_id, input, metadata, max_attempts, run_after)
+            child = self._new_child(
+                agent_id,
+                input,
+                metadata,
+                max_attempts,
+                run_after,
+                self.task.priority if priority is None else priority,
+            )
         except InvalidInputError as exc:
             raise SpawnRefused(f"cannot spawn a subtask: {exc}") from None
         self._spawned.append(child)
@@ -186,6 +291,7 @@ class TaskContext:
         metadata: Mapping[str, Any] | None,
         max_attempts: int | None,
         run_after: datetime | None,
+        priority: int,
     ) -> Task:
         limit = self._limits.max_children
         if limit is not None and len(self._spawned) >= limit:
@@ -205,6 +311,7 @@ class TaskContext:
             max_attempts=max_attempts,
             run_after=run_after,
             queue=self.task.queue,
+            priority=priority,
         )
         # Refused here, where the handler can see it: found only when the run's result is
         # written, the whole write would fail and the run be abandoned until its lease ran out.
@@ -214,6 +321,15 @@ class TaskContext:
         encode_json(child.input, what=f"input of {what}", max_bytes=size)
         encode_json(child.metadata, what=f"metadata of {what}", max_bytes=size)
         return child
+
+    def consume(self, **units: float) -> None:
+        """Report what this run really used against its agent's weighted rate limit
+        (`ctx.consume(tokens=1234)`): the estimate taken at its claim is corrected by the
+        difference when the run ends. Calls add up."""
+        for name, amount in units.items():
+            if isinstance(amount, bool) or not isinstance(amount, int | float) or amount < 0:
+                raise ValueError(f"ctx.consume({name}=…) must be a number ≥ 0, got {amount!r}")
+            self.consumed[name] = self.consumed.get(name, 0.0) + float(amount)
 
     def wait_for_subtasks(self) -> WaitForSubtasks:
         """`return ctx.wait_for_subtasks()`: the task waits until every subtask has finished,

@@ -33,6 +33,7 @@ from domain.entities import Agent
 from persistence import pg
 from persistence.errors import find_postgres_error
 from persistence.lifecycle import Lifecycle, LifecycleConfig
+from persistence.repositories.flow_repository import Declared
 from persistence.schema import SchemaError, check_schema
 from persistence.session import PooledUnitOfWork
 from persistence.startup import StartupError as StartupFailed
@@ -352,7 +353,7 @@ async def _start(
     except SchemaError as exc:
         raise StartupError(str(exc)) from None
 
-    await _register_agents(pool, agents)
+    await _register_agents(pool, agents, queue=settings.queue)
 
     runtime: WorkerRuntime | None = None
     lifecycle = Lifecycle(
@@ -406,8 +407,10 @@ async def _start(
     )
 
 
-async def _register_agents(pool: Any, agents: dict[str, AgentSpec]) -> None:
+async def _register_agents(pool: Any, agents: dict[str, AgentSpec], *, queue: str) -> None:
+    """The agents this worker serves, and the flow limits their code declares on its queue."""
     async with PooledUnitOfWork(pool, transaction=True) as uow:
+        await uow.flow.declare(queue, [spec.flow or Declared(spec.id) for spec in agents.values()])
         for spec in agents.values():
             await uow.agents.upsert(
                 Agent(

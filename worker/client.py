@@ -34,7 +34,14 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from domain.entities import Conversation, Doorbell, Task, TaskAttempt
+from domain.entities import (
+    Conversation,
+    Doorbell,
+    Task,
+    TaskAttempt,
+    check_agent_id,
+    check_priority,
+)
 from domain.exceptions import (
     ConcurrentUpdateError,
     EntityAlreadyExistsError,
@@ -46,8 +53,10 @@ from domain.interfaces import CancelResult, RetryResult
 from domain.payload import JsonValue
 from persistence.errors import translated
 from persistence.repositories import TaskRepository
+from persistence.repositories.flow_repository import NO_LIMIT
 from persistence.session import UnitOfWork, create_engine, create_session_factory
 from persistence.sql import AutocommitExecutor, ConnectionLost, SessionExecutor
+from worker.agents import parse_rate
 from worker.config import Settings
 from worker.dispatch import Dispatcher
 from worker.redis_conn import create_redis
@@ -75,6 +84,7 @@ class TaskSpec:
     max_attempts: int | None = None
     run_after: datetime | None = None
     parent_task_id: UUID | None = None
+    priority: int = 0
 
 
 @dataclass(slots=True)
@@ -103,6 +113,26 @@ def _max_attempts(value: int | None) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise InvalidInputError(f"max_attempts must be a whole number ≥ 1, got {value!r:.40}")
     return value
+
+
+# The longest pause with an end: a year (a longer one is a pause without an end).
+MAX_PAUSE_SECONDS = 365 * 24 * 3600.0
+
+
+def _scope_agent(agent_id: str | None) -> str:
+    return "" if agent_id is None else check_agent_id(agent_id)
+
+
+def _per_second(rate: str | float | None) -> float:
+    """A rate as units per second: "60/min", a number per second, or None (no limit)."""
+    if rate is None:
+        return NO_LIMIT
+    if isinstance(rate, str):
+        try:
+            return parse_rate(rate)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+    return rate
 
 
 def parse_task_id(value: UUID | str) -> UUID:
@@ -197,6 +227,7 @@ class TaskClient:
         max_attempts: int | None = None,
         run_after: datetime | None = None,
         parent_task_id: UUID | str | None = None,
+        priority: int = 0,
         session: AsyncSession | None = None,
     ) -> Task:
         """Create one task and dispatch it once it is committed.
@@ -204,7 +235,8 @@ class TaskClient:
         With `session`, the task is written in the caller's transaction and dispatched only if
         and when that transaction commits. The same `idempotency_key` returns the existing task;
         the same key with another agent, input or conversation raises
-        `IdempotencyConflictError`.
+        `IdempotencyConflictError`. `priority` (−1000…1000): higher starts first among due
+        tasks; a task that has waited `priority` minutes longer starts first regardless.
         """
         spec = TaskSpec(
             agent_id=agent_id,
@@ -215,6 +247,7 @@ class TaskClient:
             max_attempts=max_attempts,
             run_after=run_after,
             parent_task_id=parse_task_id(parent_task_id) if parent_task_id else None,
+            priority=priority,
         )
         task = self._build(spec)
         if session is not None:
@@ -261,6 +294,7 @@ class TaskClient:
             run_after=spec.run_after,
             idempotency_key=key,
             queue=self.settings.queue,
+            priority=spec.priority,
         )
 
     def _dispatch_delays(self, tasks: Sequence[Task]) -> list[float]:
@@ -426,6 +460,7 @@ class TaskClient:
         run_after: datetime | Unset | None = UNSET,
         max_attempts: int | Unset | None = UNSET,
         metadata: dict[str, Any] | Unset = UNSET,
+        priority: int | Unset = UNSET,
         expected_version: int | None = None,
     ) -> Task:
         """An operator's edit of a task that has not started: when it runs (`run_after`, an aware
@@ -451,11 +486,102 @@ class TaskClient:
                 if not isinstance(metadata, dict):
                     raise InvalidInputError("metadata must be a JSON object (a dict)")
                 task.metadata = dict(metadata)
+            if not isinstance(priority, Unset):
+                task.priority = check_priority(priority)
             updated = await uow.tasks.update(task)
             await uow.commit()
         if run_after is None:  # "run it now": no need to wait for the reconciler
             await self._ring([Doorbell.for_task(updated)])
         return updated
+
+    # -- flow control ----------------------------------------------------------------------------
+
+    async def pause(
+        self,
+        *,
+        agent_id: str | None = None,
+        key: str | None = None,
+        queue: str | None = None,
+        reason: str = "paused by an operator",
+        for_seconds: float | None = None,
+        by: str = "client",
+    ) -> dict[str, Any]:
+        """Pause a queue (this client's, or `queue`), one agent on it, or one key of an agent:
+        nothing new starts there until `resume` (or until `for_seconds` have passed); running
+        tasks finish. Returns the pause as stored."""
+        if for_seconds is not None and not 0 < for_seconds <= MAX_PAUSE_SECONDS:
+            raise InvalidInputError(
+                f"for_seconds must be between 0 and {MAX_PAUSE_SECONDS:g}, got {for_seconds!r}"
+            )
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 1000:
+            raise InvalidInputError("a pause needs a reason of 1 to 1000 characters")
+        async with UnitOfWork(self.session_factory) as uow:
+            pause = await uow.flow.pause(
+                queue or self.settings.queue,
+                agent_id=_scope_agent(agent_id),
+                key=key or "",
+                reason=reason,
+                by=by,
+                for_seconds=for_seconds,
+            )
+            await uow.commit()
+        return pause
+
+    async def resume(
+        self, *, agent_id: str | None = None, key: str | None = None, queue: str | None = None
+    ) -> bool:
+        """Lift a pause made with the same arguments; False if there was none."""
+        async with UnitOfWork(self.session_factory) as uow:
+            resumed = await uow.flow.resume(
+                queue or self.settings.queue, agent_id=_scope_agent(agent_id), key=key or ""
+            )
+            await uow.commit()
+        return resumed
+
+    async def set_limits(
+        self,
+        agent_id: str,
+        *,
+        queue: str | None = None,
+        concurrency: int | Unset | None = UNSET,
+        per_key: int | Unset | None = UNSET,
+        rate: str | float | Unset | None = UNSET,
+        key_rate: str | float | Unset | None = UNSET,
+        by: str = "client",
+    ) -> None:
+        """Override an agent's limits live, on this client's queue (or `queue`): a value, or
+        None for "no limit" whatever its code declares. Rates as "60/min" or units per second.
+        Only the arguments given change; `reset_limits` goes back to the code's."""
+        changes: dict[str, float | int | None] = {}
+        for name, value in (("concurrency", concurrency), ("per_key", per_key)):
+            if not isinstance(value, Unset):
+                changes[name] = NO_LIMIT if value is None else value
+        for name, rate_value in (("rate", rate), ("key_rate", key_rate)):
+            if not isinstance(rate_value, Unset):
+                changes[name] = _per_second(rate_value)
+        if not changes:
+            raise InvalidInputError("set_limits: give at least one limit to change")
+        async with UnitOfWork(self.session_factory) as uow:
+            await uow.flow.set_limits(
+                queue or self.settings.queue, check_agent_id(agent_id), changes, by=by
+            )
+            await uow.commit()
+
+    async def reset_limits(self, agent_id: str, *, queue: str | None = None) -> int:
+        """Drop every override of the agent's limits (on `queue`, or on every queue)."""
+        async with UnitOfWork(self.session_factory) as uow:
+            reset = await uow.flow.reset_limits(agent_id, queue=queue)
+            await uow.commit()
+        return reset
+
+    async def limits(self, *, queue: str | None = None) -> list[dict[str, Any]]:
+        """Every agent's limits (declared, overridden, effective) and how many run now."""
+        async with UnitOfWork(self.session_factory) as uow:
+            return await uow.flow.limits(queue=queue)
+
+    async def pauses(self, *, queue: str | None = None) -> list[dict[str, Any]]:
+        async with UnitOfWork(self.session_factory) as uow:
+            return await uow.flow.pauses(queue=queue)
 
     async def subtasks(self, task_id: UUID | str) -> list[Task]:
         async with UnitOfWork(self.session_factory) as uow:

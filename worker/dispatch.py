@@ -22,8 +22,11 @@ clears such stale keys.
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from collections.abc import Sequence
+from datetime import datetime
 
 from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
@@ -35,6 +38,26 @@ from domain.entities import Doorbell
 from worker.serialization import serialize
 
 JOB_FUNCTION = "run_task"
+# A flow doorbell's argument: FLOW_PREFIX + JSON [queue, agent id]. It asks a worker for a
+# limited agent's next start (whichever task's turn it is), not for one task.
+FLOW_PREFIX = "flow:"
+
+
+def flow_argument(queue: str, agent_id: str) -> str:
+    return FLOW_PREFIX + json.dumps([queue, agent_id])
+
+
+def parse_flow_argument(raw: object) -> tuple[str, str] | None:
+    """(queue, agent id) of a flow doorbell's argument; None for anything else."""
+    if not isinstance(raw, str) or not raw.startswith(FLOW_PREFIX) or len(raw) > 1000:
+        return None
+    try:
+        value = json.loads(raw[len(FLOW_PREFIX) :])
+    except ValueError:
+        return None
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) and v for v in value):
+        return value[0], value[1]
+    return None
 
 
 def score(doorbell: Doorbell) -> float:
@@ -87,6 +110,28 @@ class Dispatcher:
                 )
                 pipe.set(job_key_prefix + doorbell.job_id, job, px=expires_extra_ms, nx=True)
                 pipe.zadd(doorbell.queue or self.queue, {doorbell.job_id: score(doorbell)}, nx=True)
+            await pipe.execute()
+
+    async def ring_flow(
+        self, queue: str, agent_id: str, *, count: int = 1, at: datetime | None = None
+    ) -> None:
+        """Ask for a limited agent's next start(s): `count` flow doorbells now, each its own job
+        (one rung while another runs must not be absorbed by it), or one at `at` (a rate's next
+        start), absorbed by any other for the same moment."""
+        argument = flow_argument(queue, agent_id)
+        now = timestamp_ms()
+        if at is not None:
+            when = int(at.timestamp() * 1000)
+            ids = [f"{argument}@{when}"]
+            score: float = max(when, now)
+        else:
+            ids = [f"{argument}#{uuid.uuid4().hex}" for _ in range(count)]
+            score = 1.0  # ahead of every per-task doorbell: a freed slot is taken at once
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                job = serialize_job(JOB_FUNCTION, (argument,), {}, None, now, serializer=serialize)
+                pipe.set(job_key_prefix + job_id, job, px=expires_extra_ms, nx=True)
+                pipe.zadd(queue, {job_id: score}, nx=True)
             await pipe.execute()
 
     async def ring_again(

@@ -111,6 +111,7 @@ class Reconciler:
                 ("rescue", self.rescue),
                 ("resume-stranded", self.resume_stranded),
                 ("dispatch", self.dispatch),
+                ("flow", self.flow),
             )
         ]
 
@@ -197,6 +198,20 @@ class Reconciler:
         if total:
             self.log.info("reconcile.dispatched", doorbells=total)
         return total
+
+    async def flow(self) -> None:
+        """Flow control's safety net: pauses whose time is up are lifted (their due tasks rung
+        by the dispatch step), and each limited agent with due work and room to start gets a
+        flow doorbell — slots freed by a rescue, a crashed worker or a raised limit are offered
+        within a tick. (Finishing runs offer theirs at once.)"""
+        queue = self.settings.queue
+        expired = await self.lifecycle.expire_pauses(queue)
+        if expired:
+            self.log.info("flow.pauses_expired", pauses=expired)
+        if self.redis_away():
+            return
+        for agent_id in await self.lifecycle.ready_limited(queue):
+            await self.dispatcher.ring_flow(queue, agent_id)
 
     async def _ring_due(self, doorbells: list[Doorbell]) -> None:
         """Ring doorbells marked dispatched (committed). A due task was either never rung

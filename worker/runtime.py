@@ -20,7 +20,7 @@ import structlog
 
 from domain.entities import Doorbell, Task
 from domain.exceptions import InvalidInputError
-from domain.interfaces import Finish
+from domain.interfaces import Finish, FlowClaim
 from domain.payload import UnreadableJson, encode_json, storable_text
 from persistence.lifecycle import Lifecycle
 from worker.agents import (
@@ -28,12 +28,13 @@ from worker.agents import (
     AgentSpec,
     Limits,
     PermanentError,
+    RateLimited,
     Retry,
     TaskContext,
     WaitForSubtasks,
 )
 from worker.config import Settings
-from worker.dispatch import Dispatcher
+from worker.dispatch import Dispatcher, parse_flow_argument
 from worker.heartbeat import Heartbeat
 from worker.redaction import redact_text
 
@@ -87,11 +88,20 @@ class HandedBack:
 
 
 @dataclass(frozen=True, slots=True)
+class Throttled:
+    """The handler met its provider's rate limit (`RateLimited`): pending again after `after`
+    seconds, the attempt not spent, its key paused as long."""
+
+    after: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Lost:
     """The task is no longer ours (cancelled or rescued): write nothing."""
 
 
-Outcome = Completed | Waiting | Failed | HandedBack | Lost
+Outcome = Completed | Waiting | Failed | HandedBack | Throttled | Lost
 
 
 class WorkerRuntime:
@@ -114,6 +124,8 @@ class WorkerRuntime:
         self.in_flight = 0
         self.unanswered_claims = 0
         self._running: dict[UUID, int] = {}  # task id → the run this process is running
+        # What runs of limited agents reported with `ctx.consume`, by task id.
+        self._consumed: dict[UUID, dict[str, float]] = {}
         # Handlers that ignored cancellation past their timeout, left running (health shows it).
         self.abandoned: set[asyncio.Future[Any]] = set()
         self.limits = Limits(
@@ -130,18 +142,69 @@ class WorkerRuntime:
     # -- the job -----------------------------------------------------------------------------------
 
     async def run(self, raw_task_id: object) -> None:
-        """A doorbell: claim the task, run it, write how it ended."""
-        task_id = _parse_task_id(raw_task_id)
-        if task_id is None:
+        """A doorbell: claim the task, run it, write how it ended. A flow doorbell (for a
+        limited agent, see worker.dispatch) starts whichever of its tasks' turn it is."""
+        flow = parse_flow_argument(raw_task_id)
+        task_id = None if flow is not None else _parse_task_id(raw_task_id)
+        if flow is None and task_id is None:
             self.log.warning("doorbell.malformed", value=repr(raw_task_id)[:200])
             return
         self.in_flight += 1
         try:
+            if flow is not None:
+                await self._run_flow(*flow)
+                return
+            assert task_id is not None
             task = await self._claim(task_id)
-            if task is not None:
+            if isinstance(task, tuple):
+                await self._run_flow(*task)
+            elif task is not None:
                 await self._run_once(task)
         finally:
             self.in_flight -= 1
+
+    # -- flow control ------------------------------------------------------------------------------
+
+    async def _run_flow(self, queue: str, agent_id: str) -> None:
+        """A limited agent's next start, if its limits allow one; when it ends, its slot is
+        offered at once (a flow doorbell) rather than at the next reconcile tick."""
+        if queue != self.settings.queue:
+            self.log.info("doorbell.ignored", reason=f"flow doorbell of queue {queue!r}")
+            return
+        try:
+            claim = await self.lifecycle.claim_limited(queue, agent_id)
+        except Exception as exc:
+            # The sweeper rings the agent's flow again at its next tick.
+            self.log.error("claim.failed", agent_id=agent_id, error=repr(exc))
+            return
+        if claim.retry_at is not None:
+            await self._ring_flow(queue, agent_id, at=claim.retry_at)
+        if claim.task is None:
+            self.log.debug("flow.held", agent_id=agent_id, reason=claim.held)
+            return
+        if claim.more:
+            await self._ring_flow(queue, agent_id)
+        await self._run_once(claim.task, claim)
+
+    async def _settle_flow(self, claim: FlowClaim, used: Mapping[str, float]) -> None:
+        """After a limited run: what it reported using (`ctx.consume`), then its slot offered."""
+        task = claim.task
+        assert task is not None
+        spec = self.agents.get(task.agent_id)
+        units = spec.flow.units if spec is not None and spec.flow is not None else "tasks"
+        if units in used:
+            try:
+                await self.lifecycle.consumed(claim, task.queue, task.agent_id, used[units])
+            except Exception as exc:
+                self.log.warning("flow.consume_failed", error=repr(exc))
+        await self._ring_flow(task.queue, task.agent_id)
+
+    async def _ring_flow(self, queue: str, agent_id: str, *, at: Any = None) -> None:
+        try:
+            await self.dispatcher.ring_flow(queue, agent_id, at=at)
+        except Exception as exc:
+            # The sweeper rings limited agents with room every tick.
+            self.log.warning("dispatch.failed", error=repr(exc), flow=agent_id)
 
     async def run_claimed(self, task: Task) -> None:
         """A task this worker claimed straight from Postgres (while Redis is away): run it and
@@ -156,7 +219,7 @@ class WorkerRuntime:
         """Claim up to `limit` due tasks of the agents this worker serves, from Postgres."""
         return await self.lifecycle.claim_due(sorted(self.agents), limit=limit)
 
-    async def _run_once(self, task: Task) -> None:
+    async def _run_once(self, task: Task, flow: FlowClaim | None = None) -> None:
         if self._running.get(task.id) == task.runs:
             # A claim adopted after a dropped connection (Lifecycle.claim) can hand back a run
             # that a duplicate doorbell is already running here.
@@ -168,8 +231,13 @@ class WorkerRuntime:
         finally:
             if self._running.get(task.id) == task.runs:
                 del self._running[task.id]
+            used = self._consumed.pop(task.id, {})
+            if flow is not None:
+                await self._settle_flow(flow, used)
 
-    async def _claim(self, task_id: UUID) -> Task | None:
+    async def _claim(self, task_id: UUID) -> Task | tuple[str, str] | None:
+        """The task claimed; or, for a due task of a limited agent, (queue, agent): a flow
+        claim decides what starts; or None."""
         self.unanswered_claims += 1
         claiming = asyncio.ensure_future(self.lifecycle.claim(task_id))
         claiming.add_done_callback(self._claim_answered)
@@ -187,19 +255,22 @@ class WorkerRuntime:
             self.log.error("claim.failed", task_id=str(task_id), error=repr(exc))
             return None
         if task is None:
-            await self._explain_miss(task_id)
+            return await self._explain_miss(task_id)
         return task
 
     def _claim_answered(self, _: asyncio.Future[Task | None]) -> None:
         self.unanswered_claims -= 1
 
-    async def _explain_miss(self, task_id: UUID) -> None:
+    async def _explain_miss(self, task_id: UUID) -> tuple[str, str] | None:
         try:
             miss = await self.lifecycle.explain_miss(task_id)
         except Exception as exc:
             self.log.warning("doorbell.ignored", task_id=str(task_id), reason=repr(exc))
-            return
+            return None
+        if miss.flow is not None:
+            return miss.flow
         self.log.info("doorbell.ignored", task_id=str(task_id), reason=miss.reason)
+        return None
 
     async def _run_claimed(self, task: Task) -> None:
         structlog.contextvars.bind_contextvars(
@@ -254,6 +325,8 @@ class WorkerRuntime:
             load_subtasks=self._subtasks,
             limits=self.limits,
         )
+        if spec.flow is not None:
+            self._consumed[task.id] = ctx.consumed
         timeout = spec.timeout if spec.timeout is not None else self.settings.task_timeout
         handler = asyncio.ensure_future(self._call(spec, ctx, timeout))
         tracked = self.heartbeat.track(task, handler)
@@ -316,6 +389,9 @@ class WorkerRuntime:
             return Failed(reason, retry_after=exc.after)
         except PermanentError as exc:
             return Failed(_describe(exc), permanent=True)
+        except RateLimited as exc:
+            reason = redact_text(exc.reason) if exc.reason else "rate limited by its provider"
+            return Throttled(exc.after, f"rate limited: {reason}")
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # even a handler's SystemExit must not end the worker
@@ -393,6 +469,13 @@ class WorkerRuntime:
                 return await self._fail_or_retry(
                     task, error, permanent, retry_after, exc, duration_ms=elapsed_ms
                 )
+            case Throttled(after, reason):
+                landed = await self.lifecycle.rate_limited(task, delay_seconds=after, reason=reason)
+                finish = Finish(landed)
+                self._report(
+                    finish, "task.rate_limited", paused_seconds=after, duration_ms=elapsed_ms
+                )
+                return finish
             case HandedBack(reason):
                 landed = await self.lifecycle.release(
                     task, delay_seconds=HAND_BACK_SECONDS, reason=reason

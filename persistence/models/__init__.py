@@ -3,6 +3,7 @@
 from persistence.models.agent_model import AgentModel
 from persistence.models.base import Base
 from persistence.models.conversation_model import ConversationModel
+from persistence.models.flow_model import FlowKeyModel, FlowLimitModel, PauseModel
 from persistence.models.schema_model import SchemaModel
 from persistence.models.sweeper_model import SweeperModel
 from persistence.models.task_attempt_model import TaskAttemptModel
@@ -13,6 +14,9 @@ __all__ = [
     "AgentModel",
     "Base",
     "ConversationModel",
+    "FlowKeyModel",
+    "FlowLimitModel",
+    "PauseModel",
     "SchemaModel",
     "SweeperModel",
     "TaskAttemptModel",

@@ -17,7 +17,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from domain.entities import AGENT_ID_PATTERN, DEFAULT_QUEUE, MAX_ATTEMPTS_LIMIT
+from domain.entities import AGENT_ID_PATTERN, DEFAULT_QUEUE, MAX_ATTEMPTS_LIMIT, MAX_PRIORITY
 from domain.value_objects import UNFINISHED_STATUSES, TaskStatus
 from persistence.models.base import Base
 
@@ -63,6 +63,13 @@ class TaskModel(Base):
         DateTime(timezone=True), server_default=func.now()
     )
     version: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    # Flow control (migration 0005). Higher priority starts first among due tasks; `due_rank` is
+    # when the task competes as due: run_after − priority minutes (waiting long enough outranks
+    # any priority). `limit_key`: the task's key under its agent's limits ('' when none). Both
+    # are kept by the trigger `tasklane_task_flow`, for rows written with plain SQL too.
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    limit_key: Mapped[str] = mapped_column(Text, server_default=text("''"))
+    due_rank: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # Fan-in: how many of this task's children are unfinished, kept by the statements that add
     # and finish children (under this row's lock). It says when to check for a resume, so that
     # no child's finish reads its siblings.
@@ -86,6 +93,9 @@ class TaskModel(Base):
             name="agent_id_format",
         ),
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+        CheckConstraint(
+            f"priority BETWEEN {-MAX_PRIORITY} AND {MAX_PRIORITY}", name="priority_range"
+        ),
         CheckConstraint("open_children >= 0", name="open_children_not_negative"),
         CheckConstraint(
             f"status NOT IN ({_UNFINISHED}) OR max_attempts IS NULL"
@@ -107,12 +117,23 @@ class TaskModel(Base):
             func.greatest(text("run_after"), text("dispatch_after")),
             postgresql_where=text("status = 'pending'"),
         ),
-        # find_pending_for_agent: due pending tasks per agent, oldest due first.
+        # Due pending tasks per agent and key, in the order they compete: flow control's fair
+        # pick among keys (a skip scan over limit_key) and claims straight from Postgres.
         Index(
             "ix_tasks_pending_agent",
+            "queue",
             "agent_id",
-            "run_after",
+            "limit_key",
+            "due_rank",
             postgresql_where=text("status = 'pending'"),
+        ),
+        # Running tasks per agent and key: what a concurrency limit counts.
+        Index(
+            "ix_tasks_running_flow",
+            "queue",
+            "agent_id",
+            "limit_key",
+            postgresql_where=text("status = 'running'"),
         ),
         # Fan-in: "is any child of this parent unfinished?" without reading the finished ones.
         Index(

@@ -37,6 +37,7 @@ from domain.interfaces import (
     CancelResult,
     ExpiredChild,
     Finish,
+    FlowClaim,
     ITaskRepository,
     Miss,
     Page,
@@ -48,13 +49,17 @@ from domain.policies import Backoff
 from domain.value_objects import FINISHED_STATUSES, UNFINISHED_STATUSES, AttemptOutcome, TaskStatus
 from persistence.mappers import attempt_from_row, insert_params, task_from_row
 from persistence.models import TaskModel
+from persistence.repositories import flow_sql as fq
 from persistence.repositories import task_sql as q
 from persistence.repositories.base_repository import BaseRepository
 from persistence.sql import Executor, Row
 
 # What an operator may change on a task that has not started (`update`). Everything else moves
 # only through the lifecycle's fenced statements.
-EDITABLE_FIELDS = ("run_after", "max_attempts", "metadata")
+EDITABLE_FIELDS = ("run_after", "max_attempts", "metadata", "priority")
+# A flow claim weighs at most this many of an agent's keys with due work (the first by key
+# order): fairness is exact up to that many waiting keys per agent.
+FLOW_MAX_KEYS = 200
 
 
 class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
@@ -217,8 +222,8 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
     # -- an operator's edit ---------------------------------------------------------------------
 
     async def update(self, task: Task) -> Task:
-        """Write an operator's edit of a task that has not started: `run_after`, `max_attempts`
-        and `metadata` (EDITABLE_FIELDS), if nobody changed the row since it was read.
+        """Write an operator's edit of a task that has not started: `run_after`, `max_attempts`,
+        `metadata` and `priority` (EDITABLE_FIELDS), if nobody changed the row since it was read.
 
         Raises `ConcurrentUpdateError` when the row's version moved on, `EntityNotFoundError`
         when it is gone, `InvalidTransitionError` when it is no longer pending. Lifecycle columns
@@ -241,6 +246,7 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
                 run_after=func.coalesce(task.run_after, func.now()),
                 max_attempts=task.max_attempts,
                 metadata=task.metadata,
+                priority=task.priority,
                 # Its schedule may have moved: the reconciler looks at it again once it is due.
                 dispatch_after=func.now(),
                 version=table.c.version + 1,
@@ -320,6 +326,112 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
                 await self._finish_in_family(run, change, AttemptOutcome.FAILED, dispatch_delay=0)
         return tasks
 
+    async def claim_limited(
+        self,
+        *,
+        queue: str,
+        agent_id: str,
+        worker_id: str,
+        lease_seconds: float,
+        default_max_attempts: int,
+    ) -> FlowClaim:
+        """A limited agent's next start, if its limits allow one (flow control; the rules are in
+        `flow_sql`): under the agent's `flow_limits` row lock, its running tasks are counted,
+        the key whose turn it is picked, its most due task claimed with the plain fenced claim,
+        and the rate states pushed on — all in one transaction."""
+        async with self._ex.atomic():
+            limits = await self._fetch(fq.LOCK_LIMITS, queue=queue, agent_id=agent_id)
+            if not limits or not limits[0]["limited"]:
+                return FlowClaim(None, held="not limited")
+            lim = limits[0]
+            if lim["paused"]:
+                return FlowClaim(None, held="paused")
+            now: datetime = lim["now"]
+            if lim["eff_rate"] is not None and lim["tat"] is not None and lim["tat"] > now:
+                return FlowClaim(None, held="rate limited", retry_at=lim["tat"])
+            rows = await self._fetch(
+                fq.CANDIDATES, queue=queue, agent_id=agent_id, max_keys=FLOW_MAX_KEYS
+            )
+            if not rows:
+                return FlowClaim(None, held="nothing due")
+            concurrency = lim["eff_concurrency"]
+            if concurrency is not None and rows[0]["total_running"] >= concurrency:
+                return FlowClaim(None, held=f"at its limit ({concurrency} running)")
+            open_keys = _keys_in_turn(rows, per_key=lim["eff_per_key"], now=now)
+            if not open_keys:
+                return _held_by_keys(rows, lim, now)
+            estimate = float(lim["estimate"])
+            step = _rate_step(lim["eff_rate"], estimate)
+            key_step = _rate_step(lim["eff_key_rate"], estimate)
+            for candidate in open_keys[:3]:
+                claimed = await self._fetch(
+                    q.CLAIM_LIMITED,
+                    ids=[candidate["task_id"]],
+                    worker_id=worker_id,
+                    lease_seconds=float(lease_seconds),
+                    default_max_attempts=default_max_attempts,
+                    queue=queue,
+                    claim_token=None,
+                )
+                tasks = await self._loaded(claimed)
+                if not tasks:
+                    continue  # cancelled (or unloadable) meanwhile: the next key's turn
+                key = candidate["key"]
+                await self._fetch(
+                    fq.STARTED,
+                    queue=queue,
+                    agent_id=agent_id,
+                    key=key,
+                    step=step,
+                    key_step=key_step,
+                )
+                room = concurrency is None or rows[0]["total_running"] + 1 < concurrency
+                return FlowClaim(
+                    tasks[0],
+                    more=room and (len(open_keys) > 1 or step is None),
+                    key=key,
+                    unit_seconds=None if step is None else step / estimate,
+                    key_unit_seconds=None if key_step is None else key_step / estimate,
+                    estimate=estimate,
+                )
+            return FlowClaim(None, held="nothing due", more=True)
+
+    async def consumed(
+        self,
+        *,
+        queue: str,
+        agent_id: str,
+        key: str,
+        step: float | None,
+        key_step: float | None,
+    ) -> None:
+        """A run reported what it really used (`ctx.consume`): the rate states moved by the
+        difference from its estimate, in seconds (negative: it used less)."""
+        async with self._ex.atomic():
+            # The agent's row first, as a claim locks it: no deadlock with a claim.
+            await self._fetch(fq.LOCK_LIMITS, queue=queue, agent_id=agent_id)
+            await self._fetch(
+                fq.CONSUMED, queue=queue, agent_id=agent_id, key=key, step=step, key_step=key_step
+            )
+
+    async def rate_limited(
+        self, task: Task, *, delay_seconds: float, reason: str, paused_by: str
+    ) -> bool:
+        """A run that met its provider's rate limit (`RateLimited(after)`): handed back without
+        spending its attempt, due after `delay_seconds`, and its key (its agent, without keys)
+        paused as long, so that nothing else of that key starts meanwhile."""
+        async with self._ex.atomic():
+            landed = await self.release(task, delay_seconds=delay_seconds, reason=reason)
+            if landed:
+                await self._fetch(
+                    fq.PAUSE_KEY_OF,
+                    id=task.id,
+                    reason=reason,
+                    paused_by=paused_by,
+                    delay_seconds=float(delay_seconds),
+                )
+            return landed
+
     async def explain_miss(self, task_id: UUID, *, queue: str | None = None) -> Miss:
         rows = await self._fetch(q.EXPLAIN_MISS, id=task_id)
         if not rows:
@@ -331,6 +443,13 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         due_in = float(row["due_in_seconds"])
         if status == TaskStatus.PENDING and due_in > 0:
             return Miss(f"pending but not due for {due_in:.1f}s", due_in_seconds=due_in)
+        if status == TaskStatus.PENDING and row["paused"]:
+            return Miss("pending in a paused scope (tasklane limits)")
+        if status == TaskStatus.PENDING and row["limited"]:
+            return Miss(
+                f"agent {row['agent_id']!r} is limited: a flow claim starts its next task",
+                flow=(row["queue"], row["agent_id"]),
+            )
         max_attempts = row["max_attempts"]
         if (
             status == TaskStatus.PENDING
@@ -759,7 +878,7 @@ def _maybe_uuid(value: Any) -> UUID | None:
 
 
 def _doorbell(row: Row) -> Doorbell:
-    return Doorbell(_uuid(row["id"]), row["runs"], row["queue"], row["run_after"])
+    return Doorbell(_uuid(row["id"]), row["runs"], row["queue"], row["due_at"])
 
 
 def _resumed_parents(landed: Sequence[Row]) -> list[Doorbell]:
@@ -769,7 +888,7 @@ def _resumed_parents(landed: Sequence[Row]) -> list[Doorbell]:
             _uuid(row["parent_task_id"]),
             row["parent_runs"],
             row["parent_queue"],
-            row["parent_run_after"],
+            row["parent_due_at"],
         )
         for row in landed
         if row["parent_resumed"]
@@ -779,3 +898,31 @@ def _resumed_parents(landed: Sequence[Row]) -> list[Doorbell]:
 
 def _rescued(row: Row) -> Rescued:
     return Rescued(_uuid(row["id"]), row["runs"], TaskStatus(row["status"]), row["queue"])
+
+
+def _rate_step(rate: float | None, estimate: float) -> float | None:
+    """Seconds a start pushes a rate's state on: its estimated units at `rate` units/second."""
+    return None if rate is None else estimate / rate
+
+
+def _keys_in_turn(rows: Sequence[Row], *, per_key: int | None, now: datetime) -> list[Row]:
+    """The keys that may start now, whose turn first: fewest running, then least recently
+    started (round-robin), then the most due task."""
+    allowed = [
+        r
+        for r in rows
+        if (per_key is None or r["running"] < per_key) and (r["tat"] is None or r["tat"] <= now)
+    ]
+    never = datetime.min.replace(tzinfo=now.tzinfo)
+    return sorted(
+        allowed, key=lambda r: (r["running"], r["last_started_at"] or never, r["due_rank"])
+    )
+
+
+def _held_by_keys(rows: Sequence[Row], lim: Row, now: datetime) -> FlowClaim:
+    """Every key with due work is at its per-key limit or waiting out its key rate."""
+    waits = [r["tat"] for r in rows if r["tat"] is not None and r["tat"] > now]
+    per_key = lim["eff_per_key"]
+    if per_key is not None and all(r["running"] >= per_key for r in rows):
+        return FlowClaim(None, held=f"every key at its limit ({per_key} running each)")
+    return FlowClaim(None, held="every key rate limited", retry_at=min(waits) if waits else None)

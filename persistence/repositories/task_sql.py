@@ -19,6 +19,7 @@ from domain.value_objects import (
     AttemptOutcome,
     TaskStatus,
 )
+from persistence.repositories.flow_sql import limited, paused
 from persistence.sql import Sql
 
 
@@ -58,28 +59,39 @@ _BACKOFF_SECONDS = (
     " * (0.75 + random() * 0.5)"
 )
 
+
+def _due_at(alias: str) -> str:
+    """A doorbell's place in its queue (`Doorbell.due_at`): the task's due rank, kept within the
+    years Python's datetime holds (a row written with plain SQL may say '-infinity')."""
+    return (
+        f"LEAST(GREATEST({alias}.due_rank, timestamptz '1970-01-02'),"
+        f" timestamptz '9999-01-01') AS due_at"
+    )
+
+
 TASK_COLUMNS = (
     "id, conversation_id, parent_task_id, agent_id, queue, status, input, output, error,"
     " metadata, attempts, max_attempts, run_after, worker_id, lease_expires_at,"
-    " idempotency_key, runs, step, version, created_at, started_at, completed_at, updated_at"
+    " idempotency_key, runs, step, version, priority, created_at, started_at, completed_at,"
+    " updated_at"
 )
 
 # --- insert ------------------------------------------------------------------------------------
 
 _INSERT_HEAD = """
 INSERT INTO tasks (id, conversation_id, parent_task_id, agent_id, queue, input, metadata,
-                   max_attempts, run_after, idempotency_key, dispatch_after)
+                   max_attempts, priority, run_after, idempotency_key, dispatch_after)
 SELECT u.id, u.conversation_id, u.parent_task_id, u.agent_id, u.queue,
-       CAST(u.input AS jsonb), CAST(u.metadata AS jsonb), u.max_attempts,
+       CAST(u.input AS jsonb), CAST(u.metadata AS jsonb), u.max_attempts, u.priority,
        COALESCE(u.run_after, now()), u.idempotency_key,
        now() + make_interval(secs => u.dispatch_delay)
 FROM unnest(CAST(:ids AS uuid[]), CAST(:conversation_ids AS uuid[]),
             CAST(:parent_ids AS uuid[]), CAST(:agent_ids AS text[]), CAST(:queues AS text[]),
             CAST(:inputs AS text[]), CAST(:metadatas AS text[]), CAST(:max_attempts AS int[]),
-            CAST(:run_afters AS timestamptz[]), CAST(:idempotency_keys AS text[]),
-            CAST(:dispatch_delays AS float8[]))
+            CAST(:priorities AS int[]), CAST(:run_afters AS timestamptz[]),
+            CAST(:idempotency_keys AS text[]), CAST(:dispatch_delays AS float8[]))
      AS u(id, conversation_id, parent_task_id, agent_id, queue, input, metadata, max_attempts,
-          run_after, idempotency_key, dispatch_delay)
+          priority, run_after, idempotency_key, dispatch_delay)
 """
 INSERT_TASKS = Sql(_INSERT_HEAD + f"RETURNING {TASK_COLUMNS}")
 # Producers' idempotent variant: a taken key inserts nothing; the caller reads the existing row.
@@ -89,16 +101,25 @@ INSERT_TASKS_SKIP_TAKEN_KEYS = Sql(
 
 # --- claim -------------------------------------------------------------------------------------
 
+
 # Locks are taken in id order so that two workers claiming overlapping batches cannot deadlock.
 # A worker claims only its own queue's tasks (:queue NULL: any queue), whatever queue a doorbell
-# reached it on: another queue's workers may not even serve the task's agent.
-CLAIM = Sql(f"""
+# reached it on: another queue's workers may not even serve the task's agent. Nothing in a paused
+# scope starts; a limited agent's tasks are claimed only through `TaskRepository.claim_limited`
+# (flow control), which takes the plain claim without that gate (`CLAIM_LIMITED`).
+def _claim(*, gated: bool) -> Sql:
+    gate = f"AND NOT {limited('t')}" if gated else ""
+    # A flow claim's transaction began before it waited for its agent's lock, and so did its
+    # now(): its run starts when the statement runs, after the run whose slot it takes ended.
+    started = "now()" if gated else "clock_timestamp()"
+    return Sql(f"""
 WITH candidates AS (
     SELECT t.id FROM tasks AS t
     WHERE t.id = ANY(CAST(:ids AS uuid[]))
       AND t.status IN {_guard(RUNNING, only=PENDING)}
       AND t.run_after <= now()
       AND (CAST(:queue AS text) IS NULL OR t.queue = CAST(:queue AS text))
+      AND NOT {paused("t")} {gate}
     ORDER BY t.id
     FOR UPDATE
 ), claimed AS (
@@ -108,7 +129,7 @@ WITH candidates AS (
         runs = t.runs + 1,
         max_attempts = {_MAX_ATTEMPTS},
         worker_id = :worker_id,
-        started_at = now(),
+        started_at = {started},
         lease_expires_at = now() + make_interval(secs => :lease_seconds),
         version = t.version + 1,
         updated_at = now()
@@ -123,6 +144,10 @@ WITH candidates AS (
 )
 SELECT {TASK_COLUMNS} FROM claimed
 """)
+
+
+CLAIM = _claim(gated=True)
+CLAIM_LIMITED = _claim(gated=False)
 
 # After a claim whose outcome is unknown (the connection died around its commit): the runs that
 # very claim statement started (its claim token), if they still hold their task, taken up again
@@ -139,10 +164,11 @@ RETURNING {", ".join("t." + c.strip() for c in TASK_COLUMNS.split(","))}
 """)
 
 # Why a doorbell claimed nothing: read once, only on a miss, for the log line.
-EXPLAIN_MISS = Sql("""
-SELECT status, queue, runs, attempts, max_attempts,
-       EXTRACT(EPOCH FROM run_after - now()) AS due_in_seconds
-FROM tasks WHERE id = :id
+EXPLAIN_MISS = Sql(f"""
+SELECT t.status, t.queue, t.agent_id, t.runs, t.attempts, t.max_attempts,
+       EXTRACT(EPOCH FROM t.run_after - now()) AS due_in_seconds,
+       {paused("t")} AS paused, {limited("t")} AS limited
+FROM tasks AS t WHERE t.id = :id
 """)
 
 # --- heartbeat ---------------------------------------------------------------------------------
@@ -198,14 +224,14 @@ _COUNT_DOWN = f"""
         version = p.version + 1, updated_at = now()
     FROM counted
     WHERE p.id = counted.id AND p.id NOT IN (SELECT id FROM done)
-    RETURNING p.id, p.runs, p.queue, p.run_after, p.status = '{PENDING}' AS resumed
+    RETURNING p.id, p.runs, p.queue, {_due_at("p")}, p.status = '{PENDING}' AS resumed
 )"""
 # The final SELECT of such a statement: each landed task and, when it resumed its parent, the
 # parent's doorbell.
 _LANDED = """
 SELECT done.id, done.parent_task_id, COALESCE(parents.resumed, false) AS parent_resumed,
        parents.runs AS parent_runs, parents.queue AS parent_queue,
-       parents.run_after AS parent_run_after
+       parents.due_at AS parent_due_at
 FROM done LEFT JOIN parents ON parents.id = done.parent_task_id
 """
 
@@ -321,7 +347,7 @@ SET status = '{PENDING}', attempts = 0, step = p.step + 1, run_after = now(),
 WHERE p.id = ANY(CAST(:ids AS uuid[])) AND p.status IN {_guard(PENDING, only=WAITING)}
   AND NOT EXISTS (SELECT 1 FROM tasks AS c
                   WHERE c.parent_task_id = p.id AND c.status IN {UNFINISHED})
-RETURNING p.id, p.runs, p.queue, p.run_after
+RETURNING p.id, p.runs, p.queue, {_due_at("p")}
 """)
 
 # Safety net for the reconciler: waiting parents whose children all finished but which nobody
@@ -429,7 +455,7 @@ def _rescue(source: str, where: str) -> Sql:
 SELECT r.id, r.runs, r.status, r.queue, r.parent_task_id,
        COALESCE(parents.resumed, false) AS parent_resumed,
        parents.runs AS parent_runs, parents.queue AS parent_queue,
-       parents.run_after AS parent_run_after
+       parents.due_at AS parent_due_at
 FROM rescued AS r LEFT JOIN parents ON parents.id = r.parent_task_id
 """)
 
@@ -460,6 +486,11 @@ LIMIT :limit
 EXPIRED_ROOTS = Sql(_EXPIRED.format(""))
 EXPIRED_CHILDREN = Sql(_EXPIRED.format("NOT"))
 
+# A due task worth a doorbell of its own: not paused (its doorbell would only miss; it is rung
+# when its pause ends) and not of a limited agent (those start through flow doorbells, rung as
+# slots free: see persistence/repositories/flow_sql.py).
+_RINGABLE = f"NOT {paused('t')} AND NOT {limited('t')}"
+
 # Due pending tasks of a queue that have no live doorbell: never dispatched (plain SQL insert),
 # dispatched too long ago (Redis lost it, a producer died after commit) or waiting out a backoff.
 # Marked dispatched in the same statement (rows others hold are skipped), so that the doorbells
@@ -468,21 +499,21 @@ MARK_DUE_DISPATCHED = Sql(f"""
 WITH due AS (
     SELECT t.id FROM tasks AS t
     WHERE t.status = '{PENDING}' AND t.queue = :queue
-      AND greatest(t.run_after, t.dispatch_after) <= now()
+      AND greatest(t.run_after, t.dispatch_after) <= now() AND {_RINGABLE}
     ORDER BY greatest(t.run_after, t.dispatch_after)
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
 )
 UPDATE tasks AS t SET dispatch_after = now() + make_interval(secs => :redispatch_seconds)
 FROM due WHERE t.id = due.id
-RETURNING t.id, t.runs, t.queue, t.run_after
+RETURNING t.id, t.runs, t.queue, {_due_at("t")}
 """)
 
 # The same, one task at a time: when the statement above fails on a row, the others still go.
 DUE_FOR_DISPATCH = Sql(f"""
 SELECT t.id FROM tasks AS t
 WHERE t.status = '{PENDING}' AND t.queue = :queue
-  AND greatest(t.run_after, t.dispatch_after) <= now()
+  AND greatest(t.run_after, t.dispatch_after) <= now() AND {_RINGABLE}
 ORDER BY greatest(t.run_after, t.dispatch_after)
 LIMIT :limit
 """)
@@ -490,7 +521,8 @@ LIMIT :limit
 MARK_DISPATCHED = Sql(f"""
 UPDATE tasks AS t SET dispatch_after = now() + make_interval(secs => :redispatch_seconds)
 WHERE t.id = :id AND t.status = '{PENDING}' AND greatest(t.run_after, t.dispatch_after) <= now()
-RETURNING t.id, t.runs, t.queue, t.run_after
+  AND {_RINGABLE}
+RETURNING t.id, t.runs, t.queue, {_due_at("t")}
 """)
 
 # Doorbells that could not be rung after all: due for the next tick again.
@@ -510,11 +542,12 @@ TASKS_BY_KEYS = Sql(
 # Due pending tasks of some agents, oldest due first (ix_tasks_pending_agent). With FOR UPDATE
 # SKIP LOCKED (the `_LOCKED` variant) inside a transaction, two claimers never get the same row.
 _PENDING_FOR_AGENTS = f"""
-SELECT {TASK_COLUMNS} FROM tasks
-WHERE status = '{PENDING}' AND agent_id = ANY(CAST(:agent_ids AS text[]))
-  AND run_after <= now()
-  AND (CAST(:queue AS text) IS NULL OR queue = CAST(:queue AS text))
-ORDER BY run_after, id
+SELECT {TASK_COLUMNS} FROM tasks AS t
+WHERE t.status = '{PENDING}' AND t.agent_id = ANY(CAST(:agent_ids AS text[]))
+  AND t.run_after <= now()
+  AND (CAST(:queue AS text) IS NULL OR t.queue = CAST(:queue AS text))
+  AND {_RINGABLE}
+ORDER BY t.due_rank, t.id
 LIMIT :limit
 """
 PENDING_FOR_AGENTS = Sql(_PENDING_FOR_AGENTS)

@@ -221,7 +221,8 @@ async def test_the_hot_queries_have_their_indexes(pg: asyncpg.Connection) -> Non
     rows = await pg.fetch("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'tasks'")
     indexes = {r["indexname"]: r["indexdef"] for r in rows}
     assert "WHERE (status = 'pending'::text)" in indexes["ix_tasks_pending_agent"]
-    assert "(agent_id, run_after)" in indexes["ix_tasks_pending_agent"]
+    assert "(queue, agent_id, limit_key, due_rank)" in indexes["ix_tasks_pending_agent"]
+    assert "WHERE (status = 'running'::text)" in indexes["ix_tasks_running_flow"]
     assert "(parent_task_id) WHERE" in indexes["ix_tasks_open_children"]
     assert "WHERE (status = 'running'::text)" in indexes["ix_tasks_running_lease"]
     assert "(parent_task_id, created_at)" in indexes["ix_tasks_parent"]

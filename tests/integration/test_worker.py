@@ -278,4 +278,5 @@ async def test_a_task_inserted_with_sql_keeps_its_place_in_a_burst(
         "SELECT min(started_at) FROM tasks WHERE id = ANY($1)",
         [t.id for t in after],
     )
-    assert sql_start["started_at"] < later
+    # Equal when both were claimed by one batched claim statement (one transaction time).
+    assert sql_start["started_at"] <= later
