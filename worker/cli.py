@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from uuid import UUID
 
-from domain.entities import MAX_ATTEMPTS_LIMIT
+from domain.entities import MAX_ATTEMPTS_LIMIT, MAX_PRIORITY
 from domain.value_objects import FINISHED_STATUSES, TaskStatus
 from worker.config import (
     MAX_CONCURRENCY,
@@ -239,6 +239,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             payload,
             conversation_id=conversation,
             idempotency_key=args.idempotency_key,
+            priority=args.priority,
         )
         if not await op.agent_known(args.agent):
             _say(
@@ -412,6 +413,117 @@ def cmd_edit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# -- flow control ---------------------------------------------------------------------------------
+
+
+def _scope(args: argparse.Namespace) -> dict[str, Any]:
+    """`queue [NAME]`, `agent AGENT` or `key AGENT KEY` as TaskClient.pause/resume arguments."""
+    names = list(args.names)
+    wanted = {"queue": (0, 1), "agent": (1, 1), "key": (2, 2)}[args.scope]
+    if not wanted[0] <= len(names) <= wanted[1]:
+        usage = {"queue": "queue [NAME]", "agent": "agent AGENT", "key": "key AGENT KEY"}
+        raise CommandError(f"expected `{args.command} {usage[args.scope]}`")
+    if args.scope == "queue":
+        return {"queue": names[0] if names else args.queue}
+    scope = {"queue": args.queue, "agent_id": _agent_id(names[0])}
+    if args.scope == "key":
+        if not names[1] or len(names[1]) > 500:
+            raise CommandError("a key is 1 to 500 characters")
+        scope["key"] = names[1]
+    return scope
+
+
+def _agent_id(raw: str) -> str:
+    from domain.entities import check_agent_id
+    from domain.exceptions import InvalidInputError
+
+    try:
+        return check_agent_id(raw)
+    except InvalidInputError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import cli_render as render
+
+    scope = _scope(args)
+    seconds = None if args.for_ is None else args.for_.total_seconds()
+
+    async def action(op: Operator) -> tuple[dict[str, Any], datetime]:
+        pause = await op.client.pause(**scope, reason=args.reason, for_seconds=seconds, by=args.by)
+        return pause, await op.now()
+
+    pause, now = _operate(settings, action, redis=False)
+    _emit(args, lambda: render.plain(pause), lambda: render.limits_text([], [pause], now))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
+    scope = _scope(args)
+    resumed = _operate(settings, lambda op: op.client.resume(**scope), redis=False)
+    what = " ".join([args.scope, *args.names])
+    if args.json:
+        _print_document({"resumed": resumed})
+    else:
+        _say(f"resumed {what}" if resumed else f"{what} was not paused")
+    return 0
+
+
+def cmd_limits(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import cli_render as render
+
+    if args.action == "set":
+        return _set_limits(args, settings)
+    if args.action == "reset":
+        if args.agent is None:
+            raise CommandError("expected `limits reset AGENT`")
+        agent = _agent_id(args.agent)
+        reset = _operate(
+            settings, lambda op: op.client.reset_limits(agent, queue=args.queue), redis=False
+        )
+        _say(f"{agent}: back to its code's limits on {reset} queue(s)")
+        return 0
+
+    async def action(op: Operator) -> tuple[list[Any], list[Any], datetime]:
+        return await op.client.limits(), await op.client.pauses(), await op.now()
+
+    limits, pauses, now = _operate(settings, action, redis=False)
+    _emit(
+        args,
+        lambda: {"limits": render.plain(limits), "pauses": render.plain(pauses)},
+        lambda: render.limits_text(limits, pauses, now),
+    )
+    return 0
+
+
+def _set_limits(args: argparse.Namespace, settings: Settings) -> int:
+    if args.agent is None:
+        raise CommandError("expected `limits set AGENT --concurrency N …`")
+    agent = _agent_id(args.agent)
+    changes = {
+        name: value
+        for name, value in (
+            ("concurrency", args.concurrency),
+            ("per_key", args.per_key),
+            ("rate", args.rate),
+            ("key_rate", args.key_rate),
+        )
+        if value is not None
+    }
+    if not changes:
+        raise CommandError("nothing to set: give --concurrency, --per-key, --rate or --key-rate")
+    # "none" lifts the limit whatever the code declares.
+    values = {k: None if v == "none" else v for k, v in changes.items()}
+    queue = args.queue or settings.queue
+    _operate(
+        settings,
+        lambda op: op.client.set_limits(agent, queue=queue, by=args.by, **values),
+        redis=False,
+    )
+    _say(f"{agent} on queue {queue!r}: " + ", ".join(f"{k} {v}" for k, v in changes.items()))
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     from worker import cli_render as render
 
@@ -530,6 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--idempotency-key", metavar="K", help="submit at most once per key")
     submit.add_argument(
+        "--priority",
+        metavar="N",
+        type=_whole_number(-MAX_PRIORITY, MAX_PRIORITY),
+        default=0,
+        help="higher starts first among due tasks; one point counts as a minute of waiting",
+    )
+    submit.add_argument(
         "--wait", action="store_true", help="wait until the task finishes (exit 1 unless completed)"
     )
     submit.add_argument(
@@ -609,6 +728,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse the edit unless the task is still at this version (as `show` printed it)",
     )
     edit.set_defaults(handler=cmd_edit)
+
+    by = _Parser(add_help=False)
+    by.add_argument(
+        "--by",
+        default=os.environ.get("USER") or "operator",
+        help="who does it (recorded with the pause or override; default: $USER)",
+    )
+    by.add_argument("--queue", help="the queue (default: TASKLANE_QUEUE)")
+    for name, handler, helptext in (
+        ("pause", cmd_pause, "stop new starts on a queue, an agent or one key of an agent"),
+        ("resume", cmd_resume, "lift a pause"),
+    ):
+        command = sub.add_parser(name, parents=[json_flag, by], help=helptext)
+        command.add_argument("scope", choices=["queue", "agent", "key"])
+        command.add_argument("names", nargs="*", metavar="NAME", help="[QUEUE] | AGENT | AGENT KEY")
+        if name == "pause":
+            command.add_argument("--reason", default="paused by an operator", type=_pause_reason)
+            command.add_argument(
+                "--for", dest="for_", metavar="DURATION", type=_pause_duration,
+                help="lift it by itself after this long (30m, 2h, 1d)",
+            )  # fmt: skip
+        command.set_defaults(handler=handler, command=name)
+
+    limits = sub.add_parser(
+        "limits",
+        parents=[json_flag, by],
+        help="flow limits and pauses; `limits set AGENT --concurrency N` overrides one live",
+    )
+    limits.add_argument("action", nargs="?", choices=["list", "set", "reset"], default="list")
+    limits.add_argument("agent", nargs="?", metavar="AGENT")
+    limits.add_argument("--concurrency", type=_limit_value(whole=True), metavar="N|none")
+    limits.add_argument("--per-key", type=_limit_value(whole=True), metavar="N|none")
+    limits.add_argument("--rate", type=_limit_value(whole=False), metavar="RATE|none")
+    limits.add_argument("--key-rate", type=_limit_value(whole=False), metavar="RATE|none")
+    limits.set_defaults(handler=cmd_limits)
 
     stats = sub.add_parser(
         "stats", parents=[json_flag], help="counts by agent and status, latency, live workers"
@@ -765,6 +919,38 @@ def _finished_statuses(raw: str) -> list[TaskStatus]:
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _pause_reason(raw: str) -> str:
+    if not raw.strip() or len(raw) > 1000:
+        raise argparse.ArgumentTypeError("a reason is 1 to 1000 characters")
+    return raw
+
+
+def _pause_duration(raw: str) -> timedelta:
+    value = _duration(raw)
+    if value.total_seconds() <= 0:
+        raise argparse.ArgumentTypeError(f"must be longer than 0s, got {_shown(raw)}")
+    return value
+
+
+def _limit_value(*, whole: bool) -> Callable[[str], Any]:
+    """A limit on the command line: a whole number (≥ 1) or a rate ("60/min"), or "none"."""
+
+    def parse(raw: str) -> Any:
+        if raw.strip().lower() == "none":
+            return "none"
+        if whole:
+            return _whole_number(1, 1_000_000)(raw)
+        from worker.agents import parse_rate
+
+        try:
+            parse_rate(raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return raw.strip()
+
+    return parse
 
 
 def _duration(raw: str) -> timedelta:

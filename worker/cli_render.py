@@ -8,7 +8,7 @@ database clock, like every other time decision in tasklane), and durations in sh
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -110,6 +110,11 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=_default))
 
 
+def plain(value: Any) -> Any:
+    """A document of rows (flow limits, pauses) as JSON values."""
+    return _plain(value)
+
+
 def task_json(row: TaskRow) -> dict[str, Any]:
     from persistence.repositories.report_repository import TASK_COLUMNS
 
@@ -157,6 +162,8 @@ def stats_json(stats: Stats) -> dict[str, Any]:
         "finished_last_minute_by_status": stats.finished_last_minute_by_status,
         "live_workers": stats.live_workers,
         "workers": [worker_json(w, stats.now) for w in stats.workers],
+        "limits": [{k: _plain(v) for k, v in limit.items()} for limit in stats.limits],
+        "pauses": [{k: _plain(v) for k, v in pause.items()} for pause in stats.pauses],
         "now": _plain(stats.now),
     }
 
@@ -422,7 +429,52 @@ def stats_text(stats: Stats) -> str:
             "",
             table(["WORKER", "QUEUE", "AGENTS", "STARTED", "LAST SEEN"], worker_rows),
         ]
+    if stats.limits or stats.pauses:
+        parts += ["", limits_text(stats.limits, stats.pauses, stats.now)]
     return "\n".join(parts)
+
+
+def _limit(value: Any, unit: str = "") -> str:
+    return NONE if value is None else f"{value:g}{unit}" if isinstance(value, float) else str(value)
+
+
+def limits_text(
+    limits: Sequence[Mapping[str, Any]], pauses: Sequence[Mapping[str, Any]], now: datetime
+) -> str:
+    """Every agent's effective limits and use (overrides marked *), then the pauses."""
+    rows = [
+        [
+            limit["queue"],
+            limit["agent_id"],
+            f"{limit['running']}/{_limit(limit['eff_concurrency'])}",
+            _limit(limit["eff_per_key"]),
+            _limit(limit["eff_rate"], "/s"),
+            _limit(limit["eff_key_rate"], "/s"),
+            f"{limit['key_source']}.{limit['key_field']}" if limit["key_source"] else NONE,
+            limit["units"],
+            f"* by {limit['overridden_by']}" if limit["overridden_by"] else "",
+        ]
+        for limit in limits
+    ]
+    parts = []
+    if rows:
+        headers = ["QUEUE", "AGENT", "RUNNING", "PER KEY", "RATE", "KEY RATE", "KEY", "UNITS", ""]
+        parts.append(table(headers, rows))
+    pause_rows = [
+        [
+            p["queue"],
+            p["agent_id"] or "(all)",
+            p["key"] or "(all)",
+            f"{p['paused_by']}, {relative(p['paused_at'], now)}",
+            relative(p["until"], now) if p["until"] is not None else "until resumed",
+            first_line(p["reason"], 60),
+        ]
+        for p in pauses
+    ]
+    if pause_rows:
+        headers = ["PAUSED", "AGENT", "KEY", "BY", "ENDS", "REASON"]
+        parts.append(table(headers, pause_rows))
+    return "\n\n".join(parts) if parts else "no limits and no pauses"
 
 
 def action_text(result: ActionResult, now: datetime) -> str:

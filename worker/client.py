@@ -306,8 +306,11 @@ class TaskClient:
     def _doorbells(
         tasks: Sequence[Task], delays: Sequence[float], new: Mapping[UUID, Task]
     ) -> list[Doorbell]:
+        # The rows as inserted: their due time (the database's clock) and priority place them.
         return [
-            Doorbell.for_task(t) for t, d in zip(tasks, delays, strict=True) if d and t.id in new
+            Doorbell.for_task(new[t.id])
+            for t, d in zip(tasks, delays, strict=True)
+            if d and t.id in new
         ]
 
     async def _insert_alone(self, task: Task) -> _Inserted:

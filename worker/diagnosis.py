@@ -24,17 +24,20 @@ def explain(
     now: datetime,
     workers: Sequence[WorkerInfo],
     children: Mapping[TaskStatus, int],
+    hold: Mapping[str, Any] | None = None,
 ) -> str | None:
     """One line saying why a task is not progressing, or what it is doing (None: completed).
 
     `row` is the task's row of `tasks` by column name, `now` the database clock, `workers` the
     live workers of every queue, `children` the task's children counted by status (read only
-    for a waiting task)."""
+    for a waiting task), `hold` what flow control may hold a pending task by (its scope's
+    pause, its agent's limits and their use: `FlowRepository.hold_of`)."""
     status = TaskStatus(row["status"])
     queue = row["queue"]
     on_queue = [w for w in workers if w.queue == queue]
     if status is TaskStatus.PENDING:
-        return _explain_pending(row, now, on_queue, workers)
+        held = _held(row, now, hold) if hold and row["run_after"] <= now else None
+        return held or _explain_pending(row, now, on_queue, workers)
     if status is TaskStatus.RUNNING:
         return _explain_running(row, now, on_queue)
     if status is TaskStatus.WAITING:
@@ -86,6 +89,42 @@ def _explain_pending(
         f"pending: due {due} ago, not claimed yet by the {counted(len(on_queue), 'live worker')} "
         f"on queue {queue!r}"
     )
+
+
+def _held(row: Mapping[str, Any], now: datetime, hold: Mapping[str, Any]) -> str | None:
+    """What flow control holds a due task by, if anything: a pause, a limit, a rate."""
+    agent = row["agent_id"]
+    if hold.get("pause_reason") is not None:
+        scope = (
+            f"key {hold['paused_key']!r} of agent {agent!r}"
+            if hold["paused_key"]
+            else f"agent {agent!r}"
+            if hold["paused_agent"]
+            else f"queue {row['queue']!r}"
+        )
+        until = hold["paused_until"]
+        ends = f" (until {until:%Y-%m-%d %H:%M:%S}Z)" if until is not None else ""
+        return (
+            f"pending: {scope} paused since {hold['paused_at']:%Y-%m-%d %H:%M:%S}Z by "
+            f"{hold['paused_by']}: {first_line(hold['pause_reason'], ERROR_LIMIT)}{ends} "
+            "— `tasklane resume` lifts it"
+        )
+    concurrency, running = hold.get("eff_concurrency"), hold.get("running", 0)
+    if concurrency is not None and running >= concurrency:
+        return f"pending: agent {agent!r} at its limit, {running} of {concurrency} running"
+    per_key, key_running = hold.get("eff_per_key"), hold.get("key_running", 0)
+    if per_key is not None and key_running >= per_key:
+        return (
+            f"pending: key {hold['limit_key']!r} of agent {agent!r} at its limit, "
+            f"{key_running} of {per_key} running"
+        )
+    for rate, tat, what in (
+        ("eff_rate", "agent_tat", f"agent {agent!r}"),
+        ("eff_key_rate", "key_tat", f"key {hold.get('limit_key')!r} of agent {agent!r}"),
+    ):
+        if hold.get(rate) is not None and hold.get(tat) is not None and hold[tat] > now:
+            return f"pending: {what} rate limited until {hold[tat]:%H:%M:%S}Z"
+    return None
 
 
 def _explain_running(row: Mapping[str, Any], now: datetime, on_queue: Sequence[WorkerInfo]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -73,6 +73,9 @@ class Stats:
     finished_last_minute_by_status: dict[str, int]
     workers: list[WorkerInfo]
     now: datetime
+    # Flow control: every agent's limits with their use, and what is paused.
+    limits: list[dict[str, Any]] = field(default_factory=list)
+    pauses: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def live_workers(self) -> int:
@@ -141,6 +144,7 @@ class Operator:
         *,
         conversation_id: str | None,
         idempotency_key: str | None,
+        priority: int = 0,
     ) -> TaskRow:
         if conversation_id is None:
             conversation = await self.client.create_conversation(
@@ -150,7 +154,11 @@ class Operator:
         else:
             conv_id = parse_task_id(conversation_id)
         task = await self.client.submit(
-            agent_id, input, conversation_id=conv_id, idempotency_key=idempotency_key
+            agent_id,
+            input,
+            conversation_id=conv_id,
+            idempotency_key=idempotency_key,
+            priority=priority,
         )
         return await self._row(task.id)
 
@@ -178,7 +186,8 @@ class Operator:
                 if status is TaskStatus.WAITING
                 else {}
             )
-        reason = explain(row, now=now, workers=workers, children=children)
+            hold = await uow.flow.hold_of(task_id) if status is TaskStatus.PENDING else None
+        reason = explain(row, now=now, workers=workers, children=children, hold=hold)
         return TaskReport(row, history, reason, now)
 
     async def list_tasks(
@@ -212,6 +221,8 @@ class Operator:
             finished = await uow.reports.finished_within(60)
             workers = await uow.workers.list_live()
             now = await uow.reports.now()
+            limits = await uow.flow.limits()
+            pauses = await uow.flow.pauses()
         by_status, by_agent = _tabulate(counts)
         return Stats(
             by_status=by_status,
@@ -223,6 +234,8 @@ class Operator:
             finished_last_minute_by_status={s.value: n for s, n in sorted(finished.items())},
             workers=workers,
             now=now,
+            limits=limits,
+            pauses=pauses,
         )
 
     # -- act ------------------------------------------------------------------------------------

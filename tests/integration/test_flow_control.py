@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 
 from domain.entities import Conversation
+from tests.integration.test_cli import ok_json, tasklane
 from tests.support import db
 from tests.support.workers import WorkerProcess
 from worker.client import TaskClient, TaskSpec
@@ -323,3 +324,85 @@ async def test_a_weighted_rate_is_corrected_by_what_handlers_consume(
     await db.wait_final(database_url, ids, timeout=30)
     starts = [r["started_at"] for r in await runs(database_url, ids)]
     assert starts[-1] - starts[0] >= timedelta(seconds=1.5), starts[-1] - starts[0]
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+
+
+async def test_the_cli_pauses_resumes_and_overrides_limits_and_show_says_why(
+    flow_settings: Settings, client: TaskClient, conversation: Conversation
+) -> None:
+    run = await tasklane(
+        flow_settings, "limits", "set", "f_open", "--concurrency", "2", "--by", "ops"
+    )
+    assert run.code == 0, run.explained
+    listed = await ok_json(flow_settings, "limits")
+    [limit] = [row for row in listed["limits"] if row["agent_id"] == "f_open"]
+    assert (limit["eff_concurrency"], limit["overridden_by"], limit["running"]) == (2, "ops", 0)
+
+    run = await tasklane(
+        flow_settings, "pause", "agent", "f_open", "--reason", "provider outage", "--for", "10m"
+    )
+    assert run.code == 0, run.explained
+    task = await client.submit("f_open", {}, conversation_id=conversation.id)
+    shown = await ok_json(flow_settings, "show", str(task.id))
+    assert "agent 'f_open' paused since" in shown["reason"], shown["reason"]
+    assert "provider outage" in shown["reason"]
+    stats = await ok_json(flow_settings, "stats")
+    assert [(p["agent_id"], p["reason"]) for p in stats["pauses"]] == [
+        ("f_open", "provider outage")
+    ]
+    assert any(row["agent_id"] == "f_open" for row in stats["limits"])
+    text = await tasklane(flow_settings, "limits")
+    assert "f_open" in text.stdout, text.explained
+    assert "provider outage" in text.stdout, text.explained
+
+    run = await tasklane(flow_settings, "resume", "agent", "f_open")
+    assert (run.code, run.stdout.strip()) == (0, "resumed agent f_open"), run.explained
+    run = await tasklane(flow_settings, "resume", "agent", "f_open")
+    assert run.stdout.strip() == "agent f_open was not paused"
+    run = await tasklane(flow_settings, "limits", "reset", "f_open")
+    assert run.code == 0, run.explained
+    listed = await ok_json(flow_settings, "limits")
+    [limit] = [row for row in listed["limits"] if row["agent_id"] == "f_open"]
+    assert limit["eff_concurrency"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("pause", "key", "f_open"), "expected `pause key AGENT KEY`"),
+        (("pause", "agent"), "expected `pause agent AGENT`"),
+        (("pause", "agent", "bad agent!"), "not a valid agent id"),
+        (("pause", "queue", "--for", "0s"), "longer than 0s"),
+        (("pause", "queue", "--reason", ""), "1 to 1000 characters"),
+        (("limits", "set", "f_open", "--rate", "fast"), "a rate is"),
+        (("limits", "set", "f_open", "--concurrency", "0"), "between 1 and"),
+        (("limits", "set", "f_open"), "nothing to set"),
+        (("submit", "echo", "--priority", "1001"), "between -1000 and 1000"),
+    ],
+)
+async def test_bad_flow_arguments_are_one_line(
+    flow_settings: Settings, args: tuple[str, ...], fragment: str
+) -> None:
+    run = await tasklane(flow_settings, *args)
+    assert run.code in (1, 2), run.explained
+    assert "Traceback" not in run.stderr, run.explained
+    assert fragment in run.stderr, run.explained
+
+
+async def test_priority_starts_first_among_due_tasks(
+    flow_settings: Settings,
+    client: TaskClient,
+    conversation: Conversation,
+    processes: list[WorkerProcess],
+    database_url: str,
+) -> None:
+    # Queued before any worker runs: 30 ordinary tasks, then one of priority 100 (it counts as
+    # due 100 minutes earlier). One slot: it runs first, although submitted last.
+    ordinary = await submit(client, conversation, "f_open", 30, seconds=0.01)
+    urgent = await client.submit("f_open", {}, conversation_id=conversation.id, priority=100)
+    start(processes, replace(flow_settings, concurrency=1))
+    rows = await db.wait_final(database_url, [*ordinary, urgent.id], timeout=30)
+    order = sorted(rows, key=lambda r: r["started_at"])
+    assert order[0]["id"] == urgent.id, [r["priority"] for r in order[:5]]

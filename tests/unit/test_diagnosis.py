@@ -223,3 +223,87 @@ def test_first_line_and_counted() -> None:
     assert first_line("abcdefghijk", 5) == "abcd…"
     assert counted(1, "run") == "1 run"
     assert counted(0, "run") == "0 runs"
+
+
+# -- held by flow control -------------------------------------------------------------------------
+
+
+def hold(**changes: Any) -> dict[str, Any]:
+    """What `FlowRepository.hold_of` reads: nothing holds the task unless a test says so."""
+    values: dict[str, Any] = {
+        "pause_reason": None,
+        "paused_by": None,
+        "paused_at": None,
+        "paused_until": None,
+        "paused_agent": None,
+        "paused_key": None,
+        "eff_concurrency": None,
+        "eff_per_key": None,
+        "eff_rate": None,
+        "eff_key_rate": None,
+        "agent_tat": None,
+        "key_tat": None,
+        "limit_key": "",
+        "running": 0,
+        "key_running": 0,
+    }
+    return values | changes
+
+
+def held(h: dict[str, Any], task: dict[str, Any] | None = None) -> str | None:
+    task = task or row(run_after=NOW - timedelta(seconds=3))
+    return explain(task, now=NOW, workers=(worker(),), children={}, hold=h)
+
+
+def test_a_paused_agent_says_since_when_by_whom_and_why() -> None:
+    reason = held(
+        hold(
+            pause_reason="provider outage",
+            paused_by="ops",
+            paused_at=NOW - timedelta(minutes=2),
+            paused_until=NOW + timedelta(minutes=8),
+            paused_agent="echo",
+            paused_key="",
+        )
+    )
+    assert reason == (
+        "pending: agent 'echo' paused since 2026-12-03 11:58:00Z by ops: provider outage "
+        "(until 2026-12-03 12:08:00Z) — `tasklane resume` lifts it"
+    )
+
+
+def test_a_paused_key_and_a_paused_queue_name_their_scope() -> None:
+    common = {"pause_reason": "429", "paused_by": "w1", "paused_at": NOW}
+    key = held(hold(**common, paused_agent="echo", paused_key="acme"))
+    assert key is not None
+    assert key.startswith("pending: key 'acme' of agent 'echo' paused since")
+    queue = held(hold(**common, paused_agent="", paused_key=""))
+    assert queue is not None
+    assert queue.startswith("pending: queue 'tasklane' paused since")
+
+
+def test_an_agent_at_its_limit_says_how_many_run() -> None:
+    reason = held(hold(eff_concurrency=5, running=5))
+    assert reason == "pending: agent 'echo' at its limit, 5 of 5 running"
+
+
+def test_a_key_at_its_limit() -> None:
+    reason = held(hold(eff_per_key=2, key_running=2, running=2, limit_key="acme"))
+    assert reason == "pending: key 'acme' of agent 'echo' at its limit, 2 of 2 running"
+
+
+def test_rate_limited_until_its_next_start() -> None:
+    reason = held(hold(eff_rate=1.0, agent_tat=NOW + timedelta(seconds=30)))
+    assert reason == "pending: agent 'echo' rate limited until 12:00:30Z"
+
+
+def test_room_under_every_limit_falls_back_to_the_usual_reason() -> None:
+    reason = held(hold(eff_concurrency=5, running=2))
+    assert reason is not None
+    assert reason.startswith("pending: due 3.0s ago, not claimed yet")
+
+
+def test_a_task_not_yet_due_is_not_held() -> None:
+    task = row(run_after=NOW + timedelta(minutes=1))
+    reason = held(hold(pause_reason="x", paused_by="o", paused_at=NOW, paused_agent="echo"), task)
+    assert reason == "pending: not due yet, runs in 1m00s"
