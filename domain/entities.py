@@ -110,6 +110,10 @@ class Task:
     step: int = 0  # how many times the task resumed after waiting for subtasks
     version: int = 1  # bumped by every write; optimistic concurrency for `update`
     priority: int = 0  # higher starts first among due tasks (see `due_rank`)
+    # Durable waits: the signal names it waits (or last waited) for, and what resumed it last
+    # ("children", "signal", "timeout", "timer", "timeout_fail").
+    wait_signals: list[str] | None = None
+    woke_by: str | None = None
 
     def __post_init__(self) -> None:
         check_agent_id(self.agent_id)

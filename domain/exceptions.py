@@ -65,6 +65,15 @@ class TaskNotEditableError(DomainError):
         )
 
 
+class SignalRefusedError(DomainError):
+    """A signal for a task that has finished: nothing would ever read it."""
+
+    def __init__(self, task_id: UUID, status: str) -> None:
+        self.task_id = task_id
+        self.status = status
+        super().__init__(f"task {task_id} is {status}: a finished task takes no signal")
+
+
 class InvalidInputError(DomainError, ValueError):
     """Input rejected before anything was written."""
 

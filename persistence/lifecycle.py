@@ -352,13 +352,38 @@ class Lifecycle:
             lambda uow: uow.workers.serves(agent_id, queue=queue, other_than=self.config.worker_id),
         )
 
-    async def wait(self, task: Task, children: Sequence[Task]) -> Finish:
+    async def wait(
+        self,
+        task: Task,
+        children: Sequence[Task],
+        *,
+        signals: Sequence[str] | None = None,
+        deadline_seconds: float | None = None,
+        on_timeout: str | None = None,
+    ) -> Finish:
         return await self._finish(
             "wait",
             lambda uow: uow.tasks.wait(
-                task, children, dispatch_delay=self.config.redispatch_seconds
+                task,
+                children,
+                dispatch_delay=self.config.redispatch_seconds,
+                signals=signals,
+                deadline_seconds=deadline_seconds,
+                on_timeout=on_timeout,
             ),
         )
+
+    async def wake_due(self, *, queue: str, limit: int) -> list[Doorbell]:
+        return await self.run(
+            "wake",
+            lambda uow: uow.tasks.wake_due(queue=queue, limit=limit, dispatch_delay=0.0),
+        )
+
+    async def take_signals(self, task: Task) -> list[dict[str, object]]:
+        return await self.run("signals", lambda uow: uow.tasks.take_signals(task))
+
+    async def progress(self, task: Task, progress_json: str) -> bool:
+        return await self.run("progress", lambda uow: uow.tasks.progress(task, progress_json))
 
     async def _finish(self, name: str, step: Step[T]) -> T:
         return await self.run(name, step, patience=self._finish_patience)

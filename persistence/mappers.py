@@ -44,6 +44,8 @@ def task_from_row(row: Row) -> Task:
         step=row["step"],
         version=row["version"],
         priority=row["priority"],
+        wait_signals=row["wait_signals"],
+        woke_by=row["woke_by"],
         created_at=row["created_at"],
         started_at=row["started_at"],
         completed_at=row["completed_at"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -202,6 +203,16 @@ def agent(
     return register
 
 
+def _wait_seconds(seconds: float | None) -> float | None:
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise ValueError(f"a wait is a number of seconds, got {seconds!r}")
+    if not 0 <= seconds <= MAX_WAIT_SECONDS:
+        raise ValueError(f"a wait is between 0 and {MAX_WAIT_SECONDS:g} seconds, got {seconds!r}")
+    return float(seconds)
+
+
 def load_agents(modules: Iterable[str]) -> dict[str, AgentSpec]:
     """Import the handler modules and return the agents registered so far, by id."""
     for module in modules:
@@ -222,6 +233,36 @@ class WaitForSubtasks:
 
 _WAIT = WaitForSubtasks()
 
+# The longest durable wait: a year.
+MAX_WAIT_SECONDS = 365 * 24 * 3600.0
+# A task's progress is written at most this often (the last one always lands, at the run's end).
+PROGRESS_EVERY_SECONDS = 0.25
+
+
+class WaitFor(WaitForSubtasks):
+    """What `ctx.wait_for_signal()` and `ctx.sleep()` return: park the task until a signal, a
+    time, and (with subtasks spawned in this step) its subtasks."""
+
+    __slots__ = ("deadline_seconds", "on_timeout", "signals")
+
+    def __init__(
+        self, signals: tuple[str, ...], deadline_seconds: float | None, on_timeout: str
+    ) -> None:
+        self.signals = signals
+        self.deadline_seconds = deadline_seconds
+        self.on_timeout = on_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A signal a resumed step reads in `ctx.signals[name]`."""
+
+    name: str
+    payload: Any
+    sent_by: str
+    sent_at: datetime
+
+
 SubtaskLoader = Callable[[UUID], Awaitable[list[Task]]]
 
 
@@ -229,7 +270,14 @@ class TaskContext:
     """What a handler gets: the task, its input, a logger, and the subtask operations."""
 
     def __init__(
-        self, task: Task, *, log: Any, load_subtasks: SubtaskLoader, limits: Limits = Limits()
+        self,
+        task: Task,
+        *,
+        log: Any,
+        load_subtasks: SubtaskLoader,
+        limits: Limits = Limits(),
+        signals: Mapping[str, Signal] | None = None,
+        report_progress: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.task = task
         self.log = log
@@ -237,6 +285,61 @@ class TaskContext:
         self._limits = limits
         self._spawned: list[Task] = []
         self.consumed: dict[str, float] = {}
+        self._signals = dict(signals or {})
+        self._report_progress = report_progress
+        self._progress_at = 0.0
+        self.pending_progress: str | None = None  # throttled: written at the run's end
+
+    @property
+    def signals(self) -> dict[str, Signal]:
+        """The signals this step resumed with, by name (`ctx.wait_for_signal`)."""
+        return dict(self._signals)
+
+    @property
+    def timed_out(self) -> bool:
+        """This step resumed because its signal wait timed out (no signal arrived)."""
+        return self.task.woke_by == "timeout"
+
+    def wait_for_signal(
+        self, *names: str, timeout: float | None = None, on_timeout: str = "resume"
+    ) -> WaitFor:
+        """`return ctx.wait_for_signal("approval", timeout=3600)`: the task waits, holding no
+        slot and no lease, until one of `names` is signalled (`TaskClient.signal`, `tasklane
+        signal`, or an INSERT into task_signals); then its handler runs again with
+        `ctx.signals[name]`. After `timeout` seconds with none, it resumes with
+        `ctx.timed_out` set — or fails, with `on_timeout="fail"`. Subtasks spawned in this step
+        are waited for too."""
+        if not names or not all(isinstance(n, str) and 0 < len(n) <= 200 for n in names):
+            raise ValueError("wait_for_signal needs one or more names of 1 to 200 characters")
+        if on_timeout not in ("resume", "fail"):
+            raise ValueError(f"on_timeout must be 'resume' or 'fail', got {on_timeout!r}")
+        return WaitFor(tuple(dict.fromkeys(names)), _wait_seconds(timeout), on_timeout)
+
+    def sleep(self, seconds: float | None = None, *, until: datetime | None = None) -> WaitFor:
+        """`return ctx.sleep(3600)` (or `until=` an aware datetime): the task waits until then,
+        holding nothing, across restarts of every worker; then its handler runs again."""
+        if (seconds is None) == (until is None):
+            raise ValueError("ctx.sleep takes seconds or until=, one of them")
+        if until is not None:
+            if until.tzinfo is None:
+                raise ValueError("ctx.sleep(until=…) must be timezone-aware")
+            seconds = max(0.0, (until - datetime.now(until.tzinfo)).total_seconds())
+        return WaitFor((), _wait_seconds(seconds), "resume")
+
+    async def progress(
+        self, fraction: float | None = None, message: str | None = None, *, data: Any = None
+    ) -> None:
+        """Keep this run's progress on the task (`show`, `--json`): a fraction from 0 to 1, a
+        message, any JSON data. Written at most four times a second; the last always lands."""
+        if fraction is not None and not (isinstance(fraction, int | float) and 0 <= fraction <= 1):
+            raise ValueError(f"progress must be between 0 and 1, got {fraction!r}")
+        document = {"fraction": fraction, "message": message, "data": data, "step": self.step}
+        self.pending_progress = encode_json(document, what="progress", max_bytes=64 * 1024)
+        now = time.monotonic()
+        if self._report_progress is not None and now - self._progress_at >= PROGRESS_EVERY_SECONDS:
+            self._progress_at = now
+            written, self.pending_progress = self.pending_progress, None
+            await self._report_progress(written)
 
     @property
     def input(self) -> JsonValue:

@@ -354,6 +354,31 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     return _act(args, settings, "retry")
 
 
+def cmd_signal(args: argparse.Namespace, settings: Settings) -> int:
+    """Deliver a signal to a task (TaskClient.signal): a task waiting for it resumes at once."""
+    from domain.exceptions import EntityNotFoundError, SignalRefusedError
+
+    task_id = _id(args.id)
+    payload = _parse_input(args.payload, "--payload") if args.payload is not None else None
+    if not args.name or len(args.name) > 200:
+        raise CommandError("a signal's name is 1 to 200 characters")
+
+    async def action(op: Operator) -> int:
+        try:
+            return await op.client.signal(task_id, args.name, payload, sent_by=args.by)
+        except EntityNotFoundError:
+            raise CommandError(f"no task with id {task_id}") from None
+        except SignalRefusedError as exc:
+            raise CommandError(str(exc)) from None
+
+    signal_id = _operate(settings, action, redis=True)
+    if args.json:
+        _print_document({"signal_id": signal_id, "task_id": str(task_id), "name": args.name})
+    else:
+        _say(f"signal {args.name!r} delivered to {task_id} (signal {signal_id})")
+    return 0
+
+
 def _act(args: argparse.Namespace, settings: Settings, verb: str) -> int:
     """Cancel or retry. A task in a state that does not allow it is printed unchanged, exit 0."""
     from worker import cli_render as render
@@ -703,6 +728,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retry.add_argument("id", metavar="ID")
     retry.set_defaults(handler=cmd_retry)
+
+    signal_ = sub.add_parser(
+        "signal", parents=[json_flag], help="deliver a signal to a task (a waiting one resumes)"
+    )
+    signal_.add_argument("id", metavar="ID")
+    signal_.add_argument("name", metavar="NAME")
+    signal_.add_argument("--payload", metavar="JSON", help="the signal's payload (any JSON)")
+    signal_.add_argument("--by", default=os.environ.get("USER") or "cli", help="who sends it")
+    signal_.set_defaults(handler=cmd_signal)
 
     edit = sub.add_parser(
         "edit",

@@ -50,7 +50,7 @@ from domain.exceptions import (
     InvalidInputError,
 )
 from domain.interfaces import CancelResult, RetryResult
-from domain.payload import JsonValue
+from domain.payload import JsonValue, encode_json
 from persistence.errors import translated
 from persistence.repositories import TaskRepository
 from persistence.repositories.flow_repository import NO_LIMIT
@@ -496,6 +496,27 @@ class TaskClient:
         if run_after is None:  # "run it now": no need to wait for the reconciler
             await self._ring([Doorbell.for_task(updated)])
         return updated
+
+    # -- durable waits ---------------------------------------------------------------------------
+
+    async def signal(
+        self, task_id: UUID | str, name: str, payload: JsonValue = None, *, sent_by: str = "client"
+    ) -> int:
+        """Deliver signal `name` (with a JSON `payload`) to a task: a task waiting for it resumes
+        at once (`ctx.signals[name]`); one not yet waiting keeps it for its wait. A finished task
+        refuses it (`SignalRefusedError`). Returns the signal's id."""
+        tid = parse_task_id(task_id)
+        if not isinstance(name, str) or not 0 < len(name) <= 200:
+            raise InvalidInputError("a signal's name is 1 to 200 characters")
+        payload_json = encode_json(
+            payload, what="signal payload", max_bytes=self.settings.max_input_bytes
+        )
+        async with UnitOfWork(self.session_factory) as uow:
+            signal_id, doorbell = await uow.tasks.signal(tid, name, payload_json, sent_by=sent_by)
+            await uow.commit()
+        if doorbell is not None:
+            await self._ring([doorbell])
+        return signal_id
 
     # -- flow control ----------------------------------------------------------------------------
 

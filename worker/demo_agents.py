@@ -84,3 +84,18 @@ async def fanout(ctx: TaskContext) -> dict[str, Any] | WaitForSubtasks:
             f"{len(unfinished)} of {len(children)} subtasks did not complete ({states})"
         )
     return {"sum": sum(c.output["y"] for c in children)}
+
+
+@agent("approval")
+async def approval(ctx: TaskContext) -> Any:
+    """A human approval: drafts input.request, waits (holding no slot) up to a day for
+    `tasklane signal ID approval --payload '{"approved": true}'`, then acts on the answer."""
+    if ctx.step == 0:
+        await ctx.progress(0.5, "waiting for a person to approve")
+        return ctx.wait_for_signal("approval", timeout=24 * 3600)
+    if ctx.timed_out:
+        return {"approved": False, "reason": "nobody answered within a day"}
+    answer = ctx.signals["approval"]
+    approved = isinstance(answer.payload, dict) and answer.payload.get("approved") is True
+    await ctx.progress(1.0, "approved" if approved else "declined")
+    return {"approved": approved, "by": answer.sent_by, "at": answer.sent_at.isoformat()}

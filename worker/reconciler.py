@@ -112,6 +112,7 @@ class Reconciler:
                 ("resume-stranded", self.resume_stranded),
                 ("dispatch", self.dispatch),
                 ("flow", self.flow),
+                ("wake", self.wake),
             )
         ]
 
@@ -212,6 +213,12 @@ class Reconciler:
             return
         for agent_id in await self.lifecycle.ready_limited(queue):
             await self.dispatcher.ring_flow(queue, agent_id)
+
+    async def wake(self) -> None:
+        """Durable timers and signal timeouts whose time came: pending again, rung now."""
+        doorbells = await self.lifecycle.wake_due(queue=self.settings.queue, limit=DISPATCH_BATCH)
+        if doorbells and not self.redis_away():
+            await self.dispatcher.ring(doorbells)
 
     async def _ring_due(self, doorbells: list[Doorbell]) -> None:
         """Ring doorbells marked dispatched (committed). A due task was either never rung

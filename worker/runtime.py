@@ -30,7 +30,9 @@ from worker.agents import (
     PermanentError,
     RateLimited,
     Retry,
+    Signal,
     TaskContext,
+    WaitFor,
     WaitForSubtasks,
 )
 from worker.config import Settings
@@ -70,6 +72,9 @@ class Completed:
 @dataclass(frozen=True, slots=True)
 class Waiting:
     children: list[Task]
+    signals: tuple[str, ...] = ()
+    deadline_seconds: float | None = None  # a timer, or the signals' timeout
+    on_timeout: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +291,9 @@ class WorkerRuntime:
                 unreadable = _unreadable(task)
                 if spec is None:
                     outcome: Outcome = await self._without_agent(task)
+                elif task.woke_by == "timeout_fail":
+                    names = ", ".join(task.wait_signals or ())
+                    outcome = Failed(f"timed out waiting for signal {names}", permanent=True)
                 elif unreadable is not None:
                     outcome = Failed(unreadable, permanent=True)
                 else:
@@ -324,6 +332,8 @@ class WorkerRuntime:
             log=self.log.bind(run=task.runs),
             load_subtasks=self._subtasks,
             limits=self.limits,
+            signals=await self._signals_of(task),
+            report_progress=lambda document: self._progress(task, document),
         )
         if spec.flow is not None:
             self._consumed[task.id] = ctx.consumed
@@ -350,6 +360,8 @@ class WorkerRuntime:
         if tracked.lost:
             self.log.warning("run.abandoned", reason="the task is no longer ours")
             return Lost()
+        if ctx.pending_progress is not None:  # the last progress always lands
+            await self._progress(task, ctx.pending_progress)
         if not handler.done():
             return self._abandon(handler, timeout)
         if handler.cancelled():
@@ -396,6 +408,8 @@ class WorkerRuntime:
             raise
         except BaseException as exc:  # even a handler's SystemExit must not end the worker
             return self._error(exc)
+        if isinstance(result, WaitFor):
+            return Waiting(ctx.spawned, result.signals, result.deadline_seconds, result.on_timeout)
         if isinstance(result, WaitForSubtasks):
             if not ctx.spawned:
                 return Failed(
@@ -416,6 +430,27 @@ class WorkerRuntime:
 
     def _error(self, exc: BaseException) -> Failed:
         return Failed(_describe(exc), exc=exc)
+
+    async def _signals_of(self, task: Task) -> dict[str, Signal]:
+        """The signals a step resumed by its signal wait reads (none for any other run)."""
+        if not task.wait_signals or task.woke_by not in ("signal", "timeout"):
+            return {}
+        rows = await self.lifecycle.take_signals(task)
+        return {
+            str(r["name"]): Signal(
+                str(r["name"]),
+                r["payload"],
+                str(r["sent_by"]),
+                r["sent_at"],  # type: ignore[arg-type]
+            )
+            for r in rows
+        }
+
+    async def _progress(self, task: Task, document: str) -> None:
+        try:
+            await self.lifecycle.progress(task, document)
+        except Exception as exc:  # progress is a courtesy: never the run's failure
+            self.log.warning("progress.failed", error=repr(exc))
 
     async def _subtasks(self, task_id: UUID) -> list[Task]:
         return await self.lifecycle.subtasks(task_id)
@@ -460,8 +495,14 @@ class WorkerRuntime:
                 finish = await self.lifecycle.complete(task, output_json, children)
                 self._report(finish, "task.completed", duration_ms=elapsed_ms)
                 return finish
-            case Waiting(children):
-                finish = await self.lifecycle.wait(task, children)
+            case Waiting(children, signals, deadline_seconds, on_timeout):
+                finish = await self.lifecycle.wait(
+                    task,
+                    children,
+                    signals=signals,
+                    deadline_seconds=deadline_seconds,
+                    on_timeout=on_timeout,
+                )
                 self._report(finish, "task.waiting", subtasks=len(children), duration_ms=elapsed_ms)
                 return finish
             case Failed(error, permanent, retry_after, exc):

@@ -5,6 +5,7 @@ from persistence.models.base import Base
 from persistence.models.conversation_model import ConversationModel
 from persistence.models.flow_model import FlowKeyModel, FlowLimitModel, PauseModel
 from persistence.models.schema_model import SchemaModel
+from persistence.models.signal_model import SignalModel
 from persistence.models.sweeper_model import SweeperModel
 from persistence.models.task_attempt_model import TaskAttemptModel
 from persistence.models.task_model import TaskModel
@@ -18,6 +19,7 @@ __all__ = [
     "FlowLimitModel",
     "PauseModel",
     "SchemaModel",
+    "SignalModel",
     "SweeperModel",
     "TaskAttemptModel",
     "TaskModel",

@@ -14,7 +14,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from domain.entities import AGENT_ID_PATTERN, DEFAULT_QUEUE, MAX_ATTEMPTS_LIMIT, MAX_PRIORITY
@@ -70,6 +70,13 @@ class TaskModel(Base):
     priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     limit_key: Mapped[str] = mapped_column(Text, server_default=text("''"))
     due_rank: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Durable waits (migration 0006): the signal names a waiting task waits for, its timer or
+    # timeout, what a timeout does, what resumed it last, and its latest progress.
+    wait_signals: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    wait_deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    wait_on_timeout: Mapped[str | None] = mapped_column(Text)
+    woke_by: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[Any | None] = mapped_column(JSONB)
     # Fan-in: how many of this task's children are unfinished, kept by the statements that add
     # and finish children (under this row's lock). It says when to check for a resume, so that
     # no child's finish reads its siblings.
@@ -93,6 +100,10 @@ class TaskModel(Base):
             name="agent_id_format",
         ),
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+        CheckConstraint(
+            "wait_on_timeout IS NULL OR wait_on_timeout IN ('resume', 'fail')",
+            name="wait_on_timeout",
+        ),
         CheckConstraint(
             f"priority BETWEEN {-MAX_PRIORITY} AND {MAX_PRIORITY}", name="priority_range"
         ),
@@ -140,6 +151,12 @@ class TaskModel(Base):
             "ix_tasks_open_children",
             "parent_task_id",
             postgresql_where=text(f"parent_task_id IS NOT NULL AND status IN ({_UNFINISHED})"),
+        ),
+        # Timers and signal timeouts due to wake.
+        Index(
+            "ix_tasks_wait_deadline",
+            "wait_deadline",
+            postgresql_where=text("status = 'waiting' AND wait_deadline IS NOT NULL"),
         ),
         # The rescuer: running tasks by lease expiry.
         Index(

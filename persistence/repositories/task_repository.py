@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Any, ClassVar, NamedTuple
 from uuid import UUID
 
+import asyncpg
 from sqlalchemy import String, and_, cast, delete, exists, func, select, update
 from sqlalchemy.orm import aliased
 
@@ -31,6 +32,7 @@ from domain.exceptions import (
     ConcurrentUpdateError,
     EntityNotFoundError,
     InvalidInputError,
+    SignalRefusedError,
     TaskNotEditableError,
 )
 from domain.interfaces import (
@@ -47,6 +49,7 @@ from domain.interfaces import (
 from domain.payload import encode_json
 from domain.policies import Backoff
 from domain.value_objects import FINISHED_STATUSES, UNFINISHED_STATUSES, AttemptOutcome, TaskStatus
+from persistence.errors import find_postgres_error
 from persistence.mappers import attempt_from_row, insert_params, task_from_row
 from persistence.models import TaskModel
 from persistence.repositories import flow_sql as fq
@@ -564,19 +567,85 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
         )
         return bool(rows) or await self._landed_before(task, AttemptOutcome.RELEASED)
 
-    async def wait(self, task: Task, children: Sequence[Task], *, dispatch_delay: float) -> Finish:
-        """running → waiting with its new subtasks, in one transaction. Waiting for no subtask
-        is refused: it would resume at once, forever."""
-        if not children:
+    async def wait(
+        self,
+        task: Task,
+        children: Sequence[Task],
+        *,
+        dispatch_delay: float,
+        signals: Sequence[str] | None = None,
+        deadline_seconds: float | None = None,
+        on_timeout: str | None = None,
+    ) -> Finish:
+        """running → waiting, in one transaction: for its new subtasks, for one of `signals`,
+        until `deadline_seconds` from now (a timer, or the signals' timeout), or together —
+        then it resumes once its subtasks have all finished and a signal arrived (or the
+        deadline passed). Waiting for nothing is refused: it would resume at once, forever. A
+        signal delivered before the wait is consumed by it at once."""
+        if not children and not signals and deadline_seconds is None:
             raise InvalidInputError(f"task {task.id} cannot wait for subtasks: it spawned none")
         async with self._ex.atomic():
-            if not await self._fetch(q.WAIT, id=task.id, run=task.runs, children=len(children)):
+            waited = await self._fetch(
+                q.WAIT,
+                id=task.id,
+                run=task.runs,
+                children=len(children),
+                signals=list(signals) if signals else None,
+                deadline_seconds=deadline_seconds,
+                on_timeout=on_timeout,
+            )
+            if not waited:
                 # Lost its claim, or a retry whose first try landed (children and all: the
                 # reconciler rings their doorbells).
                 return Finish(await self._landed_before(task, AttemptOutcome.WAITING))
-            return Finish(
-                True, await self._insert_children(children, dispatch_delay=dispatch_delay)
-            )
+            doorbells = await self._insert_children(children, dispatch_delay=dispatch_delay)
+            if signals and not children:  # a signal sent before the wait resumes it now
+                doorbells += await self._resume_if_done([task.id], dispatch_delay=0.0)
+            return Finish(True, doorbells)
+
+    async def wake_due(self, *, queue: str, limit: int, dispatch_delay: float) -> list[Doorbell]:
+        """Timers and signal timeouts of `queue` whose deadline passed: pending again."""
+        rows = await self._fetch(
+            q.WAKE_DUE, queue=queue, limit=limit, dispatch_delay=float(dispatch_delay)
+        )
+        return [_doorbell(row) for row in rows]
+
+    async def take_signals(self, task: Task) -> list[dict[str, Any]]:
+        """The signals this step of a resumed task reads (`ctx.signals`), marked taken by it."""
+        rows = await self._fetch(
+            q.TAKE_SIGNALS, id=task.id, step=task.step, names=list(task.wait_signals or ())
+        )
+        return [dict(row.items()) for row in rows]
+
+    async def signal(
+        self, task_id: UUID, name: str, payload_json: str | None, *, sent_by: str
+    ) -> tuple[int, Doorbell | None]:
+        """Deliver a signal: kept for the task's next wait, or resuming it now if it waits for
+        `name` (and its subtasks have all finished). Refused for a finished task. Returns the
+        signal's id and, if it resumed the task, its doorbell."""
+        async with self._ex.atomic():
+            try:
+                [sent] = await self._fetch(
+                    q.SEND_SIGNAL, id=task_id, name=name, payload=payload_json, sent_by=sent_by
+                )
+            except Exception as exc:
+                refused = find_postgres_error(exc)
+                if refused is None:
+                    raise
+                if isinstance(refused, asyncpg.ForeignKeyViolationError):
+                    raise EntityNotFoundError("Task", task_id) from None
+                if isinstance(refused, asyncpg.CheckViolationError):
+                    status = str(refused).split(" is ", 1)[-1].split(":", 1)[0]
+                    raise SignalRefusedError(task_id, status) from None
+                raise
+            [row] = await self._fetch(q.RESUMED_BY_SIGNAL, id=task_id)
+        resumed = row["status"] == TaskStatus.PENDING and row["woke_by"] == "signal"
+        return int(sent["id"]), _doorbell(row) if resumed else None
+
+    async def progress(self, task: Task, progress_json: str) -> bool:
+        """The latest progress of a running run (fenced by its run number)."""
+        rows = await self._fetch(q.PROGRESS, id=task.id, run=task.runs, progress=progress_json)
+        return bool(rows)
 
     async def _finish_in_family(
         self,

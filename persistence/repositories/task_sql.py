@@ -72,8 +72,8 @@ def _due_at(alias: str) -> str:
 TASK_COLUMNS = (
     "id, conversation_id, parent_task_id, agent_id, queue, status, input, output, error,"
     " metadata, attempts, max_attempts, run_after, worker_id, lease_expires_at,"
-    " idempotency_key, runs, step, version, priority, created_at, started_at, completed_at,"
-    " updated_at"
+    " idempotency_key, runs, step, version, priority, wait_signals, woke_by, created_at,"
+    " started_at, completed_at, updated_at"
 )
 
 # --- insert ------------------------------------------------------------------------------------
@@ -203,7 +203,15 @@ FROM held AS h
 # still sees them unfinished), so a child added or changed by hand, which no count saw, still
 # holds its parent. The caller holds the parents' locks already (parent first, then the child).
 # Parents that are in `done` themselves (a cancelled subtree) are left out: theirs are final.
+# A waiting task's non-subtask wait is satisfied (durable waits, migration 0006): it waits for
+# no signal and no timer, or one of its signals has arrived. (A timer alone is woken by the
+# reconciler at its deadline; a signal's arrival resumes it in the signal's own statement.)
+_WAIT_SATISFIED = """((p.wait_signals IS NULL AND p.wait_deadline IS NULL)
+        OR EXISTS (SELECT 1 FROM task_signals AS s WHERE s.task_id = p.id
+                   AND s.consumed_at IS NULL AND s.name = ANY(p.wait_signals)))"""
+_WOKE_BY = "CASE WHEN p.wait_signals IS NULL THEN 'children' ELSE 'signal' END"
 _RESUMES = f"""(p.status IN {_guard(PENDING, only=WAITING)} AND p.open_children - counted.n <= 0
+        AND {_WAIT_SATISFIED}
         AND NOT EXISTS (SELECT 1 FROM tasks AS c
                         WHERE c.parent_task_id = p.id AND c.status IN {UNFINISHED}
                           AND c.id NOT IN (SELECT id FROM done)))"""
@@ -221,6 +229,7 @@ _COUNT_DOWN = f"""
         dispatch_after = CASE WHEN {_RESUMES}
                          THEN now() + make_interval(secs => :dispatch_delay)
                          ELSE p.dispatch_after END,
+        woke_by = CASE WHEN {_RESUMES} THEN {_WOKE_BY} ELSE p.woke_by END,
         version = p.version + 1, updated_at = now()
     FROM counted
     WHERE p.id = counted.id AND p.id NOT IN (SELECT id FROM done)
@@ -309,6 +318,9 @@ WAIT = Sql(f"""
 WITH done AS (
     UPDATE tasks AS t
     SET status = '{WAITING}', lease_expires_at = NULL, open_children = t.open_children + :children,
+        wait_signals = CAST(:signals AS text[]),
+        wait_deadline = now() + make_interval(secs => CAST(:deadline_seconds AS float8)),
+        wait_on_timeout = CAST(:on_timeout AS text), woke_by = NULL,
         version = t.version + 1, updated_at = now()
     WHERE t.id = :id AND t.runs = :run AND t.status IN {_guard(WAITING)}
     RETURNING t.id, t.runs
@@ -343,8 +355,9 @@ RESUME_IF_DONE = Sql(f"""
 UPDATE tasks AS p
 SET status = '{PENDING}', attempts = 0, step = p.step + 1, run_after = now(),
     dispatch_after = now() + make_interval(secs => :dispatch_delay), open_children = 0,
-    version = p.version + 1, updated_at = now()
+    woke_by = {_WOKE_BY}, version = p.version + 1, updated_at = now()
 WHERE p.id = ANY(CAST(:ids AS uuid[])) AND p.status IN {_guard(PENDING, only=WAITING)}
+  AND {_WAIT_SATISFIED}
   AND NOT EXISTS (SELECT 1 FROM tasks AS c
                   WHERE c.parent_task_id = p.id AND c.status IN {UNFINISHED})
 RETURNING p.id, p.runs, p.queue, {_due_at("p")}
@@ -356,6 +369,7 @@ STRANDED_WAITING = Sql(f"""
 SELECT p.id FROM tasks AS p
 WHERE p.status = '{WAITING}'
   AND p.updated_at < now() - make_interval(secs => :min_age_seconds)
+  AND {_WAIT_SATISFIED}
   AND NOT EXISTS (SELECT 1 FROM tasks AS c
                   WHERE c.parent_task_id = p.id AND c.status IN {UNFINISHED})
 ORDER BY p.updated_at
@@ -529,6 +543,62 @@ RETURNING t.id, t.runs, t.queue, {_due_at("t")}
 UNMARK_DISPATCHED = Sql(f"""
 UPDATE tasks SET dispatch_after = now()
 WHERE id = ANY(CAST(:ids AS uuid[])) AND status = '{PENDING}'
+""")
+
+# --- durable waits -----------------------------------------------------------------------------
+
+# Timers and signal timeouts whose deadline passed, the task's subtasks (if any) all finished:
+# pending again, saying why. A timeout with on_timeout='fail' resumes as 'timeout_fail': the
+# worker fails that run without calling the handler, through the usual fail (its parent counts
+# down as for any failure).
+WAKE_DUE = Sql(f"""
+WITH due AS (
+    SELECT p.id FROM tasks AS p
+    WHERE p.status = '{WAITING}' AND p.wait_deadline <= now() AND p.queue = :queue
+      AND NOT EXISTS (SELECT 1 FROM tasks AS c
+                      WHERE c.parent_task_id = p.id AND c.status IN {UNFINISHED})
+    ORDER BY p.wait_deadline
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks AS p
+SET status = '{PENDING}', attempts = 0, step = p.step + 1, run_after = now(),
+    dispatch_after = now() + make_interval(secs => :dispatch_delay), open_children = 0,
+    woke_by = CASE WHEN p.wait_signals IS NULL THEN 'timer'
+                   WHEN p.wait_on_timeout = 'fail' THEN 'timeout_fail'
+                   ELSE 'timeout' END,
+    version = p.version + 1, updated_at = now()
+FROM due WHERE p.id = due.id AND p.status = '{WAITING}'
+RETURNING p.id, p.runs, p.queue, {_due_at("p")}
+""")
+
+# The signals a resumed step reads: those its wait took (marked with the step), again on a retry
+# of the same step.
+TAKE_SIGNALS = Sql("""
+UPDATE task_signals
+SET consumed_at = COALESCE(consumed_at, now()), consumed_step = COALESCE(consumed_step, :step)
+WHERE task_id = :id
+  AND ((consumed_at IS NULL AND name = ANY(CAST(:names AS text[]))) OR consumed_step = :step)
+RETURNING name, payload, sent_by, sent_at
+""")
+
+SEND_SIGNAL = Sql("""
+WITH sent AS (
+    INSERT INTO task_signals (task_id, name, payload, sent_by)
+    VALUES (:id, :name, CAST(:payload AS jsonb), :sent_by)
+    RETURNING task_id, id, sent_at
+)
+SELECT sent.id, sent.sent_at FROM sent
+""")
+
+RESUMED_BY_SIGNAL = Sql(f"""
+SELECT t.id, t.runs, t.queue, {_due_at("t")}, t.status, t.woke_by FROM tasks AS t
+WHERE t.id = :id
+""")
+
+PROGRESS = Sql(f"""
+UPDATE tasks SET progress = CAST(:progress AS jsonb)
+WHERE id = :id AND runs = :run AND status = '{RUNNING}'
 """)
 
 # --- reads -------------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ async def test_upgrade_compare_downgrade_upgrade(empty_database: str) -> None:
         "pauses",
         "sweepers",
         "task_attempts",
+        "task_signals",
         "tasklane_schema",
         "tasks",
         "workers",
