@@ -299,16 +299,26 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     from worker import cli_render as render
 
     conversation = str(_id(args.conversation, "conversation")) if args.conversation else None
+    if args.waiting and args.status not in (None, TaskStatus.WAITING):
+        raise CommandError("--waiting lists waiting tasks: leave out --status")
+    status = TaskStatus.WAITING if args.waiting else args.status
     rows, now = _operate(
         settings,
         lambda op: op.list_tasks(
             agent_id=args.agent,
-            status=args.status,
+            status=status,
             conversation_id=conversation,
             limit=args.limit,
         ),
         redis=False,
     )
+    if args.waiting:
+        _emit(
+            args,
+            lambda: [{**render.task_json(r), "waits_for": render.waits_for(r, now)} for r in rows],
+            lambda: render.inbox_text(rows, now),
+        )
+        return 0
     _emit(args, lambda: [render.task_json(r) for r in rows], lambda: render.list_text(rows, now))
     return 0
 
@@ -696,6 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
     list_.add_argument("--agent", metavar="A")
     list_.add_argument("--status", metavar="S", type=_status)
     list_.add_argument("--conversation", metavar="C")
+    list_.add_argument(
+        "--waiting",
+        action="store_true",
+        help="the inbox: waiting tasks, what each waits for (subtasks, signals, a timer)",
+    )
     list_.add_argument(
         "--limit",
         metavar="N",

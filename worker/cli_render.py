@@ -316,6 +316,31 @@ def show_text(report: TaskReport) -> str:
     return "\n".join(parts)
 
 
+def waits_for(row: Mapping[str, Any], now: datetime) -> str:
+    """What a waiting task waits for: its unfinished subtasks, signal names, a deadline."""
+    parts = []
+    if row.get("open_children"):
+        parts.append(f"{row['open_children']} subtask(s)")
+    if row.get("wait_signals"):
+        parts.append("signal " + " or ".join(row["wait_signals"]))
+    deadline = row.get("wait_deadline")
+    if deadline is not None:
+        when = relative(deadline, now)
+        parts.append(f"timeout {when}" if row.get("wait_signals") else f"timer, wakes {when}")
+    return ", ".join(parts) or "its subtasks"
+
+
+def inbox_text(rows: Sequence[TaskRow], now: datetime) -> str:
+    """`tasklane list --waiting`: each waiting task, what it waits for, since when."""
+    if not rows:
+        return "no waiting tasks"
+    body = [
+        [str(r["id"]), r["agent_id"], waits_for(r, now), relative(r["updated_at"], now)]
+        for r in rows
+    ]
+    return table(["ID", "AGENT", "WAITS FOR", "SINCE"], body)
+
+
 def list_text(rows: Sequence[TaskRow], now: datetime) -> str:
     if not rows:
         return "no tasks"

@@ -238,3 +238,19 @@ async def test_a_wait_outlives_a_killed_worker_and_spends_no_attempt(
     done = await client.wait(task.id, timeout=20)
     assert done.output["signals"] == {"approval": ["after the crash", "client"]}  # type: ignore[index]
     assert (done.attempts, done.runs) == (1, 2)
+
+
+async def test_list_waiting_is_an_inbox(
+    client: TaskClient, conversation: Conversation, waiter: WorkerRuntime, settings: Settings
+) -> None:
+    signal = await client.submit("w_signal", {"timeout": 3600}, conversation_id=conversation.id)
+    timer = await client.submit("w_sleep", {"seconds": 600}, conversation_id=conversation.id)
+    await waiting(settings.database_url, signal.id)
+    await waiting(settings.database_url, timer.id)
+    inbox = await ok_json(settings, "list", "--waiting")
+    waits = {row["id"]: row["waits_for"] for row in inbox}
+    assert waits[str(signal.id)].startswith("signal approval, timeout in 59m")
+    assert waits[str(timer.id)].startswith("timer, wakes in 9m")
+    text = await tasklane(settings, "list", "--waiting")
+    assert "WAITS FOR" in text.stdout
+    assert "signal approval" in text.stdout
