@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from tests.agents import mark
@@ -43,4 +44,14 @@ async def progress(ctx: TaskContext) -> Any:
     n = int(ctx.input["n"])  # type: ignore[index]
     for i in range(n):
         await ctx.progress((i + 1) / n, f"item {i + 1} of {n}", data={"i": i})
+    return {"done": n}
+
+
+@agent("w_progress_slow")
+async def progress_slow(ctx: TaskContext) -> Any:
+    """Reports progress input.n times, input.every seconds apart (slower than the throttle)."""
+    n = int(ctx.input["n"])  # type: ignore[index]
+    for i in range(n):
+        await asyncio.sleep(float(ctx.input["every"]))  # type: ignore[index]
+        await ctx.progress((i + 1) / n, f"item {i + 1} of {n}")
     return {"done": n}

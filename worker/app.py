@@ -48,6 +48,7 @@ from worker.reconciler import Reconciler
 from worker.redis_conn import create_arq_pool, redis_settings
 from worker.runtime import WorkerRuntime
 from worker.serialization import deserialize, serialize
+from worker.watch import Watched
 
 # arq polls its queue (one ZRANGEBYSCORE) every `poll_delay`. A busy worker polls every
 # POLL_DELAY_SECONDS, so a doorbell waits a few ms at most; each poll that finds nothing new
@@ -371,12 +372,14 @@ async def _start(
     )
     ctx["tasklane_lifecycle"] = lifecycle
     dispatcher = Dispatcher(ctx["redis"], settings.queue)
+    watched = Watched(ctx["redis"])
     runtime = WorkerRuntime(
         settings=settings,
         worker_id=worker_id,
         lifecycle=lifecycle,
         dispatcher=dispatcher,
         agents=agents,
+        watched=watched,
     )
     outage: RedisOutage | None = ctx.get("tasklane_outage")
     reconciler = Reconciler(
@@ -387,6 +390,7 @@ async def _start(
         log=log,
         redis_away=lambda: outage is not None and outage.active,
         abandoned=lambda: len(runtime.abandoned),
+        watched=watched,
     )
     # One pass before the first poll: tasks already due are dispatched (a burst worker then
     # sees them), the worker row exists, expired leases are rescued.

@@ -290,8 +290,31 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     from worker import cli_render as render
 
     task_id = _id(args.id)
+    if args.follow:
+        return _follow(args, settings, task_id)
     report = _operate(settings, lambda op: op.show(task_id), redis=False)
     _emit(args, lambda: render.show_json(report), lambda: render.show_text(report))
+    return 0
+
+
+def _follow(args: argparse.Namespace, settings: Settings, task_id: Any) -> int:
+    """`show ID --follow`: one line (or, with --json, one JSON document) per change, until the
+    task is final (TaskClient.watch)."""
+    from domain.exceptions import EntityNotFoundError
+    from worker import cli_render as render
+
+    async def action(op: Operator) -> None:
+        try:
+            async for event in op.client.watch(task_id):
+                if args.json:
+                    print(render.dumps(redact(render.plain(event))), flush=True)
+                else:
+                    _say(render.event_text(event))
+                    sys.stdout.flush()
+        except EntityNotFoundError:
+            raise CommandError(f"no task with id {task_id}") from None
+
+    _operate(settings, action, redis=True)
     return 0
 
 
@@ -700,6 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
         "show", parents=[json_flag], help="a task, its run history and why it is where it is"
     )
     show.add_argument("id", metavar="ID")
+    show.add_argument(
+        "--follow", action="store_true", help="print each change as it happens until it is final"
+    )
     show.set_defaults(handler=cmd_show)
 
     list_ = sub.add_parser("list", parents=[json_flag], help="tasks, newest first")

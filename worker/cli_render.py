@@ -330,6 +330,27 @@ def waits_for(row: Mapping[str, Any], now: datetime) -> str:
     return ", ".join(parts) or "its subtasks"
 
 
+def event_text(event: Mapping[str, Any]) -> str:
+    """One line of `show --follow`."""
+    progress = event.get("progress")
+    said = ""
+    if isinstance(progress, dict):
+        fraction = progress.get("fraction")
+        share = f"{fraction:.0%} " if isinstance(fraction, int | float) else ""
+        said = f"{share}{progress.get('message') or ''}".strip()
+    if event.get("event") == "progress":
+        return f"progress  {said}"
+    line = f"{event['status']:<9} attempts {event['attempts']}, run {event['runs']}"
+    line += f", step {event['step']}" if event.get("step") else ""
+    if event.get("woke_by"):
+        line += f" (resumed by {event['woke_by']})"
+    if said:
+        line += f"  {said}"
+    if event["status"] == "failed" and event.get("error"):
+        line += f"  {_short(event['error'], 80)}"
+    return line
+
+
 def inbox_text(rows: Sequence[TaskRow], now: datetime) -> str:
     """`tasklane list --waiting`: each waiting task, what it waits for, since when."""
     if not rows:

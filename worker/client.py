@@ -20,8 +20,10 @@ goes the unit-of-work way, as `submit_many` and `session=` submits always do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -51,6 +53,7 @@ from domain.exceptions import (
 )
 from domain.interfaces import CancelResult, RetryResult
 from domain.payload import JsonValue, encode_json
+from domain.value_objects import FINISHED_STATUSES
 from persistence.errors import translated
 from persistence.repositories import TaskRepository
 from persistence.repositories.flow_repository import NO_LIMIT
@@ -60,6 +63,7 @@ from worker.agents import parse_rate
 from worker.config import Settings
 from worker.dispatch import Dispatcher
 from worker.redis_conn import create_redis
+from worker.watch import INTEREST_SECONDS, SAFETY_POLL_SECONDS, channel, follow
 
 SUBMIT_BATCH = 1000
 # Producers give Redis about half a second to connect; after that the reconciler rings.
@@ -133,6 +137,17 @@ def _per_second(rate: str | float | None) -> float:
         except ValueError as exc:
             raise InvalidInputError(str(exc)) from None
     return rate
+
+
+def _event(message: Any) -> dict[str, Any] | None:
+    """A worker's event from a pub/sub message; None for anything else."""
+    if not isinstance(message, dict) or message.get("type") != "message":
+        return None
+    try:
+        event = json.loads(message["data"])
+    except (ValueError, TypeError):
+        return None
+    return event if isinstance(event, dict) else None
 
 
 def parse_task_id(value: UUID | str) -> UUID:
@@ -517,6 +532,60 @@ class TaskClient:
         if doorbell is not None:
             await self._ring([doorbell])
         return signal_id
+
+    async def watch(
+        self, task_id: UUID | str, *, safety_poll_seconds: float = SAFETY_POLL_SECONDS
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The task's changes as they happen, until it is final: `{"event": "state", ...}` with
+        its status, attempts, runs, step, progress (read from Postgres: first, after each
+        worker event, after a reconnect, and every `safety_poll_seconds` without news) and
+        `{"event": "progress", "progress": …}` as the handler reports it. See worker.watch."""
+        tid = parse_task_id(task_id)
+        last: tuple[Any, ...] | None = None
+        renewed = 0.0
+        pubsub = self.redis.pubsub()
+        try:
+            while True:
+                try:
+                    if time.monotonic() - renewed > INTEREST_SECONDS / 3:
+                        await follow(self.redis, tid)
+                        if not renewed:
+                            await pubsub.subscribe(channel(tid))
+                        renewed = time.monotonic()
+                    message = (
+                        await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=safety_poll_seconds
+                        )
+                        if last is not None
+                        else None
+                    )
+                except Exception as exc:  # Redis away: Postgres tells the truth meanwhile
+                    log.info("watch.redis_failed", task_id=str(tid), error=repr(exc))
+                    await asyncio.sleep(min(safety_poll_seconds, 1.0))
+                    message, renewed = None, 0.0
+                    pubsub = self.redis.pubsub()
+                event = _event(message)
+                if event is not None and event.get("event") == "progress":
+                    yield event
+                    continue
+                row = await self._state(tid)
+                state = tuple(row[k] for k in ("status", "attempts", "runs", "step", "progress"))
+                if state != last:
+                    last = state
+                    yield {"event": "state", "task_id": str(tid), **row}
+                if row["status"] in {s.value for s in FINISHED_STATUSES}:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _state(self, task_id: UUID) -> dict[str, Any]:
+        async with UnitOfWork(self.session_factory) as uow:
+            row = await uow.reports.task(task_id)
+        if row is None:
+            raise EntityNotFoundError("Task", task_id)
+        keys = ("status", "attempts", "runs", "step", "progress", "error", "output", "woke_by")
+        return {k: row[k] for k in keys}
 
     # -- flow control ----------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from domain.entities import Doorbell
 from persistence.lifecycle import Lifecycle
 from worker.config import Settings
 from worker.dispatch import Dispatcher
+from worker.watch import Watched
 
 RESCUE_BATCH = 500
 DISPATCH_BATCH = 1000
@@ -91,8 +92,10 @@ class Reconciler:
         log: Any,
         redis_away: Callable[[], bool] = lambda: False,
         abandoned: Callable[[], int] = lambda: 0,
+        watched: Watched | None = None,
     ) -> None:
         self.lifecycle = lifecycle
+        self.watched = watched
         self.redis_away = redis_away
         self.abandoned = abandoned
         self.dispatcher = dispatcher
@@ -105,6 +108,7 @@ class Reconciler:
         self.clock: Callable[[], float] = time.monotonic  # steps' failure logging goes by it
         self.sweeping = False  # this worker sweeps its queue (see `touch`)
         self._touch = _StepHealth("worker-row", log, lambda: self.clock())
+        self._watch = _StepHealth("followed-tasks", log, lambda: self.clock())
         self._sweeps: list[tuple[_StepHealth, Callable[[], Awaitable[Any]]]] = [
             (_StepHealth(name, log, lambda: self.clock()), step)
             for name, step in (
@@ -128,6 +132,8 @@ class Reconciler:
         is logged and the others still run (a worker that cannot reach Postgres to say it is
         alive keeps sweeping until its role would have lapsed)."""
         await self._run(self._touch, self.touch)
+        if self.watched is not None and not self.redis_away():
+            await self._run(self._watch, self.watched.refresh)
         if self.sweeping:
             for health, step in self._sweeps:
                 await self._run(health, step)

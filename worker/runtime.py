@@ -9,6 +9,7 @@ exception that leaves `run` is cancellation on shutdown, after the task was hand
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Mapping
@@ -39,6 +40,7 @@ from worker.config import Settings
 from worker.dispatch import Dispatcher, parse_flow_argument
 from worker.heartbeat import Heartbeat
 from worker.redaction import redact_text
+from worker.watch import Watched
 
 T = TypeVar("T")
 
@@ -118,8 +120,10 @@ class WorkerRuntime:
         lifecycle: Lifecycle,
         dispatcher: Dispatcher,
         agents: Mapping[str, AgentSpec],
+        watched: Watched | None = None,
     ) -> None:
         self.settings = settings
+        self.watched = watched  # tasks someone follows (worker.watch): their changes published
         self.worker_id = worker_id
         self.lifecycle = lifecycle
         self.dispatcher = dispatcher
@@ -285,6 +289,7 @@ class WorkerRuntime:
             worker_id=self.worker_id,
         )
         started = time.monotonic()
+        await self._publish(task, {"event": "running", "attempt": task.attempts, "run": task.runs})
         try:
             spec = self.agents.get(task.agent_id)
             try:
@@ -303,6 +308,7 @@ class WorkerRuntime:
                 await _finish_regardless(self._release(task))
                 raise
             _, cancelled = await _finish_regardless(self._finish(task, outcome, started))
+            await self._publish(task, {"event": "ended", "outcome": type(outcome).__name__})
             if cancelled:
                 raise asyncio.CancelledError
         finally:
@@ -451,6 +457,17 @@ class WorkerRuntime:
             await self.lifecycle.progress(task, document)
         except Exception as exc:  # progress is a courtesy: never the run's failure
             self.log.warning("progress.failed", error=repr(exc))
+            return
+        await self._publish(task, {"event": "progress", "progress": json.loads(document)})
+
+    async def _publish(self, task: Task, event: dict[str, Any]) -> None:
+        """Tell a task's followers (worker.watch); nothing when nobody follows it."""
+        if self.watched is None or task.id not in self.watched:
+            return
+        try:
+            await self.watched.publish(task.id, {"task_id": str(task.id), **event})
+        except Exception as exc:  # followers re-read Postgres: a lost event is only late
+            self.log.debug("watch.publish_failed", error=repr(exc))
 
     async def _subtasks(self, task_id: UUID) -> list[Task]:
         return await self.lifecycle.subtasks(task_id)

@@ -20,6 +20,7 @@ from tests.support.workers import WorkerProcess, running_worker
 from worker.client import TaskClient
 from worker.config import Settings
 from worker.runtime import WorkerRuntime
+from worker.watch import WATCHED_KEY
 
 AGENTS = ("worker.demo_agents", "tests.agents", "tests.wait_agents")
 
@@ -254,3 +255,42 @@ async def test_list_waiting_is_an_inbox(
     text = await tasklane(settings, "list", "--waiting")
     assert "WAITS FOR" in text.stdout
     assert "signal approval" in text.stdout
+
+
+async def test_watch_delivers_progress_in_order_and_always_the_last(
+    client: TaskClient, conversation: Conversation, waiter: WorkerRuntime, database_url: str
+) -> None:
+    # Held back until the watcher follows it and the worker has read that (its next tick).
+    task = await client.submit(
+        "w_progress_slow", {"n": 8, "every": 0.3}, conversation_id=conversation.id
+    )
+    events = [event async for event in client.watch(task.id, safety_poll_seconds=30)]
+    progress = [e["progress"]["fraction"] for e in events if e["event"] == "progress"]
+    assert progress == sorted(progress), "in order"
+    assert progress[-1] == 1.0, "the last one always arrives"
+    assert len(progress) >= 4, progress  # most of them live, not only the final state
+    states = [e["status"] for e in events if e["event"] == "state"]
+    assert states[-1] == "completed"
+    assert events[-1]["event"] == "state"
+
+
+async def test_show_follow_prints_each_change_until_final(
+    client: TaskClient, conversation: Conversation, waiter: WorkerRuntime, settings: Settings
+) -> None:
+    task = await client.submit("w_signal", {}, conversation_id=conversation.id)
+    await waiting(settings.database_url, task.id)
+    follow = asyncio.create_task(tasklane(settings, "show", str(task.id), "--follow"))
+    await db.eventually(  # the follower is following (it read the task's state first)
+        lambda: client.redis.zscore(WATCHED_KEY, str(task.id)),
+        lambda score: score is not None,
+        what="the follower following",
+        timeout=30,
+    )
+    await asyncio.sleep(0.5)
+    await client.signal(task.id, "approval", "ok")
+    run = await asyncio.wait_for(follow, timeout=30)
+    assert run.code == 0, run.explained
+    lines = run.stdout.strip().splitlines()
+    assert lines[0].startswith("waiting"), lines
+    assert lines[-1].startswith("completed"), lines
+    assert "resumed by signal" in lines[-1]
