@@ -17,7 +17,7 @@ from domain.value_objects import TaskStatus
 from tests.integration.test_cli import ok_json, tasklane
 from tests.support import db
 from tests.support.workers import WorkerProcess, running_worker
-from worker.client import TaskClient
+from worker.client import TaskClient, TaskSpec
 from worker.config import Settings
 from worker.runtime import WorkerRuntime
 from worker.watch import WATCHED_KEY
@@ -294,3 +294,26 @@ async def test_show_follow_prints_each_change_until_final(
     assert lines[0].startswith("waiting"), lines
     assert lines[-1].startswith("completed"), lines
     assert "resumed by signal" in lines[-1]
+
+
+async def test_a_thousand_sleepers_on_ten_slots_wake_within_a_second_of_their_time(
+    client: TaskClient, conversation: Conversation, wait_settings: Settings, database_url: str
+) -> None:
+    specs = [TaskSpec("w_sleep", {"seconds": 2.0}, conversation.id) for _ in range(1000)]
+    async with running_worker(replace(wait_settings, concurrency=10)):
+        ids = [t.id for t in await client.submit_many(specs)]
+        rows = await db.wait_final(database_url, ids, timeout=120)
+    assert {r["status"] for r in rows} == {"completed"}
+    # When each went to sleep and woke, from the test database's record of every transition.
+    late = await db.query(
+        database_url,
+        "SELECT EXTRACT(EPOCH FROM w.at - s.at) - 2.0 AS late FROM test_transitions AS s"
+        " JOIN test_transitions AS w ON w.task_id = s.task_id"
+        " AND w.old_status = 'waiting' AND w.new_status = 'pending'"
+        " WHERE s.new_status = 'waiting' AND s.task_id = ANY($1)",
+        ids,
+    )
+    assert len(late) == 1000
+    worst = max(float(r["late"]) for r in late)
+    assert -0.01 <= worst < 1.0, worst
+    assert all(r["attempts"] == 1 for r in rows), "a sleep spends no attempt"
