@@ -23,6 +23,7 @@ from domain.exceptions import InvalidInputError
 from domain.interfaces import Finish
 from domain.payload import UnreadableJson, encode_json, storable_text
 from persistence.lifecycle import Lifecycle
+from worker import metrics, observe  # observability
 from worker.agents import (
     MAX_RETRY_AFTER_SECONDS,
     AgentSpec,
@@ -185,6 +186,7 @@ class WorkerRuntime:
             # Postgres unreachable: the doorbell is spent, the task stays pending and the
             # reconciler rings it again.
             self.log.error("claim.failed", task_id=str(task_id), error=repr(exc))
+            metrics.backend_error("postgres", "claim")  # observability
             return None
         if task is None:
             await self._explain_miss(task_id)
@@ -208,6 +210,7 @@ class WorkerRuntime:
             attempt=task.attempts,
             worker_id=self.worker_id,
         )
+        observe.run_started(task)  # observability
         started = time.monotonic()
         try:
             spec = self.agents.get(task.agent_id)
@@ -227,6 +230,7 @@ class WorkerRuntime:
             if cancelled:
                 raise asyncio.CancelledError
         finally:
+            observe.run_ended()  # observability
             structlog.contextvars.unbind_contextvars("task_id", "agent_id", "attempt", "worker_id")
 
     async def _without_agent(self, task: Task) -> Outcome:
@@ -358,6 +362,7 @@ class WorkerRuntime:
             # Postgres stayed unreachable through the retries: the lease will run out and the
             # rescuer hands the task to another run (handlers run at least once).
             self.log.error("finish.failed", error=repr(exc), outcome=type(outcome).__name__)
+            metrics.backend_error("postgres", "finish")  # observability
             return
         await self._ring(finish.doorbells)
 
@@ -371,6 +376,7 @@ class WorkerRuntime:
             finish = await self.lifecycle.fail(task, error)
         except Exception as again:
             self.log.error("finish.failed", error=repr(again), outcome=what, refused=repr(exc))
+            metrics.backend_error("postgres", "finish")  # observability
             return Finish(False)
         self._report(finish, "task.failed", error=error, attempts=task.attempts)
         return finish
@@ -445,6 +451,7 @@ class WorkerRuntime:
         """The one INFO line of a run: how it ended."""
         if fields.get("exc_info") is None:
             fields.pop("exc_info", None)
+        observe.outcome(event, finish.landed)  # observability
         if finish.landed:
             self.log.info(event, **fields)
         else:
@@ -457,7 +464,9 @@ class WorkerRuntime:
             released = await self.lifecycle.release(task)
         except Exception as exc:
             self.log.error("task.release_failed", error=repr(exc))
+            metrics.backend_error("postgres", "release")  # observability
             return
+        observe.outcome("task.released", released)  # observability
         if released:
             self.log.info("task.released", reason="worker shutting down")
 
@@ -466,6 +475,7 @@ class WorkerRuntime:
             await self.dispatcher.ring(doorbells)
         except Exception as exc:
             self.log.warning("dispatch.failed", error=repr(exc), doorbells=len(doorbells))
+            metrics.backend_error("redis", "ring")  # observability
 
 
 def _parse_task_id(raw: object) -> UUID | None:
