@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import socket
+import urllib.error
 import uuid
 from pathlib import Path
 from typing import Any
@@ -122,15 +124,13 @@ async def test_metrics_are_off_unless_a_port_is_set(
     port = free_port()
     worker = start_process(processes, settings)
     assert "metrics_port': None" in worker.output() or '"metrics_port": null' in worker.output()
-    with pytest.raises(OSError):
+    with pytest.raises(urllib.error.URLError, match="refused"):
         scrape_text(port, timeout=1)
 
 
 async def test_a_taken_port_stops_the_worker_with_one_line(
     settings: Settings, processes: list[WorkerProcess]
 ) -> None:
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
