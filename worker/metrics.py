@@ -154,7 +154,7 @@ def start(
     busy: Callable[[], int],
 ) -> WorkerMetrics:
     """Serve this worker's metrics on host:port from a thread (prometheus_client's server)."""
-    disable_created_metrics()  # no *_created series: half the lines, nothing a dashboard reads
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: half the lines, nothing a dashboard reads
     served = WorkerMetrics(queue, frozenset(agents))
     served.watch_slots(concurrency, busy)
     try:
