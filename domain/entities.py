@@ -89,6 +89,7 @@ class Task:
     runs: int = 0  # handler runs ever started; the current run's number is its fencing token
     step: int = 0  # how many times the task resumed after waiting for subtasks
     version: int = 1  # bumped by every write; optimistic concurrency for `update`
+    trace_context: dict[str, str] | None = None  # observability: W3C traceparent/tracestate
 
     def __post_init__(self) -> None:
         check_agent_id(self.agent_id)

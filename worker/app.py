@@ -37,7 +37,7 @@ from persistence.schema import SchemaError, check_schema
 from persistence.session import PooledUnitOfWork
 from persistence.startup import StartupError as StartupFailed
 from persistence.startup import reach_database
-from worker import metrics  # observability
+from worker import metrics, tracing  # observability
 from worker.agents import AgentSpec, load_agents
 from worker.config import Settings, redact_url
 from worker.dispatch import JOB_FUNCTION, REDIS_NOW_MS_LUA, Dispatcher
@@ -381,6 +381,10 @@ async def _start(
     )
     if settings.metrics_port is not None:  # observability
         _serve_metrics(settings, agents, runtime)
+    try:  # observability
+        tracing.start(settings.tracing)
+    except tracing.TracingError as exc:
+        raise StartupError(str(exc)) from None
     outage: RedisOutage | None = ctx.get("tasklane_outage")
     reconciler = Reconciler(
         lifecycle=lifecycle,
@@ -460,5 +464,6 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     elif (pool := ctx.pop("tasklane_pool", None)) is not None:
         await pool.close()
     metrics.stop()  # observability
+    tracing.stop()  # observability
     if ctx.pop("tasklane", None) is not None:
         log.info("worker.stopped")

@@ -48,6 +48,7 @@ from persistence.errors import translated
 from persistence.repositories import TaskRepository
 from persistence.session import UnitOfWork, create_engine, create_session_factory
 from persistence.sql import AutocommitExecutor, ConnectionLost, SessionExecutor
+from worker import tracing  # observability
 from worker.config import Settings
 from worker.dispatch import Dispatcher
 from worker.redis_conn import create_redis
@@ -186,6 +187,7 @@ class TaskClient:
 
     # -- submitting ---------------------------------------------------------------------------
 
+    @tracing.submit_span  # observability
     async def submit(
         self,
         agent_id: str,
@@ -228,6 +230,7 @@ class TaskClient:
         await self._ring(inserted.doorbells)
         return inserted.tasks[0]
 
+    @tracing.submit_span  # observability
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[Task]:
         """Create many tasks, all or none: one transaction, one insert statement per batch of
         1000, then one pipelined Redis write per batch once it has committed."""
@@ -261,6 +264,7 @@ class TaskClient:
             run_after=spec.run_after,
             idempotency_key=key,
             queue=self.settings.queue,
+            trace_context=tracing.carrier(),  # observability
         )
 
     def _dispatch_delays(self, tasks: Sequence[Task]) -> list[float]:

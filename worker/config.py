@@ -25,6 +25,7 @@ from domain.payload import DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_OUTPUT_BYTES
 from domain.policies import Backoff
 from persistence.timeouts import DbTimeouts
 from worker.redaction import redact_url as redact_url  # where operator and app import it from
+from worker.tracing import check_setting as check_tracing
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklane"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -73,6 +74,7 @@ class Settings:
     liveness_path: str = DEFAULT_LIVENESS_PATH
     metrics_port: int | None = None  # /metrics served there (worker/metrics.py); None: off
     metrics_host: str = DEFAULT_METRICS_HOST
+    tracing: str = "off"  # off, otlp or file:/abs/path (worker/tracing.py)
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -138,6 +140,7 @@ class Settings:
             ),
             metrics_port=reader.get("TASKLANE_METRICS_PORT", port_number, None),
             metrics_host=reader.get("TASKLANE_METRICS_HOST", _host, DEFAULT_METRICS_HOST),
+            tracing=reader.get("TASKLANE_TRACING", check_tracing, "off"),
         )
         if overrides:
             known = {f.name for f in fields(cls)}

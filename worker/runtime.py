@@ -138,6 +138,7 @@ class WorkerRuntime:
             return
         self.in_flight += 1
         try:
+            observe.claiming()  # observability
             task = await self._claim(task_id)
             if task is not None:
                 await self._run_once(task)
@@ -213,6 +214,7 @@ class WorkerRuntime:
         observe.run_started(task)  # observability
         started = time.monotonic()
         try:
+            observe.step("handler")  # observability
             spec = self.agents.get(task.agent_id)
             try:
                 unreadable = _unreadable(task)
@@ -226,6 +228,7 @@ class WorkerRuntime:
                 # Shutdown past its grace period: the run is handed back, attempt and all.
                 await _finish_regardless(self._release(task))
                 raise
+            observe.step("finish")  # observability
             _, cancelled = await _finish_regardless(self._finish(task, outcome, started))
             if cancelled:
                 raise asyncio.CancelledError
@@ -451,7 +454,7 @@ class WorkerRuntime:
         """The one INFO line of a run: how it ended."""
         if fields.get("exc_info") is None:
             fields.pop("exc_info", None)
-        observe.outcome(event, finish.landed)  # observability
+        observe.outcome(event, finish.landed, fields.get("error"))  # observability
         if finish.landed:
             self.log.info(event, **fields)
         else:
