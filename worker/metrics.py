@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -114,11 +115,36 @@ class WorkerMetrics:
             ["queue", "state"],
             registry=registry,
         )
+        self._started: dict[str, tuple[Any, Any]] = {}
+        self._finished: dict[tuple[str, str], tuple[Any, Any]] = {}
         for kind in RECONCILER_KINDS:  # present at 0 from the start: rate() needs a baseline
             self.reconciler_actions.labels(queue, kind)
 
     def agent_label(self, agent_id: str) -> str:
         return agent_id if agent_id in self.agents else UNKNOWN_AGENT
+
+    # The labelled series of the hot path, looked up once: prometheus_client's `labels()`
+    # validates and locks on every call (most of a run's metrics cost before these caches).
+
+    def started(self, agent: str) -> tuple[Any, Any]:
+        """(runs_started, queue_wait) of `agent`."""
+        found = self._started.get(agent)
+        if found is None:
+            found = self._started[agent] = (
+                self.runs_started.labels(self.queue, agent),
+                self.queue_wait.labels(self.queue, agent),
+            )
+        return found
+
+    def finished(self, agent: str, outcome: str) -> tuple[Any, Any]:
+        """(runs_finished of the outcome, run_duration) of `agent`."""
+        found = self._finished.get((agent, outcome))
+        if found is None:
+            found = self._finished[(agent, outcome)] = (
+                self.runs_finished.labels(self.queue, agent, outcome),
+                self.run_duration.labels(self.queue, agent),
+            )
+        return found
 
     def watch_slots(self, concurrency: int, busy: Callable[[], int]) -> None:
         self.slots.labels(self.queue, "busy").set_function(lambda: float(busy()))

@@ -46,10 +46,10 @@ def run_started(task: Task) -> None:
     run = _Run(None, time.monotonic())
     if served is not None:
         run.agent = agent = served.agent_label(task.agent_id)
-        served.runs_started.labels(served.queue, agent).inc()
+        started, queue_wait = served.started(agent)
+        started.inc()
         if task.started_at is not None and task.run_after is not None:
-            wait = (task.started_at - task.run_after).total_seconds()
-            served.queue_wait.labels(served.queue, agent).observe(max(0.0, wait))
+            queue_wait.observe(max(0.0, (task.started_at - task.run_after).total_seconds()))
     if traced:
         run.spans = tracing.RunSpans(task, _claim_started.get())
         _claim_started.set(None)
@@ -79,8 +79,9 @@ def run_ended() -> None:
     outcome_label = run.outcome or LOST
     served = metrics.current()
     if served is not None and run.agent is not None:
-        served.runs_finished.labels(served.queue, run.agent, outcome_label).inc()
-        served.run_duration.labels(served.queue, run.agent).observe(time.monotonic() - run.started)
+        finished, duration = served.finished(run.agent, outcome_label)
+        finished.inc()
+        duration.observe(time.monotonic() - run.started)
     if run.spans is not None:
         run.spans.outcome(outcome_label, run.error)
         run.spans.end()
