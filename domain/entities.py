@@ -114,6 +114,7 @@ class Task:
     # ("children", "signal", "timeout", "timer", "timeout_fail").
     wait_signals: list[str] | None = None
     woke_by: str | None = None
+    trace_context: dict[str, str] | None = None  # observability: W3C traceparent/tracestate
 
     def __post_init__(self) -> None:
         check_agent_id(self.agent_id)

@@ -50,7 +50,17 @@ def task_from_row(row: Row) -> Task:
         started_at=row["started_at"],
         completed_at=row["completed_at"],
         updated_at=row["updated_at"],
+        trace_context=_trace_context(row),  # observability
     )
+
+
+def _trace_context(row: Row) -> dict[str, str] | None:
+    """Observability: the task's trace context; None where a statement did not select it."""
+    try:
+        value = row["trace_context"]
+    except KeyError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def attempt_from_row(row: Row) -> TaskAttempt:
@@ -96,4 +106,8 @@ def insert_params(
         "run_afters": [t.run_after for t in tasks],
         "idempotency_keys": [t.idempotency_key for t in tasks],
         "dispatch_delays": [float(d) for d in dispatch_delays],
+        "trace_contexts": [  # observability
+            encode_json(t.trace_context, what="trace context") if t.trace_context else None
+            for t in tasks
+        ],
     }

@@ -25,6 +25,7 @@ from domain.entities import Task, check_agent_id, check_max_attempts
 from domain.exceptions import InvalidInputError
 from domain.payload import JsonValue, encode_json
 from persistence.repositories.flow_repository import Declared, parse_key
+from worker import tracing  # observability
 
 Handler: TypeAlias = Callable[["TaskContext"], Awaitable[Any]]
 
@@ -415,6 +416,7 @@ class TaskContext:
             run_after=run_after,
             queue=self.task.queue,
             priority=priority,
+            trace_context=tracing.carrier() or self.task.trace_context,  # observability
         )
         # Refused here, where the handler can see it: found only when the run's result is
         # written, the whole write would fail and the run be abandoned until its lease ran out.

@@ -38,6 +38,7 @@ from persistence.schema import SchemaError, check_schema
 from persistence.session import PooledUnitOfWork
 from persistence.startup import StartupError as StartupFailed
 from persistence.startup import reach_database
+from worker import metrics, tracing  # observability
 from worker.agents import AgentSpec, load_agents
 from worker.config import Settings, redact_url
 from worker.dispatch import JOB_FUNCTION, REDIS_NOW_MS_LUA, Dispatcher
@@ -141,6 +142,7 @@ class TasklaneWorker(Worker):
         try:
             await self._poll_redis()
         except REDIS_UNREACHABLE as exc:
+            metrics.backend_error("redis", "poll")  # observability
             if outage is None:
                 raise
             outage.begin(exc)
@@ -381,6 +383,12 @@ async def _start(
         agents=agents,
         watched=watched,
     )
+    if settings.metrics_port is not None:  # observability
+        _serve_metrics(settings, agents, runtime)
+    try:  # observability
+        tracing.start(settings.tracing)
+    except tracing.TracingError as exc:
+        raise StartupError(str(exc)) from None
     outage: RedisOutage | None = ctx.get("tasklane_outage")
     reconciler = Reconciler(
         lifecycle=lifecycle,
@@ -409,6 +417,23 @@ async def _start(
         agents=sorted(agents),
         settings=settings.describe(),
     )
+
+
+def _serve_metrics(  # observability
+    settings: Settings, agents: dict[str, AgentSpec], runtime: WorkerRuntime
+) -> None:
+    assert settings.metrics_port is not None
+    try:
+        metrics.start(
+            port=settings.metrics_port,
+            host=settings.metrics_host,
+            queue=settings.queue,
+            agents=agents,
+            concurrency=settings.concurrency,
+            busy=lambda: runtime.in_flight,
+        )
+    except metrics.MetricsError as exc:
+        raise StartupError(str(exc)) from None
 
 
 async def _register_agents(pool: Any, agents: dict[str, AgentSpec], *, queue: str) -> None:
@@ -445,5 +470,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await lifecycle.close()
     elif (pool := ctx.pop("tasklane_pool", None)) is not None:
         await pool.close()
+    metrics.stop()  # observability
+    tracing.stop()  # observability
     if ctx.pop("tasklane", None) is not None:
         log.info("worker.stopped")

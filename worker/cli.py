@@ -26,10 +26,12 @@ from uuid import UUID
 from domain.entities import MAX_ATTEMPTS_LIMIT, MAX_PRIORITY
 from domain.value_objects import FINISHED_STATUSES, TaskStatus
 from worker.config import (
+    DEFAULT_METRICS_HOST,
     MAX_CONCURRENCY,
     ConfigError,
     Settings,
     concurrency,
+    port_number,
     queue_name,
     redact_url,
 )
@@ -128,6 +130,19 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         raise
     worker = TasklaneWorker(**options)
     worker.run()  # returns after SIGTERM/SIGINT (graceful) or, with --burst, an empty queue
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace, settings: Settings) -> int:
+    """Serve queue-level gauges from PostgreSQL for Prometheus (worker/exporter.py)."""
+    from worker import exporter
+    from worker.logs import configure_logging
+
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    try:
+        exporter.run(settings, host=args.host, port=args.port)
+    except OSError as exc:
+        raise CommandError(str(exc)) from None
     return 0
 
 
@@ -691,6 +706,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     worker.set_defaults(handler=cmd_worker)
+
+    metrics = sub.add_parser(
+        "metrics", help="serve queue gauges from PostgreSQL for Prometheus, until SIGTERM"
+    )
+    metrics.add_argument(
+        "--port",
+        type=_configured(port_number, "port"),
+        default=9465,
+        help="port to serve /metrics on (default: 9465)",
+    )
+    metrics.add_argument(
+        "--host", default=DEFAULT_METRICS_HOST, help="address to bind (default: all)"
+    )
+    metrics.set_defaults(handler=cmd_metrics)
 
     submit = sub.add_parser("submit", parents=[json_flag], help="submit a task")
     submit.add_argument("agent", metavar="AGENT", help="the agent to run, e.g. echo")

@@ -59,6 +59,7 @@ from persistence.repositories import TaskRepository
 from persistence.repositories.flow_repository import NO_LIMIT
 from persistence.session import UnitOfWork, create_engine, create_session_factory
 from persistence.sql import AutocommitExecutor, ConnectionLost, SessionExecutor
+from worker import tracing  # observability
 from worker.agents import parse_rate
 from worker.config import Settings
 from worker.dispatch import Dispatcher
@@ -231,6 +232,7 @@ class TaskClient:
 
     # -- submitting ---------------------------------------------------------------------------
 
+    @tracing.submit_span  # observability
     async def submit(
         self,
         agent_id: str,
@@ -276,6 +278,7 @@ class TaskClient:
         await self._ring(inserted.doorbells)
         return inserted.tasks[0]
 
+    @tracing.submit_span  # observability
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[Task]:
         """Create many tasks, all or none: one transaction, one insert statement per batch of
         1000, then one pipelined Redis write per batch once it has committed."""
@@ -310,6 +313,7 @@ class TaskClient:
             idempotency_key=key,
             queue=self.settings.queue,
             priority=spec.priority,
+            trace_context=tracing.carrier(),  # observability
         )
 
     def _dispatch_delays(self, tasks: Sequence[Task]) -> list[float]:

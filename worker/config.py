@@ -25,11 +25,13 @@ from domain.payload import DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_OUTPUT_BYTES
 from domain.policies import Backoff
 from persistence.timeouts import DbTimeouts
 from worker.redaction import redact_url as redact_url  # where operator and app import it from
+from worker.tracing import check_setting as check_tracing
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklane"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_LIVENESS_PATH = "/tmp/tasklane-worker.alive"
 DEFAULT_AGENTS = "tasklane.demo_agents"  # a name that works installed and in the repository
+DEFAULT_METRICS_HOST = "0.0.0.0"
 DEFAULT_MAX_CHILDREN = 10_000  # subtasks one step of a handler may spawn
 MAX_QUEUE_LENGTH = 200
 # Beyond this arq asks Redis for more queue entries per poll than Redis takes as a count.
@@ -70,6 +72,9 @@ class Settings:
     log_format: str | None = None  # None: console on a TTY, JSON otherwise
     log_level: str = "INFO"
     liveness_path: str = DEFAULT_LIVENESS_PATH
+    metrics_port: int | None = None  # /metrics served there (worker/metrics.py); None: off
+    metrics_host: str = DEFAULT_METRICS_HOST
+    tracing: str = "off"  # off, otlp or file:/abs/path (worker/tracing.py)
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -133,6 +138,9 @@ class Settings:
             liveness_path=reader.get(
                 "TASKLANE_LIVENESS_PATH", _absolute_path, DEFAULT_LIVENESS_PATH
             ),
+            metrics_port=reader.get("TASKLANE_METRICS_PORT", port_number, None),
+            metrics_host=reader.get("TASKLANE_METRICS_HOST", _host, DEFAULT_METRICS_HOST),
+            tracing=reader.get("TASKLANE_TRACING", check_tracing, "off"),
         )
         if overrides:
             known = {f.name for f in fields(cls)}
@@ -317,3 +325,20 @@ def _log_level(raw: str) -> str:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise ValueError(f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {raw!r}")
     return level
+
+
+def port_number(raw: str) -> int:
+    """A TCP port to listen on (TASKLANE_METRICS_PORT, `tasklane metrics --port`)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"expected a port number, got {raw!r}") from None
+    if not 1 <= value <= 65535:
+        raise ValueError(f"must be a port from 1 to 65535, got {value}")
+    return value
+
+
+def _host(raw: str) -> str:
+    if any(c.isspace() for c in raw) or len(raw) > 255:
+        raise ValueError(f"expected a host name or address, got {raw!r:.60}")
+    return raw

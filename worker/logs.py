@@ -15,6 +15,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from worker.redaction import REDACTED, is_secret_key, redact, redact_text
+from worker.tracing import current_ids as current_trace_ids  # observability
 
 # Containers nested deeper than this in a log event print as a marker: the line stays renderable
 # (json.dumps recurses), and nothing below the cut can print a secret.
@@ -35,9 +36,18 @@ def redact_secrets(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+def add_trace_ids(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """trace_id and span_id of the current OpenTelemetry span, if any (worker/tracing.py)."""
+    ids = current_trace_ids()
+    if ids is not None:
+        event["trace_id"], event["span_id"] = ids
+    return event
+
+
 def _shared_processors() -> list[Processor]:
     return [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,  # observability
         structlog.processors.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -27,6 +27,7 @@ from typing import Any
 
 from domain.entities import Doorbell
 from persistence.lifecycle import Lifecycle
+from worker import metrics  # observability
 from worker.config import Settings
 from worker.dispatch import Dispatcher
 from worker.watch import Watched
@@ -57,6 +58,7 @@ class _StepHealth:
     def failed(self, exc: BaseException) -> None:
         now = self.clock()
         self.failures += 1
+        metrics.reconcile_failed(self.name)  # observability
         if self.failing_since is None:
             self.failing_since = now
         elif now - self.last_logged < REPEAT_FAILURE_LOG_SECONDS:
@@ -164,6 +166,7 @@ class Reconciler:
 
     async def rescue(self) -> None:
         rescued, resumed = await self.lifecycle.rescue_expired(limit=RESCUE_BATCH)
+        metrics.reconciled("rescued", len(rescued))  # observability
         for task in rescued:
             self.log.warning(
                 "task.rescued", task_id=str(task.task_id), run=task.runs, now=task.status.value
@@ -182,6 +185,7 @@ class Reconciler:
         doorbells = await self.lifecycle.resume_stranded(
             min_age_seconds=max(5.0, 5 * self.settings.reconcile_seconds), limit=STRANDED_BATCH
         )
+        metrics.reconciled("resumed", len(doorbells))  # observability
         for doorbell in doorbells:
             self.log.warning("task.resumed_by_reconciler", task_id=str(doorbell.task_id))
         await self.dispatcher.ring(doorbells)
@@ -200,6 +204,7 @@ class Reconciler:
             )
             await self._ring_due(doorbells)
             total += len(doorbells)
+            metrics.reconciled("dispatched", len(doorbells))  # observability
             if len(doorbells) < DISPATCH_BATCH:
                 break
         if total:
@@ -238,6 +243,7 @@ class Reconciler:
         except Exception:
             await self.lifecycle.unmark_dispatched(doorbells)
             raise
+        metrics.reconciled("unblocked", len(unblocked))  # observability
         for doorbell in unblocked:
             self.log.warning(
                 "doorbell.unblocked",

@@ -24,6 +24,7 @@ from domain.exceptions import InvalidInputError
 from domain.interfaces import Finish, FlowClaim
 from domain.payload import UnreadableJson, encode_json, storable_text
 from persistence.lifecycle import Lifecycle
+from worker import metrics, observe  # observability
 from worker.agents import (
     MAX_RETRY_AFTER_SECONDS,
     AgentSpec,
@@ -160,6 +161,7 @@ class WorkerRuntime:
             return
         self.in_flight += 1
         try:
+            observe.claiming()  # observability
             if flow is not None:
                 await self._run_flow(*flow)
                 return
@@ -262,6 +264,7 @@ class WorkerRuntime:
             # Postgres unreachable: the doorbell is spent, the task stays pending and the
             # reconciler rings it again.
             self.log.error("claim.failed", task_id=str(task_id), error=repr(exc))
+            metrics.backend_error("postgres", "claim")  # observability
             return None
         if task is None:
             return await self._explain_miss(task_id)
@@ -288,9 +291,11 @@ class WorkerRuntime:
             attempt=task.attempts,
             worker_id=self.worker_id,
         )
+        observe.run_started(task)  # observability
         started = time.monotonic()
         await self._publish(task, {"event": "running", "attempt": task.attempts, "run": task.runs})
         try:
+            observe.step("handler")  # observability
             spec = self.agents.get(task.agent_id)
             try:
                 unreadable = _unreadable(task)
@@ -307,11 +312,13 @@ class WorkerRuntime:
                 # Shutdown past its grace period: the run is handed back, attempt and all.
                 await _finish_regardless(self._release(task))
                 raise
+            observe.step("finish")  # observability
             _, cancelled = await _finish_regardless(self._finish(task, outcome, started))
             await self._publish(task, {"event": "ended", "outcome": type(outcome).__name__})
             if cancelled:
                 raise asyncio.CancelledError
         finally:
+            observe.run_ended()  # observability
             structlog.contextvars.unbind_contextvars("task_id", "agent_id", "attempt", "worker_id")
 
     async def _without_agent(self, task: Task) -> Outcome:
@@ -486,6 +493,7 @@ class WorkerRuntime:
             # Postgres stayed unreachable through the retries: the lease will run out and the
             # rescuer hands the task to another run (handlers run at least once).
             self.log.error("finish.failed", error=repr(exc), outcome=type(outcome).__name__)
+            metrics.backend_error("postgres", "finish")  # observability
             return
         await self._ring(finish.doorbells)
 
@@ -499,6 +507,7 @@ class WorkerRuntime:
             finish = await self.lifecycle.fail(task, error)
         except Exception as again:
             self.log.error("finish.failed", error=repr(again), outcome=what, refused=repr(exc))
+            metrics.backend_error("postgres", "finish")  # observability
             return Finish(False)
         self._report(finish, "task.failed", error=error, attempts=task.attempts)
         return finish
@@ -586,6 +595,7 @@ class WorkerRuntime:
         """The one INFO line of a run: how it ended."""
         if fields.get("exc_info") is None:
             fields.pop("exc_info", None)
+        observe.outcome(event, finish.landed, fields.get("error"))  # observability
         if finish.landed:
             self.log.info(event, **fields)
         else:
@@ -598,7 +608,9 @@ class WorkerRuntime:
             released = await self.lifecycle.release(task)
         except Exception as exc:
             self.log.error("task.release_failed", error=repr(exc))
+            metrics.backend_error("postgres", "release")  # observability
             return
+        observe.outcome("task.released", released)  # observability
         if released:
             self.log.info("task.released", reason="worker shutting down")
 
@@ -607,6 +619,7 @@ class WorkerRuntime:
             await self.dispatcher.ring(doorbells)
         except Exception as exc:
             self.log.warning("dispatch.failed", error=repr(exc), doorbells=len(doorbells))
+            metrics.backend_error("redis", "ring")  # observability
 
 
 def _parse_task_id(raw: object) -> UUID | None:

@@ -57,6 +57,9 @@ class TaskModel(Base):
     runs: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     # Steps: incremented each time the task resumes after its subtasks finished.
     step: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # Observability: the W3C trace context (traceparent, tracestate) of the span that submitted
+    # the task, or of the handler run that spawned it; NULL with tracing off (worker/tracing.py).
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSONB)
     # Dispatch bookkeeping: the reconciler (re)sends the doorbell of a due pending task once this
     # has passed. now() for rows inserted by plain SQL; pushed forward whenever a doorbell is sent.
     dispatch_after: Mapped[datetime] = mapped_column(

@@ -73,25 +73,27 @@ TASK_COLUMNS = (
     "id, conversation_id, parent_task_id, agent_id, queue, status, input, output, error,"
     " metadata, attempts, max_attempts, run_after, worker_id, lease_expires_at,"
     " idempotency_key, runs, step, version, priority, wait_signals, woke_by, created_at,"
-    " started_at, completed_at, updated_at"
+    " started_at, completed_at, updated_at, trace_context"
 )
 
 # --- insert ------------------------------------------------------------------------------------
 
 _INSERT_HEAD = """
 INSERT INTO tasks (id, conversation_id, parent_task_id, agent_id, queue, input, metadata,
-                   max_attempts, priority, run_after, idempotency_key, dispatch_after)
+                   max_attempts, priority, run_after, idempotency_key, dispatch_after,
+                   trace_context)
 SELECT u.id, u.conversation_id, u.parent_task_id, u.agent_id, u.queue,
        CAST(u.input AS jsonb), CAST(u.metadata AS jsonb), u.max_attempts, u.priority,
        COALESCE(u.run_after, now()), u.idempotency_key,
-       now() + make_interval(secs => u.dispatch_delay)
+       now() + make_interval(secs => u.dispatch_delay), CAST(u.trace_context AS jsonb)
 FROM unnest(CAST(:ids AS uuid[]), CAST(:conversation_ids AS uuid[]),
             CAST(:parent_ids AS uuid[]), CAST(:agent_ids AS text[]), CAST(:queues AS text[]),
             CAST(:inputs AS text[]), CAST(:metadatas AS text[]), CAST(:max_attempts AS int[]),
             CAST(:priorities AS int[]), CAST(:run_afters AS timestamptz[]),
-            CAST(:idempotency_keys AS text[]), CAST(:dispatch_delays AS float8[]))
+            CAST(:idempotency_keys AS text[]), CAST(:dispatch_delays AS float8[]),
+            CAST(:trace_contexts AS text[]))
      AS u(id, conversation_id, parent_task_id, agent_id, queue, input, metadata, max_attempts,
-          priority, run_after, idempotency_key, dispatch_delay)
+          priority, run_after, idempotency_key, dispatch_delay, trace_context)
 """
 INSERT_TASKS = Sql(_INSERT_HEAD + f"RETURNING {TASK_COLUMNS}")
 # Producers' idempotent variant: a taken key inserts nothing; the caller reads the existing row.
