@@ -45,6 +45,8 @@ K = TypeVar("K")
 ROW_FAILURE_LOG_SECONDS = 60.0
 
 _ATTEMPTS = 4
+# How long closing the pool may wait for connections still in use before it drops them.
+POOL_CLOSE_SECONDS = 5.0
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -106,7 +108,13 @@ class Lifecycle:
         await self._claims.drain()
         await self._completions.drain()
         await self._child_completions.drain()
-        await self.pool.close()
+        # asyncpg's close waits for every connection to come back: one that never does (its
+        # holder lost to a dropped connection or a cancellation) must not hang the shutdown.
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout=POOL_CLOSE_SECONDS)
+        except TimeoutError:
+            log.warning("pool close timed out after %ss; terminating", POOL_CLOSE_SECONDS)
+            self.pool.terminate()
 
     # -- plumbing -------------------------------------------------------------------------------
 
