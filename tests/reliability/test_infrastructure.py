@@ -46,7 +46,7 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 WORKER_APP = "tasklane-worker %"
 # Fragments of the lifecycle statements as pg_stat_activity shows them (persistence/lifecycle_sql).
 # A claim retried after a dropped connection first adopts what the lost attempt may have claimed.
-CLAIM_SQL = ["%candidates AS%", "%t.status = 'running' AND t.worker_id = %"]
+CLAIM_SQL = ["%candidates AS%", "%a.claim_token = u.claim_token%"]  # the claim, the adoption
 HEARTBEAT_SQL = ["%held AS%"]
 COMPLETE_SQL = ["%SET status = 'completed'%"]
 
