@@ -49,6 +49,7 @@ MAX_LIST_LIMIT = 1000
 MAX_PRUNE_AGE = timedelta(days=3650)  # prune --older-than: ten years
 DEFAULT_PRUNE_BATCH = 1000
 MAX_PRUNE_BATCH = 10_000  # one transaction each: bigger batches hold their locks longer
+MAX_PRUNE_RATE = 1_000_000.0  # prune --max-rate, tasks per second
 MAX_DEMO_SUBTASKS = 1000
 DEFAULT_TREE_CHILDREN = 50  # tree: children shown per task, the rest counted on one line
 MAX_TREE_CHILDREN = 10_000
@@ -158,9 +159,6 @@ def _reason(exc: BaseException) -> str:
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one operation; every failure it can meet becomes a one-line `CommandError`."""
-    from redis.exceptions import RedisError
-    from sqlalchemy.exc import SQLAlchemyError
-
     from domain.exceptions import DomainError
     from worker.health import ServiceError
     from worker.operator import OperatorError
@@ -169,12 +167,25 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except (OperatorError, ServiceError, DomainError) as exc:
         raise CommandError(str(exc)) from None
-    except SQLAlchemyError as exc:
-        raise CommandError(f"database error: {_reason(exc.__cause__ or exc)}") from None
-    except RedisError as exc:
-        raise CommandError(f"Redis error: {_reason(exc)}") from None
-    except (OSError, TimeoutError) as exc:
-        raise CommandError(f"connection failed: {_reason(exc)}") from None
+    except Exception as exc:
+        # The SQLAlchemy and Redis clients are imported only by the commands that use them: an
+        # error of theirs can only come once they are.
+        if _raised_by(exc, "sqlalchemy.exc", "SQLAlchemyError"):
+            raise CommandError(f"database error: {_reason(exc.__cause__ or exc)}") from None
+        if _raised_by(exc, "asyncpg.exceptions", "PostgresError"):
+            raise CommandError(f"database error: {_reason(exc)}") from None
+        if _raised_by(exc, "redis.exceptions", "RedisError"):
+            raise CommandError(f"Redis error: {_reason(exc)}") from None
+        if isinstance(exc, OSError | TimeoutError):
+            raise CommandError(f"connection failed: {_reason(exc)}") from None
+        raise
+
+
+def _raised_by(exc: BaseException, module: str, name: str) -> bool:
+    """`exc` is an instance of `module.name`, checked without importing the module."""
+    loaded = sys.modules.get(module)
+    kind = getattr(loaded, name, None) if loaded is not None else None
+    return isinstance(kind, type) and isinstance(exc, kind)
 
 
 def _operate(
@@ -423,6 +434,7 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
             statuses=statuses,
             dry_run=args.dry_run,
             batch_size=args.batch_size,
+            max_rate=args.max_rate,
         )
         return result, await op.now()
 
@@ -642,6 +654,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tasks deleted per transaction (default {DEFAULT_PRUNE_BATCH}, "
         f"at most {MAX_PRUNE_BATCH})",
     )
+    prune.add_argument(
+        "--max-rate",
+        metavar="R",
+        type=_rate,
+        help=f"delete at most R tasks per second on average, no batch larger than R (at most "
+        f"{MAX_PRUNE_RATE:g}; default: as fast as the database allows)",
+    )
     prune.set_defaults(handler=cmd_prune)
 
     health = sub.add_parser(
@@ -731,6 +750,22 @@ def _seconds(high: float) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _rate(raw: str) -> float:
+    """prune --max-rate: tasks per second, at least 0.01 (one every 100 s), at most
+    MAX_PRUNE_RATE."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of tasks per second, got {_shown(raw)}"
+        ) from None
+    if not 0.01 <= value <= MAX_PRUNE_RATE:  # NaN fails this too
+        raise argparse.ArgumentTypeError(
+            f"must be between 0.01 and {MAX_PRUNE_RATE:g} tasks per second, got {_shown(raw)}"
+        )
+    return value
 
 
 def _configured(parse: Callable[[str], T], what: str) -> Callable[[str], T]:
