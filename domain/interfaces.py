@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 from uuid import UUID
 
@@ -174,10 +173,6 @@ class ITaskRepository(Protocol):
     async def mark_due_dispatched(
         self, *, queue: str, limit: int, redispatch_seconds: float
     ) -> list[Doorbell]: ...
-
-    async def prune_batch(
-        self, *, older_than: datetime, statuses: Sequence[TaskStatus], batch_size: int = 1000
-    ) -> int: ...
 
 
 class IConversationRepository(Protocol):

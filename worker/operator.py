@@ -35,7 +35,7 @@ from persistence.repositories.report_repository import (
     TreeNode,
 )
 from persistence.schema import SchemaError, check_schema
-from persistence.sql import ConnectionExecutor
+from persistence.sql import ConnectionExecutor, Executor
 from worker.cli_format import counted
 from worker.config import Settings
 from worker.diagnosis import explain
@@ -135,12 +135,15 @@ class PruneResult:
 class Operator:
     """The CLI's operations on one configured deployment. Open it with `Operator.open`."""
 
-    def __init__(self, settings: Settings, conn: asyncpg.Connection) -> None:
+    def __init__(
+        self, settings: Settings, conn: asyncpg.Connection, executor: Executor | None = None
+    ) -> None:
         self.settings = settings
-        self._conn = conn
-        # Reads run on the checked connection, in autocommit: each statement sees the latest
-        # commits (a `wait` re-reads the task), and no transaction is held between them.
-        self.reports = ReportRepository(ConnectionExecutor(conn))
+        # Reads and prunes run on the checked connection, in autocommit: each statement sees
+        # the latest commits (a `wait` re-reads the task), and no transaction is held between
+        # them. (`executor`: the same connection seen through a test's recorder.)
+        self._ex = executor or ConnectionExecutor(conn)
+        self.reports = ReportRepository(self._ex)
         self._client: TaskClient | None = None
 
     @classmethod
@@ -366,7 +369,7 @@ class Operator:
         batch is larger than it, and the average rate stays under it. A dry run counts (up to
         the cap, estimated beyond) and deletes nothing."""
         check_statuses(statuses)
-        prunes = PruneRepository(ConnectionExecutor(self._conn))
+        prunes = PruneRepository(self._ex)
         cutoff = await self.reports.now() - older_than
         if dry_run:
             matched = await prunes.count(statuses=statuses, cutoff=cutoff)

@@ -39,12 +39,11 @@ _KEEPS_CHILDREN = (
 )
 _UNFINISHED = "(" + ", ".join(f"'{s.value}'" for s in TaskStatus if s in UNFINISHED_STATUSES) + ")"
 
-_CANDIDATES = f"""
-SELECT t.id, t.completed_at FROM tasks AS t
-WHERE t.status = :status AND {_IS_FINISHED} AND t.completed_at < :cutoff
-  AND (t.completed_at, t.id) > (CAST(:after_at AS timestamptz), CAST(:after_id AS uuid))
-ORDER BY t.completed_at, t.id
+_CANDIDATE = f"""
+t.status = :status AND {_IS_FINISHED} AND t.completed_at < :cutoff
+AND (t.completed_at, t.id) > (CAST(:after_at AS timestamptz), CAST(:after_id AS uuid))
 """
+_OLDEST_FIRST = "ORDER BY t.completed_at, t.id"
 _PRUNABLE = f"""
 NOT EXISTS (SELECT 1 FROM tasks AS p
             WHERE p.id = t.parent_task_id AND p.status IN {_KEEPS_CHILDREN})
@@ -56,7 +55,8 @@ AND NOT EXISTS (SELECT 1 FROM tasks AS c
 # how many went, how many it read and where it stopped (NULL: no candidate was left).
 PRUNE_BATCH = Sql(f"""
 WITH batch AS (
-    {_CANDIDATES} LIMIT :n FOR UPDATE OF t SKIP LOCKED
+    SELECT t.id, t.completed_at FROM tasks AS t
+    WHERE {_CANDIDATE} {_OLDEST_FIRST} LIMIT :n FOR UPDATE OF t SKIP LOCKED
 ), gone AS (
     DELETE FROM tasks AS t USING batch WHERE t.id = batch.id AND {_PRUNABLE}
     RETURNING t.id
@@ -70,8 +70,7 @@ SELECT (SELECT count(*) FROM gone) AS deleted, (SELECT count(*) FROM batch) AS s
 # A dry run: the candidates that may go, up to the cap.
 PRUNABLE_COUNT = Sql(f"""
 SELECT count(*) AS n FROM (
-    SELECT 1 FROM ({_CANDIDATES}) AS c JOIN tasks AS t ON t.id = c.id
-    WHERE {_PRUNABLE} LIMIT :cap
+    SELECT 1 FROM tasks AS t WHERE {_CANDIDATE} AND {_PRUNABLE} {_OLDEST_FIRST} LIMIT :cap
 ) AS capped
 """)
 OLD_FINISHED = (
