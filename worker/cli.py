@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import sys
@@ -504,6 +505,13 @@ class _Parser(argparse.ArgumentParser):
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
+# Commands that read through one asyncpg connection and import neither the ORM nor structlog (their
+# logging is configured only if something logs): they answer in about a tenth of a second.
+# tests/integration/test_cli_imports.py keeps them so.
+QUICK_COMMANDS: frozenset[Command] = frozenset(
+    {cmd_show, cmd_list, cmd_tree, cmd_stats, cmd_prune, cmd_health}
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tasklane", description="Background tasks for agent systems.")
@@ -852,7 +860,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env(**_overrides(args))
         handler: Command = args.handler
-        if handler is not cmd_worker:  # a worker configures its logging as it starts
+        if handler in QUICK_COMMANDS:
+            _configure_logging_on_first_record(settings)
+        elif handler is not cmd_worker:  # a worker configures its logging as it starts
             _configure_logging(settings)
         return handler(args, settings)
     except ConfigError as exc:
@@ -889,6 +899,28 @@ def _configure_logging(settings: Settings) -> None:
     from worker.logs import configure_logging
 
     configure_logging(fmt=settings.log_format, level=_command_log_level(settings))
+
+
+class _FirstRecord(logging.Handler):
+    """Configures the CLI's logging when the first record comes, then hands the record on:
+    a quick command that logs nothing never imports structlog."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def emit(self, record: logging.LogRecord) -> None:
+        root = logging.getLogger()
+        if self in root.handlers:
+            _configure_logging(self.settings)  # replaces this handler
+            if record.levelno >= root.level:
+                root.handle(record)
+
+
+def _configure_logging_on_first_record(settings: Settings) -> None:
+    root = logging.getLogger()
+    root.handlers[:] = [_FirstRecord(settings)]
+    root.setLevel(_command_log_level(settings))
 
 
 def _command_log_level(settings: Settings) -> str:
