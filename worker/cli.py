@@ -11,7 +11,6 @@ operation and maps failures to exit codes.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -76,6 +75,8 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def prepare_database(settings: Settings) -> None:
     """Reach PostgreSQL (waiting while it starts), create the database when it is missing and
     the role may, and bring its schema to the latest revision."""
+    import asyncio
+
     asyncio.run(reach_database(settings, create=True))
     migrate(settings)
 
@@ -117,6 +118,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from worker.logs import configure_logging
 
     configure_logging(fmt=settings.log_format, level=settings.log_level)
+    import asyncio
+
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -160,6 +163,8 @@ def _reason(exc: BaseException) -> str:
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one operation; every failure it can meet becomes a one-line `CommandError`."""
+    import asyncio
+
     from domain.exceptions import DomainError
     from worker.health import ServiceError
     from worker.operator import OperatorError
