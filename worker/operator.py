@@ -270,7 +270,7 @@ class Operator:
     async def stats(self) -> Stats:
         reports = self.reports
         statuses = await reports.counts_by_status()
-        agents = await reports.counts_by_agent()
+        agents = await reports.counts_by_agent(big=[s for s, n in statuses.items() if n.estimated])
         oldest = await reports.oldest_pending_seconds()
         not_due = await reports.scheduled_count()
         finished = await reports.finished_within(60)

@@ -131,6 +131,8 @@ FROM unnest(CAST(:agents AS text[])) AS a(agent_id)
 CROSS JOIN unnest(CAST(:statuses AS text[])) AS s(status)
 """)
 
+_AGENT_STATUS = "SELECT 1 FROM tasks WHERE agent_id = :agent_id AND status = :status"
+
 # How long the longest-waiting due pending task has been due (ix_tasks_pending_agent).
 OLDEST_DUE = Sql("""
 SELECT EXTRACT(EPOCH FROM now() - min(run_after)) AS seconds
@@ -261,22 +263,36 @@ class ReportRepository:
             )
         return counts
 
-    async def counts_by_agent(self) -> AgentCounts:
-        """Each agent's tasks in each status (statuses without tasks left out)."""
+    async def counts_by_agent(self, big: Sequence[TaskStatus] = ()) -> AgentCounts:
+        """Each agent's tasks in each status (statuses without tasks left out).
+
+        `big`: statuses with more than COUNT_CAP tasks in all (`counts_by_status` estimated
+        them). In those, an agent whose estimate is far past the cap gets the estimate without
+        a count: counting up to the cap for every agent would read COUNT_CAP entries each."""
         agents = [row["agent_id"] for row in await self._fetch(AGENTS, limit=MAX_AGENTS + 1)]
         truncated = len(agents) > MAX_AGENTS
         agents = agents[:MAX_AGENTS]
         by_agent: dict[str, dict[TaskStatus, Count]] = {agent: {} for agent in agents}
-        rows = await self._fetch(
-            AGENT_COUNTS, agents=agents, statuses=list(STATUSES), cap=COUNT_CAP + 1
+        counted = [s for s in STATUSES if TaskStatus(s) not in big]
+        pairs: list[tuple[str, str]] = []
+        for status in big:
+            for agent in agents:
+                guess = await self.estimate(_AGENT_STATUS, agent_id=agent, status=status.value)
+                if guess > 2 * COUNT_CAP:
+                    by_agent[agent][status] = Count(guess, estimated=True)
+                else:
+                    pairs.append((agent, status.value))
+        rows = list(
+            await self._fetch(AGENT_COUNTS, agents=agents, statuses=counted, cap=COUNT_CAP + 1)
         )
+        for agent, status_value in pairs:
+            rows += await self._fetch(
+                AGENT_COUNTS, agents=[agent], statuses=[status_value], cap=COUNT_CAP + 1
+            )
         for row in rows:
             if row["n"]:
                 by_agent[row["agent_id"]][TaskStatus(row["status"])] = await self._capped(
-                    int(row["n"]),
-                    "SELECT 1 FROM tasks WHERE agent_id = :agent_id AND status = :status",
-                    agent_id=row["agent_id"],
-                    status=row["status"],
+                    int(row["n"]), _AGENT_STATUS, agent_id=row["agent_id"], status=row["status"]
                 )
         return AgentCounts(by_agent, truncated)
 
@@ -315,6 +331,15 @@ class ReportRepository:
         return counts
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    async def capped_count(self, query: str, **params: Any) -> Count:
+        """How many rows `query` returns: counted up to COUNT_CAP, estimated past it."""
+        [row] = await self._fetch(
+            Sql(f"SELECT count(*) AS n FROM ({query} LIMIT :cap) AS capped"),
+            **params,
+            cap=COUNT_CAP + 1,
+        )
+        return await self._capped(int(row["n"]), query, **params)
 
     async def _capped(self, n: int, query: str, **params: Any) -> Count:
         """`n` if it is within the cap, else the planner's estimate of `query`'s rows."""
