@@ -39,6 +39,8 @@ TaskRow = dict[str, Any]
 
 # Counts are exact up to here; past it, estimated.
 COUNT_CAP = 10_000
+# In a status with more than COUNT_CAP tasks, an agent's count is estimated past this.
+EXACT_WITHIN_BIG = 1_000
 # `stats` shows at most this many agents (the rest are summed in the totals).
 MAX_AGENTS = 1_000
 
@@ -132,6 +134,15 @@ CROSS JOIN unnest(CAST(:statuses AS text[])) AS s(status)
 """)
 
 _AGENT_STATUS = "SELECT 1 FROM tasks WHERE agent_id = :agent_id AND status = :status"
+
+# The same, for given (agent, status) pairs.
+PAIR_COUNTS = Sql("""
+SELECT p.agent_id, p.status,
+       (SELECT count(*) FROM (SELECT 1 FROM tasks AS t
+                              WHERE t.agent_id = p.agent_id AND t.status = p.status
+                              LIMIT :cap) AS capped) AS n
+FROM unnest(CAST(:agents AS text[]), CAST(:statuses AS text[])) AS p(agent_id, status)
+""")
 
 # How long the longest-waiting due pending task has been due (ix_tasks_pending_agent).
 OLDEST_DUE = Sql("""
@@ -267,8 +278,9 @@ class ReportRepository:
         """Each agent's tasks in each status (statuses without tasks left out).
 
         `big`: statuses with more than COUNT_CAP tasks in all (`counts_by_status` estimated
-        them). In those, an agent whose estimate is far past the cap gets the estimate without
-        a count: counting up to the cap for every agent would read COUNT_CAP entries each."""
+        them). In those, an agent estimated at more than EXACT_WITHIN_BIG tasks gets the
+        estimate, not a count: in a status that is itself estimated, counting up to the cap for
+        every agent would read most of the time `stats` may take."""
         agents = [row["agent_id"] for row in await self._fetch(AGENTS, limit=MAX_AGENTS + 1)]
         truncated = len(agents) > MAX_AGENTS
         agents = agents[:MAX_AGENTS]
@@ -278,16 +290,19 @@ class ReportRepository:
         for status in big:
             for agent in agents:
                 guess = await self.estimate(_AGENT_STATUS, agent_id=agent, status=status.value)
-                if guess > 2 * COUNT_CAP:
+                if guess > EXACT_WITHIN_BIG:
                     by_agent[agent][status] = Count(guess, estimated=True)
                 else:
                     pairs.append((agent, status.value))
         rows = list(
             await self._fetch(AGENT_COUNTS, agents=agents, statuses=counted, cap=COUNT_CAP + 1)
         )
-        for agent, status_value in pairs:
+        if pairs:
             rows += await self._fetch(
-                AGENT_COUNTS, agents=[agent], statuses=[status_value], cap=COUNT_CAP + 1
+                PAIR_COUNTS,
+                agents=[agent for agent, _ in pairs],
+                statuses=[status for _, status in pairs],
+                cap=COUNT_CAP + 1,
             )
         for row in rows:
             if row["n"]:

@@ -116,9 +116,12 @@ async def test_stats_reads_indexes_and_estimates_past_the_cap(operator: Any) -> 
     assert stats.by_status[TaskStatus.RUNNING.value] == 0
     assert "running" not in stats.by_status_estimated
     assert sorted(stats.by_agent) == [f"{big_table.AGENT_PREFIX}{i}" for i in range(AGENTS)]
-    # Each agent has 2,500 pending tasks: under the cap, so exact.
-    assert {counts["pending"] for counts in stats.by_agent.values()} == {PENDING // AGENTS}
-    assert all("completed" in guessed for guessed in stats.by_agent_estimated.values())
+    # 20,000 pending in all, past the cap: each agent's 2,500 are the planner's estimate.
+    for agent, counts in stats.by_agent.items():
+        assert 0.5 * PENDING / AGENTS < counts["pending"] < 1.5 * PENDING / AGENTS
+        assert {"pending", "completed"} <= set(stats.by_agent_estimated[agent])
+        assert counts["running"] == 0
+        assert "running" not in stats.by_agent_estimated[agent]
     assert stats.oldest_pending_seconds is not None
     assert stats.oldest_pending_seconds > 3000
     assert stats.pending_not_due == 0
