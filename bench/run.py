@@ -19,7 +19,16 @@ repeated (median and min–max):
 4. latency       — submit → handler start (`task_attempts.started_at − tasks.created_at`, both
                    the database clock) at a steady rate, p50/p99;
 5. backlog       — the lifecycle again with extra pending tasks that are not due yet;
-6. memory        — the worker's peak RSS over a long run, and its growth from 20 % to 100 % done.
+6. memory        — the worker's peak RSS over a long run, and its growth from 20 % to 100 % done;
+7. cli           — each `tasklane` command, ten times in a fresh process on an empty database
+                   (bytecode cached), median wall and CPU time;
+8. scale         — only with `--cases scale`: a table of millions of finished tasks built once
+                   (tests/support/big_table.py); the lifecycle beside it against an empty table,
+                   paired, and the p95 of each operator command's work on it.
+
+A ratio is only comparable when the machine was the benchmark's: each bare and lifecycle run
+records the share of the CPU other processes took, and past OTHERS_LIMIT_PCT in any pair the
+last line says `n/a` and why.
 
 Workers are separate processes (`bench/worker_proc.py`), timed from the end of their startup to
 the end of the burst; each run gets a fresh queue and emptied tables. The benchmark creates its
