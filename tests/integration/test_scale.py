@@ -39,7 +39,11 @@ def big_database(template_database: str) -> Iterator[str]:
 
     async def create() -> None:
         await databases.create_database(name, template=template_database)
-        await big_table.build(name, finished=FINISHED, pending=PENDING, agents=AGENTS)
+        try:
+            await big_table.build(name, finished=FINISHED, pending=PENDING, agents=AGENTS)
+        except BaseException:
+            await databases.drop_database(name)
+            raise
 
     asyncio.run(create())
     yield name
