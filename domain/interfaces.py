@@ -194,10 +194,6 @@ class ITaskRepository(Protocol):
         self, *, queue: str, limit: int, redispatch_seconds: float
     ) -> list[Doorbell]: ...
 
-    async def prune_batch(
-        self, *, older_than: datetime, statuses: Sequence[TaskStatus], batch_size: int = 1000
-    ) -> int: ...
-
 
 class IConversationRepository(Protocol):
     async def create(self, conversation: Conversation) -> Conversation: ...

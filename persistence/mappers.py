@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
-from domain.entities import Task, TaskAttempt
+from domain.entities import Task, TaskAttempt, WorkerInfo
 from domain.payload import encode_json
 from domain.value_objects import AttemptOutcome, TaskStatus
 from persistence.sql import Row
@@ -111,3 +111,17 @@ def insert_params(
             for t in tasks
         ],
     }
+
+
+def worker_from_row(row: Row) -> WorkerInfo:
+    """Build a WorkerInfo from a row of `workers`."""
+    return WorkerInfo(
+        id=row["id"],
+        hostname=row["hostname"],
+        pid=row["pid"],
+        queue=row["queue"],
+        agents=tuple(row["agents"]),
+        started_at=row["started_at"],
+        last_seen_at=row["last_seen_at"],
+        abandoned_handlers=row["abandoned_handlers"],
+    )

@@ -6,14 +6,16 @@ so the statements in `persistence.lifecycle` behave the same on either.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
-from sqlalchemy.engine import URL
 
 from domain.payload import decode_json
-from persistence.session import database_url
 from persistence.timeouts import DEFAULT_TIMEOUTS, DbTimeouts
+from persistence.url import asyncpg_dsn
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 
 def _encode_jsonb(text: str) -> bytes:
@@ -51,6 +53,10 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 def dsn(url: str | URL) -> str:
     """A libpq-style DSN (asyncpg's) from a SQLAlchemy-style URL."""
+    if isinstance(url, str):
+        return asyncpg_dsn(url)  # no SQLAlchemy import (persistence.url)
+    from persistence.session import database_url
+
     return database_url(url, driver="postgresql").render_as_string(hide_password=False)
 
 

@@ -19,23 +19,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 import asyncpg
-from sqlalchemy import TextClause, text
-from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
-from sqlalchemy.engine.interfaces import PoolProxiedConnection
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.sql import Executable
-from sqlalchemy.util import greenlet_spawn
 
 from persistence.errors import CONNECTION_ERRORS
 
+# SQLAlchemy is imported only where a statement needs it (a session, a Core statement): the
+# CLI's read commands run `Sql` on one asyncpg connection, and importing SQLAlchemy would be most
+# of their run time (tests/integration/test_cli_imports.py).
+if TYPE_CHECKING:
+    from sqlalchemy import TextClause
+    from sqlalchemy.engine.interfaces import Dialect, PoolProxiedConnection
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+    from sqlalchemy.sql import Executable
+
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
-_DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
+
+
+@functools.cache
+def _dialect() -> Dialect:
+    from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
+
+    return asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
 
 
 class Row(Protocol):
@@ -49,7 +59,6 @@ class Row(Protocol):
 @dataclass(frozen=True, slots=True)
 class Sql:
     source: str
-    clause: TextClause = field(init=False, repr=False)
     pg: str = field(init=False, repr=False)  # the same statement with $1, $2… placeholders
     names: tuple[str, ...] = field(init=False, repr=False)  # parameter name of each $n
 
@@ -64,13 +73,24 @@ class Sql:
 
         object.__setattr__(self, "pg", _PARAM.sub(number, self.source))
         object.__setattr__(self, "names", tuple(names))
-        object.__setattr__(self, "clause", text(self.source))
+
+    @property
+    def clause(self) -> TextClause:
+        """The statement for a SQLAlchemy session (built when one runs it)."""
+        return _text(self.source)
 
     def args(self, params: Mapping[str, Any]) -> list[Any]:
         return [params[name] for name in self.names]
 
 
-Statement = Sql | Executable
+@functools.lru_cache(maxsize=1024)
+def _text(source: str) -> TextClause:
+    from sqlalchemy import text
+
+    return text(source)
+
+
+Statement: TypeAlias = "Sql | Executable"
 
 
 class Executor(Protocol):
@@ -109,7 +129,7 @@ class SessionExecutor:
 def compile_core(stmt: Executable) -> tuple[str, list[Any]]:
     """A Core statement as asyncpg SQL with its positional arguments, bound as SQLAlchemy binds
     them (a JSON value becomes JSON text, which the pool's jsonb codec takes)."""
-    compiled = stmt.compile(dialect=_DIALECT, compile_kwargs={"render_postcompile": True})  # type: ignore[attr-defined]
+    compiled = stmt.compile(dialect=_dialect(), compile_kwargs={"render_postcompile": True})  # type: ignore[attr-defined]
     processors = compiled._bind_processors
     args = []
     for name in compiled.positiontup or ():
@@ -191,4 +211,6 @@ class AutocommitExecutor:
 
 async def _release(fairy: PoolProxiedConnection) -> None:
     # Checkin may close an overflow connection, which awaits: it needs SQLAlchemy's greenlet.
+    from sqlalchemy.util import greenlet_spawn
+
     await greenlet_spawn(fairy.close)

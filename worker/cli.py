@@ -11,8 +11,8 @@ operation and maps failures to exit codes.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import logging
 import os
 import re
 import sys
@@ -51,6 +51,7 @@ MAX_LIST_LIMIT = 1000
 MAX_PRUNE_AGE = timedelta(days=3650)  # prune --older-than: ten years
 DEFAULT_PRUNE_BATCH = 1000
 MAX_PRUNE_BATCH = 10_000  # one transaction each: bigger batches hold their locks longer
+MAX_PRUNE_RATE = 1_000_000.0  # prune --max-rate, tasks per second
 MAX_DEMO_SUBTASKS = 1000
 DEFAULT_TREE_CHILDREN = 50  # tree: children shown per task, the rest counted on one line
 MAX_TREE_CHILDREN = 10_000
@@ -76,6 +77,8 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def prepare_database(settings: Settings) -> None:
     """Reach PostgreSQL (waiting while it starts), create the database when it is missing and
     the role may, and bring its schema to the latest revision."""
+    import asyncio
+
     asyncio.run(reach_database(settings, create=True))
     migrate(settings)
 
@@ -117,6 +120,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from worker.logs import configure_logging
 
     configure_logging(fmt=settings.log_format, level=settings.log_level)
+    import asyncio
+
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -173,8 +178,7 @@ def _reason(exc: BaseException) -> str:
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one operation; every failure it can meet becomes a one-line `CommandError`."""
-    from redis.exceptions import RedisError
-    from sqlalchemy.exc import SQLAlchemyError
+    import asyncio
 
     from domain.exceptions import DomainError
     from worker.health import ServiceError
@@ -184,12 +188,25 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except (OperatorError, ServiceError, DomainError) as exc:
         raise CommandError(str(exc)) from None
-    except SQLAlchemyError as exc:
-        raise CommandError(f"database error: {_reason(exc.__cause__ or exc)}") from None
-    except RedisError as exc:
-        raise CommandError(f"Redis error: {_reason(exc)}") from None
-    except (OSError, TimeoutError) as exc:
-        raise CommandError(f"connection failed: {_reason(exc)}") from None
+    except Exception as exc:
+        # The SQLAlchemy and Redis clients are imported only by the commands that use them: an
+        # error of theirs can only come once they are.
+        if _raised_by(exc, "sqlalchemy.exc", "SQLAlchemyError"):
+            raise CommandError(f"database error: {_reason(exc.__cause__ or exc)}") from None
+        if _raised_by(exc, "asyncpg.exceptions", "PostgresError"):
+            raise CommandError(f"database error: {_reason(exc)}") from None
+        if _raised_by(exc, "redis.exceptions", "RedisError"):
+            raise CommandError(f"Redis error: {_reason(exc)}") from None
+        if isinstance(exc, OSError | TimeoutError):
+            raise CommandError(f"connection failed: {_reason(exc)}") from None
+        raise
+
+
+def _raised_by(exc: BaseException, module: str, name: str) -> bool:
+    """`exc` is an instance of `module.name`, checked without importing the module."""
+    loaded = sys.modules.get(module)
+    kind = getattr(loaded, name, None) if loaded is not None else None
+    return isinstance(kind, type) and isinstance(exc, kind)
 
 
 def _operate(
@@ -608,6 +625,7 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
             statuses=statuses,
             dry_run=args.dry_run,
             batch_size=args.batch_size,
+            max_rate=args.max_rate,
         )
         return result, await op.now()
 
@@ -676,6 +694,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 Command = Callable[[argparse.Namespace, Settings], int]
+
+# Commands that read through one asyncpg connection and import neither the ORM nor structlog (their
+# logging is configured only if something logs): they answer in about a tenth of a second.
+# tests/integration/test_cli_imports.py keeps them so.
+QUICK_COMMANDS: frozenset[Command] = frozenset(
+    {cmd_show, cmd_list, cmd_tree, cmd_stats, cmd_prune, cmd_health}
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -900,6 +925,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tasks deleted per transaction (default {DEFAULT_PRUNE_BATCH}, "
         f"at most {MAX_PRUNE_BATCH})",
     )
+    prune.add_argument(
+        "--max-rate",
+        metavar="R",
+        type=_rate,
+        help=f"delete at most R tasks per second on average, no batch larger than R (at most "
+        f"{MAX_PRUNE_RATE:g}; default: as fast as the database allows)",
+    )
     prune.set_defaults(handler=cmd_prune)
 
     health = sub.add_parser(
@@ -989,6 +1021,22 @@ def _seconds(high: float) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _rate(raw: str) -> float:
+    """prune --max-rate: tasks per second, at least 0.01 (one every 100 s), at most
+    MAX_PRUNE_RATE."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of tasks per second, got {_shown(raw)}"
+        ) from None
+    if not 0.01 <= value <= MAX_PRUNE_RATE:  # NaN fails this too
+        raise argparse.ArgumentTypeError(
+            f"must be between 0.01 and {MAX_PRUNE_RATE:g} tasks per second, got {_shown(raw)}"
+        )
+    return value
 
 
 def _configured(parse: Callable[[str], T], what: str) -> Callable[[str], T]:
@@ -1107,7 +1155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env(**_overrides(args))
         handler: Command = args.handler
-        if handler is not cmd_worker:  # a worker configures its logging as it starts
+        if handler in QUICK_COMMANDS:
+            _configure_logging_on_first_record(settings)
+        elif handler is not cmd_worker:  # a worker configures its logging as it starts
             _configure_logging(settings)
         return handler(args, settings)
     except ConfigError as exc:
@@ -1144,6 +1194,28 @@ def _configure_logging(settings: Settings) -> None:
     from worker.logs import configure_logging
 
     configure_logging(fmt=settings.log_format, level=_command_log_level(settings))
+
+
+class _FirstRecord(logging.Handler):
+    """Configures the CLI's logging when the first record comes, then hands the record on:
+    a quick command that logs nothing never imports structlog."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def emit(self, record: logging.LogRecord) -> None:
+        root = logging.getLogger()
+        if self in root.handlers:
+            _configure_logging(self.settings)  # replaces this handler
+            if record.levelno >= root.level:
+                root.handle(record)
+
+
+def _configure_logging_on_first_record(settings: Settings) -> None:
+    root = logging.getLogger()
+    root.handlers[:] = [_FirstRecord(settings)]
+    root.setLevel(_command_log_level(settings))
 
 
 def _command_log_level(settings: Settings) -> str:

@@ -116,9 +116,8 @@ def plain(value: Any) -> Any:
 
 
 def task_json(row: TaskRow) -> dict[str, Any]:
-    from persistence.repositories.report_repository import TASK_COLUMNS
-
-    return {column: _plain(row[column]) for column in TASK_COLUMNS}
+    """Every column of the row (it holds them all: `SELECT *`)."""
+    return {column: _plain(value) for column, value in row.items()}
 
 
 def attempt_json(attempt: TaskAttempt) -> dict[str, Any]:
@@ -165,6 +164,13 @@ def stats_json(stats: Stats) -> dict[str, Any]:
         "limits": [{k: _plain(v) for k, v in limit.items()} for limit in stats.limits],
         "pauses": [{k: _plain(v) for k, v in pause.items()} for pause in stats.pauses],
         "now": _plain(stats.now),
+        # Counts past count_cap are the planner's estimates; these name them.
+        "count_cap": stats.count_cap,
+        "by_status_estimated": stats.by_status_estimated,
+        "by_agent_estimated": stats.by_agent_estimated,
+        "pending_not_due_estimated": stats.pending_not_due_estimated,
+        "finished_last_minute_estimated": stats.finished_last_minute_estimated,
+        "agents_truncated": stats.agents_truncated,
     }
 
 
@@ -181,8 +187,10 @@ def prune_json(result: PruneResult) -> dict[str, Any]:
         "cutoff": _plain(result.cutoff),
         "statuses": [s.value for s in result.statuses],
         "matched": result.matched,
+        "matched_estimated": result.matched_estimated,
         "deleted": result.deleted,
         "batches": result.batches,
+        "max_rate": result.max_rate,
     }
 
 
@@ -436,14 +444,33 @@ def _tree_cells(node: TreeNode, now: datetime) -> list[str]:
     ]
 
 
+ESTIMATED = "≈"  # before a count the planner estimated
+
+
+def _count(n: int, estimated: bool) -> str:
+    return f"{ESTIMATED}{n}" if estimated else str(n)
+
+
 def stats_text(stats: Stats) -> str:
     statuses = [s.value for s in TaskStatus]
     headers = ["AGENT", *[s.upper() for s in statuses], "TOTAL"]
-    rows = [
-        [agent, *[str(counts[s]) for s in statuses], str(sum(counts.values()))]
-        for agent, counts in sorted(stats.by_agent.items())
-    ]
-    rows.append(["total", *[str(stats.by_status[s]) for s in statuses], str(stats.total)])
+    rows = []
+    for agent, counts in sorted(stats.by_agent.items()):
+        guessed = stats.by_agent_estimated.get(agent, [])
+        rows.append(
+            [
+                agent,
+                *[_count(counts[s], s in guessed) for s in statuses],
+                _count(sum(counts.values()), bool(guessed)),
+            ]
+        )
+    rows.append(
+        [
+            "total",
+            *[_count(stats.by_status[s], s in stats.by_status_estimated) for s in statuses],
+            _count(stats.total, bool(stats.by_status_estimated)),
+        ]
+    )
     oldest = (
         NONE
         if stats.oldest_pending_seconds is None
@@ -452,14 +479,23 @@ def stats_text(stats: Stats) -> str:
     finished = ", ".join(f"{n} {s}" for s, n in stats.finished_last_minute_by_status.items())
     summary = [
         ("oldest pending", oldest),
-        ("pending, not due yet", str(stats.pending_not_due)),
+        ("pending, not due yet", _count(stats.pending_not_due, stats.pending_not_due_estimated)),
         (
             "finished last minute",
-            f"{stats.finished_last_minute}" + (f" ({finished})" if finished else ""),
+            _count(stats.finished_last_minute, stats.finished_last_minute_estimated)
+            + (f" ({finished})" if finished else ""),
         ),
         ("live workers", str(stats.live_workers)),
     ]
     parts = [table(headers, rows), "", table(None, summary)]
+    if stats.agents_truncated:
+        parts += ["", f"only the first {len(stats.by_agent)} agents are listed; totals count all"]
+    if stats.estimated:
+        parts += [
+            "",
+            f"{ESTIMATED}: past {stats.count_cap} tasks a count is the planner's estimate "
+            "(counting exactly would read every row)",
+        ]
     if stats.workers:
         worker_rows = [
             [
@@ -531,7 +567,9 @@ def prune_text(result: PruneResult, now: datetime) -> str:
     which = ", ".join(s.value for s in result.statuses)
     before = when(result.cutoff, now)
     if result.dry_run:
-        return f"would delete {result.matched} task(s) ({which}) finished before {before}"
+        matched = _count(result.matched, result.matched_estimated)
+        note = " (estimated: past the count cap)" if result.matched_estimated else ""
+        return f"would delete {matched} task(s) ({which}) finished before {before}{note}"
     batches = f" in {result.batches} batch{'es' if result.batches != 1 else ''}"
     return f"deleted {result.deleted} task(s) ({which}) finished before {before}{batches}"
 

@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
 from domain.entities import DEFAULT_QUEUE, MAX_ATTEMPTS_LIMIT
 from domain.payload import DEFAULT_MAX_INPUT_BYTES, DEFAULT_MAX_OUTPUT_BYTES
 from domain.policies import Backoff
 from persistence.timeouts import DbTimeouts
+from persistence.url import parse as parse_db_url
 from worker.redaction import redact_url as redact_url  # where operator and app import it from
 from worker.tracing import check_setting as check_tracing
 
@@ -211,8 +209,8 @@ class _Reader:
 
 def _database_url(raw: str) -> str:
     try:
-        url = make_url(raw)
-    except ArgumentError:
+        url = parse_db_url(raw)
+    except ValueError:
         raise ValueError(f"not a database URL: {redact_url(raw)!r}") from None
     if not url.drivername.startswith("postgresql"):
         raise ValueError(f"must be a postgresql:// URL, got {url.drivername}://")

@@ -138,24 +138,26 @@ async def health(settings: Settings, *, local: bool = False) -> HealthReport:
     and reports, except those that need an earlier one to have passed."""
     postgres = Check("postgres", True, redact_url(settings.database_url))
     schema = Check("schema", False, "not checked: PostgreSQL is unreachable")
+    conn: asyncpg.Connection | None = None
     try:
         conn = await connect_postgres(settings)
     except ServiceError as exc:
         postgres = Check("postgres", False, str(exc))
-    else:
-        try:
-            schema = await _schema_check(conn)
-        finally:
-            await conn.close()
-    redis = Check("redis", True, redact_url(settings.redis_url))
     try:
-        await check_redis(settings)
-    except ServiceError as exc:
-        redis = Check("redis", False, str(exc))
-    if schema.ok:
-        workers = await _worker_check(settings, local)
-    else:
-        workers = Check("workers", False, f"not checked: the {schema.name} check failed")
+        if conn is not None:
+            schema = await _schema_check(conn)
+        redis = Check("redis", True, redact_url(settings.redis_url))
+        try:
+            await check_redis(settings)
+        except ServiceError as exc:
+            redis = Check("redis", False, str(exc))
+        if schema.ok and conn is not None:
+            workers = await _worker_check(conn, settings, local)
+        else:
+            workers = Check("workers", False, f"not checked: the {schema.name} check failed")
+    finally:
+        if conn is not None:
+            await conn.close()
     return HealthReport([postgres, redis, schema, workers])
 
 
@@ -173,31 +175,22 @@ async def _schema_check(conn: asyncpg.Connection) -> Check:
     return Check("schema", True, f"revision {SCHEMA_REVISION}")
 
 
-async def _worker_check(settings: Settings, local: bool) -> Check:
-    from persistence.repositories.worker_repository import LIVE_WITHIN_SECONDS
-    from persistence.session import UnitOfWork, create_engine, create_session_factory
+async def _worker_check(conn: asyncpg.Connection, settings: Settings, local: bool) -> Check:
+    """On the connection that checked the schema (plain SQL: `health` imports no ORM)."""
+    from persistence.repositories.report_repository import ReportRepository
+    from persistence.repositories.worker_sql import LIVE_WITHIN_SECONDS
+    from persistence.sql import ConnectionExecutor
 
     hostname = socket.gethostname()
-    engine = create_engine(
-        settings.database_url,
-        pool_size=1,
-        max_overflow=0,
-        statement_cache=settings.db_statement_cache,
-        application_name="tasklane-health",
-        timeouts=settings.db_timeouts,
-    )
     try:
-        async with (
-            asyncio.timeout(CHECK_TIMEOUT_SECONDS),
-            UnitOfWork(create_session_factory(engine)) as uow,
-        ):
-            workers = await uow.workers.list_live(queue=settings.queue)
+        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+            workers = await ReportRepository(ConnectionExecutor(conn)).live_workers(
+                queue=settings.queue
+            )
     except TimeoutError:
         return Check("workers", False, f"no answer within {CHECK_TIMEOUT_SECONDS:g}s")
     except Exception as exc:
         return Check("workers", False, reason_of(exc))
-    finally:
-        await engine.dispose()
     where = f"queue {settings.queue!r}"
     if local:
         workers = [w for w in workers if w.hostname == hostname]

@@ -4,28 +4,49 @@ Rendering lives in `worker.cli_render`; argument parsing and exit codes in `work
 service checks in `worker.health`; why a task is where it is in `worker.diagnosis`. Every failure
 an operator can cause or meet surfaces as one line: an unknown id as an `OperatorError`, an
 unreachable service or an unmigrated database as a `ServiceError`.
+
+The read commands and `prune` run plain SQL (`ReportRepository`, `PruneRepository`) on the one
+asyncpg connection that checked the schema, and import no ORM: a command answers in about a
+tenth of a second. Commands that change tasks go through `TaskClient`, built on first use.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from domain.entities import TaskAttempt, WorkerInfo
 from domain.exceptions import EntityNotFoundError
 from domain.payload import JsonValue
 from domain.value_objects import TaskStatus
-from persistence.repositories.report_repository import StatusCount, TaskRow, TreeNode
-from persistence.session import UnitOfWork
+from persistence.repositories.flow_repository import FlowRepository
+from persistence.repositories.prune_repository import START, PruneRepository, check_statuses
+from persistence.repositories.report_repository import (
+    COUNT_CAP,
+    AgentCounts,
+    Count,
+    ReportRepository,
+    TaskRow,
+    TreeNode,
+)
+from persistence.schema import SchemaError, check_schema
+from persistence.sql import ConnectionExecutor, Executor
 from worker.cli_format import counted
-from worker.client import TaskClient, parse_task_id
 from worker.config import Settings
 from worker.diagnosis import explain
-from worker.health import check_postgres, check_redis
+from worker.health import ServiceError, check_redis, connect_postgres
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from persistence.session import UnitOfWork
+    from worker.client import TaskClient
 
 CLI_USER = "cli"
 
@@ -64,6 +85,9 @@ class Tree:
 
 @dataclass(frozen=True, slots=True)
 class Stats:
+    """Counts are exact up to `count_cap`; past it estimated, and the `*_estimated` fields
+    say which (the agents' and statuses' names)."""
+
     by_status: dict[str, int]
     by_agent: dict[str, dict[str, int]]
     total: int
@@ -73,6 +97,12 @@ class Stats:
     finished_last_minute_by_status: dict[str, int]
     workers: list[WorkerInfo]
     now: datetime
+    by_status_estimated: list[str]
+    by_agent_estimated: dict[str, list[str]]
+    pending_not_due_estimated: bool
+    finished_last_minute_estimated: bool
+    agents_truncated: bool
+    count_cap: int = COUNT_CAP
     # Flow control: every agent's limits with their use, and what is paused.
     limits: list[dict[str, Any]] = field(default_factory=list)
     pauses: list[dict[str, Any]] = field(default_factory=list)
@@ -81,15 +111,26 @@ class Stats:
     def live_workers(self) -> int:
         return len(self.workers)
 
+    @property
+    def estimated(self) -> bool:
+        return bool(
+            self.by_status_estimated
+            or self.by_agent_estimated
+            or self.pending_not_due_estimated
+            or self.finished_last_minute_estimated
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class PruneResult:
     cutoff: datetime
     statuses: list[TaskStatus]
     dry_run: bool
-    matched: int  # the dry run's count
+    matched: int  # the dry run's count (a real run: what it deleted)
     deleted: int
     batches: int
+    matched_estimated: bool = False  # the dry run's count passed the cap: an estimate
+    max_rate: float | None = None
 
 
 # -- the operations -------------------------------------------------------------------------------
@@ -98,35 +139,60 @@ class PruneResult:
 class Operator:
     """The CLI's operations on one configured deployment. Open it with `Operator.open`."""
 
-    def __init__(self, settings: Settings, client: TaskClient) -> None:
+    def __init__(
+        self, settings: Settings, conn: asyncpg.Connection, executor: Executor | None = None
+    ) -> None:
         self.settings = settings
-        self.client = client
+        # Reads and prunes run on the checked connection, in autocommit: each statement sees
+        # the latest commits (a `wait` re-reads the task), and no transaction is held between
+        # them. (`executor`: the same connection seen through a test's recorder.)
+        self._ex = executor or ConnectionExecutor(conn)
+        self.reports = ReportRepository(self._ex)
+        self.flow = FlowRepository(self._ex)
+        self._client: TaskClient | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, settings: Settings, *, redis: bool) -> AsyncIterator[Operator]:
         """Check the services first (Redis only if the command dispatches work), so that an
         unreachable service or an unmigrated database is one clear line, not a driver error."""
-        await check_postgres(settings)
-        if redis:
-            await check_redis(settings)
-        client = TaskClient.from_settings(settings)
+        conn = await connect_postgres(settings)
         try:
-            yield cls(settings, client)
+            try:
+                await check_schema(conn)
+            except SchemaError as exc:
+                raise ServiceError(str(exc)) from None
+            if redis:
+                await check_redis(settings)
+            operator = cls(settings, conn)
+            try:
+                yield operator
+            finally:
+                if operator._client is not None:
+                    await operator._client.close()
         finally:
-            await client.close()
+            await conn.close()
+
+    @property
+    def client(self) -> TaskClient:
+        """The producer's client (its engines and the ORM), for the commands that change tasks."""
+        if self._client is None:
+            from worker.client import TaskClient
+
+            self._client = TaskClient.from_settings(self.settings)
+        return self._client
 
     def _uow(self) -> UnitOfWork:
+        from persistence.session import UnitOfWork
+
         return UnitOfWork(self.client.session_factory)
 
     async def now(self) -> datetime:
         """The database clock (readable output says how long ago things happened by it)."""
-        async with self._uow() as uow:
-            return await uow.reports.now()
+        return await self.reports.now()
 
     async def _row(self, task_id: UUID) -> TaskRow:
-        async with self._uow() as uow:
-            row = await uow.reports.task(task_id)
+        row = await self.reports.task(task_id)
         if row is None:
             raise OperatorError(f"no task with id {task_id}")
         return row
@@ -146,6 +212,8 @@ class Operator:
         idempotency_key: str | None,
         priority: int = 0,
     ) -> TaskRow:
+        from worker.client import parse_task_id
+
         if conversation_id is None:
             conversation = await self.client.create_conversation(
                 user_id=CLI_USER, title=f"tasklane submit {agent_id}"
@@ -173,20 +241,14 @@ class Operator:
     # -- read -----------------------------------------------------------------------------------
 
     async def show(self, task_id: UUID) -> TaskReport:
-        async with self._uow() as uow:
-            row = await uow.reports.task(task_id)
-            if row is None:
-                raise OperatorError(f"no task with id {task_id}")
-            history = await uow.tasks.list_attempts(task_id)
-            now = await uow.reports.now()
-            status = TaskStatus(row["status"])
-            workers = await uow.workers.list_live()
-            children = (
-                await uow.reports.children_by_status(task_id)
-                if status is TaskStatus.WAITING
-                else {}
-            )
-            hold = await uow.flow.hold_of(task_id) if status is TaskStatus.PENDING else None
+        reports = self.reports
+        row = await self._row(task_id)
+        history = await reports.attempts(task_id)
+        now = await reports.now()
+        status = TaskStatus(row["status"])
+        workers = await reports.live_workers()
+        children = await reports.children_by_status(task_id) if status is TaskStatus.WAITING else {}
+        hold = await self.flow.hold_of(task_id) if status is TaskStatus.PENDING else None
         reason = explain(row, now=now, workers=workers, children=children, hold=hold)
         return TaskReport(row, history, reason, now)
 
@@ -198,42 +260,57 @@ class Operator:
         conversation_id: str | None,
         limit: int,
     ) -> tuple[list[TaskRow], datetime]:
-        conv = parse_task_id(conversation_id) if conversation_id is not None else None
-        async with self._uow() as uow:
-            rows = await uow.reports.tasks(
-                agent_id=agent_id, status=status, conversation_id=conv, limit=limit
-            )
-            return rows, await uow.reports.now()
+        try:
+            conv = UUID(conversation_id.strip()) if conversation_id is not None else None
+        except ValueError:
+            raise OperatorError(
+                f"not a conversation id (expected a UUID): {conversation_id!r:.80}"
+            ) from None
+        rows = await self.reports.tasks(
+            agent_id=agent_id, status=status, conversation_id=conv, limit=limit
+        )
+        return rows, await self.reports.now()
 
     async def tree(self, task_id: UUID) -> Tree:
-        async with self._uow() as uow:
-            nodes = await uow.reports.tree(task_id)
-            now = await uow.reports.now()
+        nodes = await self.reports.tree(task_id)
+        now = await self.reports.now()
         if not nodes:
             raise OperatorError(f"no task with id {task_id}")
         return Tree(nodes, now)
 
     async def stats(self) -> Stats:
-        async with self._uow() as uow:
-            counts = await uow.reports.counts_by_agent_and_status()
-            oldest = await uow.reports.oldest_pending_seconds()
-            not_due = await uow.reports.scheduled_count()
-            finished = await uow.reports.finished_within(60)
-            workers = await uow.workers.list_live()
-            now = await uow.reports.now()
-            limits = await uow.flow.limits()
-            pauses = await uow.flow.pauses()
-        by_status, by_agent = _tabulate(counts)
+        reports = self.reports
+        statuses = await reports.counts_by_status()
+        agents = await reports.counts_by_agent(big=[s for s, n in statuses.items() if n.estimated])
+        oldest = await reports.oldest_pending_seconds()
+        not_due = await reports.scheduled_count()
+        finished = await reports.finished_within(60)
+        workers = await reports.live_workers()
+        now = await reports.now()
+        limits = await self.flow.limits()
+        pauses = await self.flow.pauses()
+        by_agent = _by_agent(agents)
+        total = sum(statuses.values(), Count(0))
+        last_minute = sum(finished.values(), Count(0))
         return Stats(
-            by_status=by_status,
+            by_status={s.value: statuses.get(s, Count(0)).value for s in TaskStatus},
             by_agent=by_agent,
-            total=sum(by_status.values()),
+            total=total.value,
             oldest_pending_seconds=oldest,
-            pending_not_due=not_due,
-            finished_last_minute=sum(finished.values()),
-            finished_last_minute_by_status={s.value: n for s, n in sorted(finished.items())},
+            pending_not_due=not_due.value,
+            finished_last_minute=last_minute.value,
+            finished_last_minute_by_status={s.value: n.value for s, n in sorted(finished.items())},
             workers=workers,
             now=now,
+            by_status_estimated=[s.value for s in TaskStatus if statuses[s].estimated],
+            by_agent_estimated={
+                agent: [s.value for s in TaskStatus if s in counts and counts[s].estimated]
+                for agent, counts in sorted(agents.by_agent.items())
+                if any(c.estimated for c in counts.values())
+            },
+            pending_not_due_estimated=not_due.estimated,
+            finished_last_minute_estimated=last_minute.estimated,
+            agents_truncated=agents.truncated,
             limits=limits,
             pauses=pauses,
         )
@@ -298,33 +375,45 @@ class Operator:
         statuses: Sequence[TaskStatus],
         dry_run: bool,
         batch_size: int,
+        max_rate: float | None = None,
     ) -> PruneResult:
         """Delete finished tasks (their attempts go with them) whose `completed_at` is older
-        than `older_than`, by the database clock, in batches of `batch_size`, one transaction
-        per batch so that no lock is held for long."""
-        async with self._uow() as uow:
-            cutoff = await uow.reports.now() - older_than
-            matched = await uow.tasks.count_prunable(older_than=cutoff, statuses=statuses)
+        than `older_than`, by the database clock: one status at a time, oldest first, in
+        batches of at most `batch_size`, each batch one statement that commits on its own so
+        that no lock is held for long. `max_rate` (tasks per second) paces the deletes: no
+        batch is larger than it, and the average rate stays under it. A dry run counts (up to
+        the cap, estimated beyond) and deletes nothing."""
+        check_statuses(statuses)
+        prunes = PruneRepository(self._ex)
+        cutoff = await self.reports.now() - older_than
+        if dry_run:
+            matched = await prunes.count(statuses=statuses, cutoff=cutoff)
+            return PruneResult(
+                cutoff, list(statuses), True, matched.count, 0, 0, matched.estimated, max_rate
+            )
+        size = batch_size if max_rate is None else max(1, min(batch_size, int(max_rate)))
+        started = time.monotonic()
         deleted = batches = 0
-        if not dry_run:
+        for status in statuses:
+            position = START
             while True:
-                async with self._uow() as uow:
-                    n = await uow.tasks.prune_batch(
-                        older_than=cutoff, statuses=statuses, batch_size=batch_size
-                    )
-                    await uow.commit()
-                if n == 0:
+                batch = await prunes.batch(status=status, cutoff=cutoff, after=position, size=size)
+                if batch.position is None:
                     break
-                deleted += n
+                position = batch.position
+                deleted += batch.deleted
                 batches += 1
-        return PruneResult(cutoff, list(statuses), dry_run, matched, deleted, batches)
+                if max_rate is not None:  # the average rate so far stays under max_rate
+                    await asyncio.sleep(max(0.0, deleted / max_rate - (time.monotonic() - started)))
+                if batch.scanned < size:  # nothing older is left in this status
+                    break
+        return PruneResult(
+            cutoff, list(statuses), False, deleted, deleted, batches, False, max_rate
+        )
 
 
-def _tabulate(counts: Sequence[StatusCount]) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-    by_status = {s.value: 0 for s in TaskStatus}
-    by_agent: dict[str, dict[str, int]] = {}
-    for c in counts:
-        by_status[c.status.value] += c.count
-        agent = by_agent.setdefault(c.agent_id, {s.value: 0 for s in TaskStatus})
-        agent[c.status.value] += c.count
-    return by_status, by_agent
+def _by_agent(agents: AgentCounts) -> dict[str, dict[str, int]]:
+    return {
+        agent: {s.value: counts.get(s, Count(0)).value for s in TaskStatus}
+        for agent, counts in sorted(agents.by_agent.items())
+    }

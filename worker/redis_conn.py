@@ -6,14 +6,17 @@ loop (and the process) down with it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from arq.connections import ArqRedis, RedisSettings
-from arq.jobs import Deserializer, Serializer
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+
+# arq is imported by what uses it (a worker), not by `tasklane health`, which pings Redis only.
+if TYPE_CHECKING:
+    from arq.connections import ArqRedis, RedisSettings
+    from arq.jobs import Deserializer, Serializer
 
 # ~60 s of retrying (backoff capped at 1 s) before a command gives up.
 _RETRIES = 60
@@ -35,6 +38,8 @@ def _retry(retries: int = _RETRIES) -> Retry:
 
 def redis_settings(url: str) -> RedisSettings:
     """arq's settings for `url`, with retries."""
+    from arq.connections import RedisSettings
+
     settings = RedisSettings.from_dsn(url)
     settings.conn_timeout = 2
     settings.conn_retries = 2
@@ -76,6 +81,8 @@ def create_arq_pool(
 ) -> ArqRedis:
     """arq's Redis client for a worker, as `arq.connections.create_pool` makes it, with socket
     timeouts and bounded retries. It connects on first use."""
+    from arq.connections import ArqRedis
+
     pool: ArqRedis = ArqRedis.from_url(url, **_client_options(retries, socket_timeout))
     pool.job_serializer = serializer
     pool.job_deserializer = deserializer

@@ -24,8 +24,7 @@ from typing import Any, ClassVar, NamedTuple
 from uuid import UUID
 
 import asyncpg
-from sqlalchemy import String, and_, cast, delete, exists, func, select, update
-from sqlalchemy.orm import aliased
+from sqlalchemy import String, cast, func, update
 
 from domain.entities import Doorbell, Task, TaskAttempt
 from domain.exceptions import (
@@ -48,7 +47,7 @@ from domain.interfaces import (
 )
 from domain.payload import encode_json
 from domain.policies import Backoff
-from domain.value_objects import FINISHED_STATUSES, UNFINISHED_STATUSES, AttemptOutcome, TaskStatus
+from domain.value_objects import AttemptOutcome, TaskStatus
 from persistence.errors import find_postgres_error
 from persistence.mappers import attempt_from_row, insert_params, task_from_row
 from persistence.models import TaskModel
@@ -877,56 +876,6 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
     async def unmark_dispatched(self, ids: Sequence[UUID]) -> None:
         if ids:
             await self._fetch(q.UNMARK_DISPATCHED, ids=list(ids))
-
-    # -- pruning --------------------------------------------------------------------------------
-
-    def _prunable(self, older_than: datetime, statuses: Sequence[TaskStatus]) -> Any:
-        unfinished = [s for s in statuses if s not in FINISHED_STATUSES]
-        if unfinished or not statuses:
-            raise InvalidInputError(
-                "prune only deletes finished tasks (completed, failed, cancelled); "
-                f"got {', '.join(s.value for s in unfinished) or 'no status'}"
-            )
-        tasks = self.table
-        relative = aliased(TaskModel)
-        open_parent = exists().where(
-            relative.id == tasks.c.parent_task_id,
-            relative.status.in_([s.value for s in UNFINISHED_STATUSES]),
-        )
-        open_child = exists().where(
-            relative.parent_task_id == tasks.c.id,
-            relative.status.in_([s.value for s in UNFINISHED_STATUSES]),
-        )
-        return and_(
-            tasks.c.status.in_([s.value for s in statuses]),
-            tasks.c.completed_at < older_than,
-            ~open_parent,  # a waiting parent still reads its children
-            ~open_child,
-        )
-
-    async def count_prunable(self, *, older_than: datetime, statuses: Sequence[TaskStatus]) -> int:
-        stmt = (
-            select(func.count().label("n"))
-            .select_from(self.table)
-            .where(self._prunable(older_than, statuses))
-        )
-        [row] = await self._fetch(stmt)
-        return int(row["n"])
-
-    async def prune_batch(
-        self, *, older_than: datetime, statuses: Sequence[TaskStatus], batch_size: int = 1000
-    ) -> int:
-        """Delete up to `batch_size` finished tasks (their attempts go with them); returns how
-        many. The caller commits between batches so locks stay short."""
-        victims = (
-            select(self.table.c.id)
-            .where(self._prunable(older_than, statuses))
-            .limit(batch_size)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        stmt = delete(self.table).where(self.table.c.id.in_(victims)).returning(self.table.c.id)
-        return len(await self._fetch(stmt))
 
 
 class _Run(NamedTuple):

@@ -6,12 +6,14 @@ from collections.abc import Iterable
 from typing import ClassVar
 
 from domain.entities import WorkerInfo
+from persistence.mappers import worker_from_row
 from persistence.models import WorkerModel
 from persistence.repositories.base_repository import BaseRepository
+from persistence.repositories.worker_sql import LIVE, LIVE_WITHIN_SECONDS
 from persistence.sql import Executor, Row, Sql
 
-# A worker is live when it refreshed its row within this many seconds (by the database clock).
-LIVE_WITHIN_SECONDS = 30.0
+__all__ = ["LIVE_WITHIN_SECONDS", "WorkerRepository"]
+
 
 # A worker's tick: its row refreshed, and its queue's sweeper role taken (or kept) when nobody
 # else holds it, in one statement. The role lapses :sweep_seconds after its last renewal.
@@ -41,14 +43,6 @@ DELETE FROM workers WHERE id = :id
 # Rows of workers not seen for a day are history nobody reads.
 FORGET_OLD = Sql("DELETE FROM workers WHERE last_seen_at < now() - make_interval(days => 1)")
 
-LIVE = Sql("""
-SELECT id, hostname, pid, queue, agents, started_at, last_seen_at, abandoned_handlers
-FROM workers
-WHERE last_seen_at > now() - make_interval(secs => :within_seconds)
-  AND (CAST(:queue AS text) IS NULL OR queue = CAST(:queue AS text))
-ORDER BY started_at, id
-""")
-
 
 SERVES = Sql("""
 SELECT EXISTS (
@@ -66,16 +60,7 @@ class WorkerRepository(BaseRepository[WorkerModel, WorkerInfo]):
         super().__init__(ex, WorkerModel, "Worker")
 
     def _to_entity(self, row: Row) -> WorkerInfo:
-        return WorkerInfo(
-            id=row["id"],
-            hostname=row["hostname"],
-            pid=row["pid"],
-            queue=row["queue"],
-            agents=tuple(row["agents"]),
-            started_at=row["started_at"],
-            last_seen_at=row["last_seen_at"],
-            abandoned_handlers=row["abandoned_handlers"],
-        )
+        return worker_from_row(row)
 
     async def touch(
         self,

@@ -226,10 +226,31 @@ async def test_the_hot_queries_have_their_indexes(pg: asyncpg.Connection) -> Non
     assert "(parent_task_id) WHERE" in indexes["ix_tasks_open_children"]
     assert "WHERE (status = 'running'::text)" in indexes["ix_tasks_running_lease"]
     assert "(parent_task_id, created_at)" in indexes["ix_tasks_parent"]
-    assert "(conversation_id, created_at)" in indexes["ix_tasks_conversation"]
+    # The operators' reads (report_repository, prune_repository; plans in test_scale.py).
+    assert "(conversation_id, created_at, id)" in indexes["ix_tasks_by_conversation"]
+    assert "(status, created_at, id)" in indexes["ix_tasks_by_status"]
+    assert "(agent_id, status, created_at, id)" in indexes["ix_tasks_by_agent"]
+    assert "(status, completed_at, id) WHERE" in indexes["ix_tasks_finished"]
+    assert "ix_tasks_conversation" not in indexes  # replaced by the wider ones
+    assert "ix_tasks_status_created" not in indexes
+    assert not await pg.fetch(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE NOT i.indisvalid"
+    )
     assert "(queue, GREATEST(run_after, dispatch_after))" in indexes["ix_tasks_dispatch"]
     assert "WHERE (status = 'pending'::text)" in indexes["ix_tasks_dispatch"]
     assert "UNIQUE" in indexes["uq_tasks_idempotency_key"]
+
+
+async def test_tasks_have_extended_statistics_on_agent_and_status(pg: asyncpg.Connection) -> None:
+    """Migration 0008 creates them (SQLAlchemy cannot declare them): `stats` prints the
+    planner's estimate of an agent's count in a status past its cap."""
+    columns = await pg.fetchval(
+        "SELECT array_agg(a.attname ORDER BY a.attname) FROM pg_statistic_ext s "
+        "JOIN pg_attribute a ON a.attrelid = s.stxrelid AND a.attnum = ANY(s.stxkeys) "
+        "WHERE s.stxname = 'stx_tasks_agent_status'"
+    )
+    assert columns == ["agent_id", "status"]
 
 
 async def test_schema_revision_is_the_alembic_head(
