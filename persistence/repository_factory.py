@@ -8,6 +8,8 @@ from persistence.repositories import (
     TaskRepository,
     WorkerRepository,
 )
+from persistence.repositories.audit_repository import AuditRepository
+from persistence.repositories.dashboard_repository import DashboardRepository
 from persistence.repositories.report_repository import ReportRepository
 from persistence.sql import Executor
 
@@ -30,3 +32,9 @@ class RepositoryFactory:
 
     def create_report_repository(self) -> ReportRepository:
         return ReportRepository(self.ex)
+
+    def create_dashboard_repository(self) -> DashboardRepository:
+        return DashboardRepository(self.ex)
+
+    def create_audit_repository(self) -> AuditRepository:
+        return AuditRepository(self.ex)

@@ -99,6 +99,8 @@ class _Repositories:
         self.agents = repos.create_agent_repository()
         self.workers = repos.create_worker_repository()
         self.reports = repos.create_report_repository()
+        self.dashboard = repos.create_dashboard_repository()
+        self.audit = repos.create_audit_repository()
 
 
 class UnitOfWork(_Repositories):

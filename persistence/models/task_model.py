@@ -134,7 +134,17 @@ class TaskModel(Base):
             postgresql_where=text("parent_task_id IS NOT NULL"),
         ),
         Index("ix_tasks_conversation", "conversation_id", "created_at"),
-        Index("ix_tasks_status_created", "status", "created_at"),
+        # The dashboard's reads (migration 0007): keyset pages by status or agent, newest first;
+        # finished tasks by completion time.
+        Index("ix_tasks_by_status", "status", "created_at", "id"),
+        Index("ix_tasks_by_agent", "agent_id", "status", "created_at", "id"),
+        Index(
+            "ix_tasks_finished",
+            "status",
+            "completed_at",
+            "id",
+            postgresql_where=text("status IN ('completed', 'failed', 'cancelled')"),
+        ),
     )
 
     def __repr__(self) -> str:
