@@ -34,7 +34,9 @@ WHERE id = :id
 
 RECENT = Sql(
     """
-SELECT * FROM audit_log WHERE (CAST(:before AS bigint) IS NULL OR id < :before)
+SELECT * FROM audit_log
+WHERE (CAST(:before AS bigint) IS NULL OR id < :before)
+  AND (CAST(:task AS text) IS NULL OR target -> 'ids' @> jsonb_build_array(CAST(:task AS text)))
 ORDER BY id DESC LIMIT :limit
 """
 )
@@ -94,8 +96,12 @@ class AuditRepository:
             PROGRESS, id=entry_id, changed=changed, status=status, detail=_cut(detail)
         )
 
-    async def recent(self, *, limit: int = 100, before: int | None = None) -> list[AuditEntry]:
-        return [_entry(r) for r in await self._fetch(RECENT, limit=limit, before=before)]
+    async def recent(
+        self, *, limit: int = 100, before: int | None = None, task: str | None = None
+    ) -> list[AuditEntry]:
+        """Newest first; with `task`, the entries that acted on that task by id."""
+        rows = await self._fetch(RECENT, limit=limit, before=before, task=task)
+        return [_entry(r) for r in rows]
 
     async def get(self, entry_id: int) -> AuditEntry | None:
         rows = await self._fetch(ONE, id=entry_id)
