@@ -119,6 +119,4 @@ def _cut(detail: str | None) -> str | None:
 
 
 def _entry(row: Row) -> AuditEntry:
-    return AuditEntry(
-        **{name: row[name] for name in AuditEntry.__dataclass_fields__}
-    )
+    return AuditEntry(**{name: row[name] for name in AuditEntry.__dataclass_fields__})

@@ -109,7 +109,8 @@ async def test_cancel_retry_and_edit_one_task_are_audited(web: Web) -> None:
     ]
     assert all(e["address"] for e in entries)
     audit_page = (await web.get("/audit")).text
-    assert "grace" in audit_page and "already completed" in audit_page
+    assert "grace" in audit_page
+    assert "already completed" in audit_page
     api = (await web.get("/api/audit")).json()
     assert [e["action"] for e in api] == ["cancel", "retry", "cancel", "edit"]
 
