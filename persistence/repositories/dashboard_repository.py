@@ -35,7 +35,6 @@ from persistence.sql import Executor, Row, Sql
 COUNT_CAP = 10_000  # counts above this are the planner's estimate
 WINDOW = 2_000  # rows a filtered page examines at most
 MAX_PAGE = 500
-HOUR_SECONDS = 3600.0
 RECENT_WORKERS_SECONDS = 86_400.0  # the workers page lists those seen in the last day
 MAX_WORKERS = 500
 MAX_CHILDREN = 200
@@ -157,26 +156,30 @@ PER_MINUTE = Sql(
     """
 SELECT date_trunc('minute', a.finished_at) AS minute, a.outcome, count(*) AS runs
 FROM task_attempts AS a
-WHERE a.finished_at IS NOT NULL AND a.finished_at > now() - make_interval(secs => :seconds)
+WHERE a.finished_at IS NOT NULL AND a.finished_at > now() - interval '1 hour'
 GROUP BY 1, 2
 ORDER BY 1, 2
 """
 )
 
+# The last hour is written into these statements, not passed: with a parameter, the generic plan
+# a prepared statement ends up with cannot tell an hour from ten days and reads the whole table.
+# One range of `ix_tasks_finished` per status: with `status IN (…)` the planner drops the status
+# condition (the index's predicate implies it) and reads the whole index for the time range.
 FINISHED_BY_AGENT = Sql(
-    """
-SELECT t.agent_id, t.status, count(*) AS n
-FROM tasks AS t
-WHERE t.status IN ('completed', 'failed', 'cancelled')
-  AND t.completed_at > now() - make_interval(secs => :seconds)
-GROUP BY 1, 2
-"""
+    "SELECT f.agent_id, f.status, count(*) AS n FROM ("
+    + " UNION ALL ".join(
+        f"SELECT t.agent_id, t.status FROM tasks AS t WHERE t.status = '{status}'"
+        " AND t.completed_at > now() - interval '1 hour'"
+        for status in ("completed", "failed", "cancelled")
+    )
+    + ") AS f GROUP BY 1, 2"
 )
 
 LOST_RUNS = Sql(
     """
 SELECT count(*) AS n FROM task_attempts AS a
-WHERE a.finished_at IS NOT NULL AND a.finished_at > now() - make_interval(secs => :seconds)
+WHERE a.finished_at IS NOT NULL AND a.finished_at > now() - interval '1 hour'
   AND a.outcome = 'lost'
 """
 )
@@ -274,26 +277,35 @@ class DashboardRepository:
         document = json.loads(plan) if isinstance(plan, str) else plan
         return int(document[0]["Plan"]["Plan Rows"])
 
-    async def runs_per_minute(self, seconds: float = HOUR_SECONDS) -> list[dict[str, Any]]:
-        rows = await self._fetch(PER_MINUTE, seconds=float(seconds))
+    async def runs_per_minute(self) -> list[dict[str, Any]]:
+        """Handler runs that ended in the last hour, per minute and outcome."""
+        rows = await self._fetch(PER_MINUTE)
         return [
             {"minute": r["minute"], "outcome": r["outcome"] or "unknown", "runs": int(r["runs"])}
             for r in rows
         ]
 
-    async def finished_by_agent(self, seconds: float = HOUR_SECONDS) -> dict[str, dict[str, int]]:
+    async def finished_by_agent(self) -> dict[str, dict[str, int]]:
+        """Tasks finished in the last hour, per agent and status."""
         result: dict[str, dict[str, int]] = {}
-        for r in await self._fetch(FINISHED_BY_AGENT, seconds=float(seconds)):
+        for r in await self._fetch(FINISHED_BY_AGENT):
             result.setdefault(r["agent_id"], {})[r["status"]] = int(r["n"])
         return result
 
-    async def lost_runs(self, seconds: float = HOUR_SECONDS) -> int:
-        [row] = await self._fetch(LOST_RUNS, seconds=float(seconds))
+    async def lost_runs(self) -> int:
+        """Runs lost in the last hour (their worker died or lost its lease: the task rescued)."""
+        [row] = await self._fetch(LOST_RUNS)
         return int(row["n"])
 
-    async def agent_lines(self) -> list[AgentLine]:
-        finished = await self.finished_by_agent()
-        workers = await self.workers()
+    async def agent_lines(
+        self,
+        finished: dict[str, dict[str, int]] | None = None,
+        workers: list[WorkerLine] | None = None,
+    ) -> list[AgentLine]:
+        if finished is None:
+            finished = await self.finished_by_agent()
+        if workers is None:
+            workers = await self.workers()
         queues_of: dict[str, set[str]] = {}
         for w in workers:
             if w.live:
@@ -327,9 +339,9 @@ class DashboardRepository:
 
     async def overview(self) -> Overview:
         counts = await self.status_counts()
-        agents = await self.agent_lines()
         workers = await self.workers()
         finished = await self.finished_by_agent()
+        agents = await self.agent_lines(finished, workers)
         lag: dict[str, float] = {}
         for line in agents:
             if line.oldest_due_seconds is None:
