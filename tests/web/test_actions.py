@@ -195,3 +195,34 @@ async def test_tasklane_web_refuses_with_one_line(
     assert out.code == 1
     assert "does not exist" in out.stderr or "tasklane migrate" in out.stderr, out.explained
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+async def test_a_bulk_filter_examines_a_bounded_number_of_tasks(
+    web: Web, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filter the indexes cannot answer (error text) searches at most BULK_SCAN tasks, and
+    the preview says the search stopped short."""
+    from persistence.repositories import dashboard_repository
+
+    monkeypatch.setattr(dashboard_repository, "WINDOW", 5)
+    monkeypatch.setattr(web_app, "BULK_SCAN", 10)
+    rows = [{"status": "failed", "error": "needle"}]  # the oldest
+    rows += [{"status": "failed", "error": "hay"} for _ in range(20)]
+    await insert_tasks(web.url, rows)
+    csrf = await web.sign_in()
+    preview = await web.post("/tasks/bulk", {"csrf": csrf, "do": "retry:filter", "error": "needle"})
+    assert 'id="bulk-count">0 task' in preview.text
+    assert 'id="bulk-partial"' in preview.text
+    monkeypatch.setattr(web_app, "BULK_SCAN", 100)
+    preview = await web.post("/tasks/bulk", {"csrf": csrf, "do": "retry:filter", "error": "needle"})
+    assert 'id="bulk-count">1 task' in preview.text
+    assert 'id="bulk-partial"' not in preview.text
+
+
+async def test_an_unknown_action_is_a_404_and_changes_nothing(web: Web) -> None:
+    [task_id] = await insert_tasks(web.url, [{"status": "pending"}])
+    csrf = await web.sign_in()
+    response = await web.post(f"/tasks/{task_id}/delete", {"csrf": csrf, "max_attempts": "2"})
+    assert response.status_code == 404
+    assert await db.value(web.url, "SELECT max_attempts FROM tasks WHERE id = $1", task_id) == 3
+    assert await audit_rows(web.url) == []

@@ -66,6 +66,7 @@ POOL_SIZE = 2
 STATEMENT_SECONDS = 5.0
 MAX_API_PAGE = 1000  # `list --json` allows as many
 BULK_CAP = 10_000  # tasks one bulk action may change
+BULK_SCAN = 100_000  # tasks a bulk action's filter may examine to find them
 BULK_BATCH = 200
 FAILED_SIGN_IN_PAUSE = 1.0
 CSP = (
@@ -331,6 +332,8 @@ def create_app(settings: Settings, *, token: str | None) -> Starlette:
         session, form = checked
         task_id = _task_id(request)
         verb = request.path_params["verb"]
+        if verb not in ("cancel", "retry", "edit"):
+            return _not_found(request, f"no such action: {verb[:40]!r}", page)
         op = dashboard.operator
         try:
             if verb == "cancel":
@@ -410,7 +413,7 @@ def create_app(settings: Settings, *, token: str | None) -> Starlette:
                 rows = await uow.dashboard.rows(ids[:BULK_CAP])
             ids = [r["id"] for r in rows if r["status"] in ACTIONS[verb]]
         else:
-            ids = await _matching_ids(where)
+            ids, searched_all = await _matching_ids(where)
         target: dict[str, Any] = (
             {"ids": [str(i) for i in ids]}
             if scope == "selected"
@@ -425,6 +428,8 @@ def create_app(settings: Settings, *, token: str | None) -> Starlette:
                     "scope": scope,
                     "count": len(ids),
                     "capped": len(ids) >= BULK_CAP,
+                    "partial": scope == "filter" and not searched_all and len(ids) < BULK_CAP,
+                    "scan": BULK_SCAN,
                     "ids": ids,
                     "query": filter_query(task_filter(params)),
                     "target": target,
@@ -438,18 +443,22 @@ def create_app(settings: Settings, *, token: str | None) -> Starlette:
         job.add_done_callback(dashboard.background.discard)
         return RedirectResponse(f"/audit#entry-{entry_id}", status_code=303)
 
-    async def _matching_ids(where: TaskFilter) -> list[UUID]:
-        """Every task the filter matches (at most BULK_CAP), page by page."""
+    async def _matching_ids(where: TaskFilter) -> tuple[list[UUID], bool]:
+        """The tasks the filter matches (at most BULK_CAP), page by page, examining at most
+        BULK_SCAN tasks (a filter the indexes cannot answer must not read the whole table);
+        and whether the search reached the end."""
         ids: list[UUID] = []
         after = None
-        while len(ids) < BULK_CAP:
+        examined = 0
+        while len(ids) < BULK_CAP and examined < BULK_SCAN:
             async with dashboard.uow() as uow:
                 result = await uow.dashboard.tasks(where, after=after, limit=500)
             ids.extend(r["id"] for r in result.rows)
+            examined += result.examined
             if result.next is None:
-                break
+                return ids[:BULK_CAP], True
             after = result.next
-        return ids[:BULK_CAP]
+        return ids[:BULK_CAP], False
 
     async def _run_bulk(entry_id: int, verb: str, ids: list[UUID]) -> None:
         op = dashboard.operator
