@@ -37,13 +37,13 @@ WORKDIR /src
 RUN --mount=type=cache,target=/root/.cache/uv \
     --mount=type=bind,source=uv.lock,target=uv.lock \
     --mount=type=bind,source=pyproject.toml,target=pyproject.toml \
-    uv sync --frozen --no-dev --no-install-project
+    uv sync --frozen --no-dev --extra web --no-install-project
 
 # Then the project itself, installed as a regular (non-editable) package: the runtime stage
 # needs the virtual environment only, not the source tree.
 COPY . /src
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-editable
+    uv sync --frozen --no-dev --extra web --no-editable
 
 # -- runtime -----------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -8,6 +8,8 @@ from persistence.repositories import (
     TaskRepository,
     WorkerRepository,
 )
+from persistence.repositories.audit_repository import AuditRepository
+from persistence.repositories.dashboard_repository import DashboardRepository
 from persistence.repositories.flow_repository import FlowRepository
 from persistence.repositories.report_repository import ReportRepository
 from persistence.sql import Executor
@@ -34,3 +36,9 @@ class RepositoryFactory:
 
     def create_flow_repository(self) -> FlowRepository:
         return FlowRepository(self.ex)
+
+    def create_dashboard_repository(self) -> DashboardRepository:
+        return DashboardRepository(self.ex)
+
+    def create_audit_repository(self) -> AuditRepository:
+        return AuditRepository(self.ex)

@@ -100,6 +100,8 @@ class _Repositories:
         self.workers = repos.create_worker_repository()
         self.reports = repos.create_report_repository()
         self.flow = repos.create_flow_repository()
+        self.dashboard = repos.create_dashboard_repository()
+        self.audit = repos.create_audit_repository()
 
 
 class UnitOfWork(_Repositories):

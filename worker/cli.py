@@ -683,6 +683,42 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     return run_dev(settings, embedded_only=args.embedded, fresh=args.fresh)
 
 
+# -- web (the dashboard) --------------------------------------------------------------------------
+
+
+def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from worker.web.auth import TokenError, read_token
+        from worker.web.server import serve
+    except ImportError as exc:
+        raise CommandError(
+            f"the dashboard needs the web extra ({exc.name} is missing): "
+            "pip install 'tasklane[web]'"
+        ) from None
+    try:
+        token = read_token(os.environ)
+    except TokenError as exc:
+        raise CommandError(str(exc)) from None
+    import asyncio
+
+    asyncio.run(preflight_database(settings))
+    where = f"http://{args.host}:{args.port}"
+    say(f"dashboard on {where} ({'read-only' if token is None else 'actions need the token'})")
+    serve(settings, token=token, host=args.host, port=args.port)
+    return 0
+
+
+async def preflight_database(settings: Settings) -> None:
+    """PostgreSQL reachable and migrated, or one line saying which is not."""
+    from worker.health import ServiceError, check_postgres
+
+    await reach_database(settings, create=False)
+    try:
+        await check_postgres(settings)
+    except ServiceError as exc:
+        raise CommandError(str(exc)) from None
+
+
 # -- parsing --------------------------------------------------------------------------------------
 
 
@@ -982,6 +1018,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh", action="store_true", help="wipe the embedded servers' data (./.tasklane) first"
     )
     dev.set_defaults(handler=cmd_dev)
+
+    web = sub.add_parser(
+        "web",
+        help="serve the dashboard (read-only unless TASKLANE_WEB_TOKEN is set; needs the web "
+        "extra)",
+    )
+    web.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this host only)"
+    )
+    web.add_argument(
+        "--port", type=_whole_number(1, 65535), default=8080, help="port (default 8080)"
+    )
+    web.set_defaults(handler=cmd_web)
     return parser
 
 

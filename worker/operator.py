@@ -140,7 +140,11 @@ class Operator:
     """The CLI's operations on one configured deployment. Open it with `Operator.open`."""
 
     def __init__(
-        self, settings: Settings, conn: asyncpg.Connection, executor: Executor | None = None
+        self,
+        settings: Settings,
+        conn: asyncpg.Connection,
+        executor: Executor | None = None,
+        client: TaskClient | None = None,
     ) -> None:
         self.settings = settings
         # Reads and prunes run on the checked connection, in autocommit: each statement sees
@@ -149,7 +153,7 @@ class Operator:
         self._ex = executor or ConnectionExecutor(conn)
         self.reports = ReportRepository(self._ex)
         self.flow = FlowRepository(self._ex)
-        self._client: TaskClient | None = None
+        self._client: TaskClient | None = client  # None: built when a command needs it
 
     @classmethod
     @contextlib.asynccontextmanager

@@ -1,6 +1,7 @@
 """ORM models. Importing this package registers every table on `Base.metadata`."""
 
 from persistence.models.agent_model import AgentModel
+from persistence.models.audit_model import AuditModel
 from persistence.models.base import Base
 from persistence.models.conversation_model import ConversationModel
 from persistence.models.flow_model import FlowKeyModel, FlowLimitModel, PauseModel
@@ -13,6 +14,7 @@ from persistence.models.worker_model import WorkerModel
 
 __all__ = [
     "AgentModel",
+    "AuditModel",
     "Base",
     "ConversationModel",
     "FlowKeyModel",

@@ -98,6 +98,7 @@ async def test_upgrade_compare_downgrade_upgrade(empty_database: str) -> None:
     assert after_upgrade["tables"] == [
         "agents",
         "alembic_version",
+        "audit_log",
         "conversations",
         "flow_keys",
         "flow_limits",

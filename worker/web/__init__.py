@@ -1,0 +1,1 @@
+"""`tasklane web`: the dashboard (needs the `web` extra: `pip install 'tasklane[web]'`)."""
