@@ -137,7 +137,11 @@ QUICK = Plan(
     scale_pending=10_000,
     cli_runs=10,
 )
-CASES = ("bare", "lifecycle", "submit", "latency", "backlog", "memory", "cli", "scale")
+CASES = (
+    "bare", "lifecycle", "submit", "latency", "backlog", "limited", "memory", "cli", "scale"
+)  # fmt: skip
+# The limited case: an agent limited to 10 running tasks, across this many keys (tenants).
+LIMITED_KEYS = 20
 # `scale` builds a table of millions of rows (about 70 s for 5M on a quiet 2-core machine): only
 # when asked for (--cases scale).
 DEFAULT_CASES = tuple(c for c in CASES if c != "scale")
@@ -538,22 +542,38 @@ class Bench:
         env["DATABASE_URL"] = self.database_url
         env["REDIS_URL"] = REDIS_URL
         env["TASKLANE_QUEUE"] = queue
+        # The limited case's agent (bench/bench_agents.py) beside the demo agents.
+        env["TASKLANE_AGENTS"] = "worker.demo_agents,bench_agents"
+        here = str(Path(__file__).resolve().parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         if self.concurrency is not None:
             env["TASKLANE_CONCURRENCY"] = str(self.concurrency)
         return env
 
     async def reset_tables(self) -> None:
-        await self.conn.execute("TRUNCATE tasks, task_attempts")
+        await self.conn.execute("TRUNCATE tasks, task_attempts, task_signals")
 
     async def analyze(self) -> None:
         await self.conn.execute("VACUUM ANALYZE tasks, task_attempts")
 
-    def specs(self, n: int) -> list[TaskSpec]:
+    def specs(self, n: int, *, limited: bool = False) -> list[TaskSpec]:
+        if limited:
+            return [
+                TaskSpec(
+                    "limited_echo",
+                    {"i": i},
+                    conversation_id=self.conversation_id,
+                    metadata={"tenant": f"t{i % LIMITED_KEYS}"},
+                )
+                for i in range(n)
+            ]
         return [TaskSpec("echo", {"i": i}, conversation_id=self.conversation_id) for i in range(n)]
 
-    async def submit_many(self, queue: str, n: int) -> tuple[list[UUID], float]:
+    async def submit_many(
+        self, queue: str, n: int, *, limited: bool = False
+    ) -> tuple[list[UUID], float]:
         """Submit n echo tasks with `submit_many`; their ids and the rate."""
-        specs = self.specs(n)
+        specs = self.specs(n, limited=limited)
         async with TaskClient.from_settings(self.settings(queue)) as client:
             started = time.perf_counter()
             tasks = await client.submit_many(specs)
@@ -634,12 +654,20 @@ class Bench:
         )
         return rate
 
-    async def lifecycle(self, n: int, *, backlog: int = 0, key: str = "lifecycle") -> float:
+    async def lifecycle(
+        self, n: int, *, backlog: int = 0, key: str = "lifecycle", limited: bool = False
+    ) -> float:
         await self.reset_tables()
         queue = self.new_queue(key)
         if backlog:
             await self.insert_backlog(queue, backlog)
-        ids, submit_rate = await self.submit_many(queue, n)
+        if limited:  # declared before the tasks go in, as a worker that ran before would have
+            await self.conn.execute(
+                "INSERT INTO flow_limits (queue, agent_id, declared_concurrency, key_source,"
+                " key_field) VALUES ($1, 'limited_echo', 10, 'metadata', 'tenant')",
+                queue,
+            )
+        ids, submit_rate = await self.submit_many(queue, n, limited=limited)
         await self.analyze()
         db_before = await self.db_counters()
         before = machine_cpu()
@@ -1055,8 +1083,8 @@ class Bench:
             side = rep >= plan.reps - plan.side_reps
             order = [
                 c
-                for c in ("bare", "lifecycle", "backlog", "submit", "latency")
-                if c in cases and (side or c in ("bare", "lifecycle"))
+                for c in ("bare", "lifecycle", "limited", "backlog", "submit", "latency")
+                if c in cases and (side or c in ("bare", "lifecycle", "limited"))
             ]
             if rep % 2:
                 order.reverse()
@@ -1066,6 +1094,8 @@ class Bench:
                     pair["bare"] = await self.bare(plan.n)
                 elif case == "lifecycle":
                     pair["lifecycle"] = await self.lifecycle(plan.n)
+                elif case == "limited":
+                    pair["limited"] = await self.lifecycle(plan.n, key="limited", limited=True)
                 elif case == "backlog" and plan.backlog:
                     pair["backlog"] = await self.lifecycle(
                         plan.n, backlog=plan.backlog, key="backlog"
@@ -1086,6 +1116,8 @@ class Bench:
                     )
             if "backlog" in pair and "lifecycle" in pair:
                 self.results.add("ratio.backlog/lifecycle", pair["backlog"] / pair["lifecycle"])
+            if "limited" in pair and "lifecycle" in pair:
+                self.results.add("ratio.limited/lifecycle", pair["limited"] / pair["lifecycle"])
         if "memory" in cases and plan.memory_n:
             await self.memory(plan.memory_n)
         if "cli" in cases:
@@ -1132,6 +1164,10 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("backlog.cpu_ms", "   worker CPU per task", "ms", ".3f"),
     ("backlog.pg_ms", "   PostgreSQL CPU per task (this db)", "ms", ".3f"),
     ("ratio.backlog/lifecycle", "   backlog / lifecycle (paired)", "ratio", ".3f"),
+    ("limited", "6. lifecycle, one agent limited to 10 across 20 keys", "tasks/s", ",.0f"),
+    ("limited.cpu_ms", "   worker CPU per task", "ms", ".3f"),
+    ("limited.pg_ms", "   PostgreSQL CPU per task (this db)", "ms", ".3f"),
+    ("ratio.limited/lifecycle", "   limited / unlimited lifecycle (paired)", "ratio", ".3f"),
     ("memory.peak_mb", "6. worker peak RSS (VmHWM)", "MB", ".0f"),
     ("memory.start_mb", "   RSS after startup", "MB", ".0f"),
     ("memory.mark_mb", "   RSS at 20 % done", "MB", ".0f"),

@@ -208,7 +208,7 @@ class Env:
 
     async def reset(self) -> None:
         """Every example starts from no tasks (and no recorded transitions)."""
-        await self.admin.execute("TRUNCATE tasks, task_attempts, test_transitions")
+        await self.admin.execute("TRUNCATE tasks, task_attempts, task_signals, test_transitions")
 
     async def close(self) -> None:
         await self.admin.close()

@@ -106,12 +106,31 @@ async def stop_worker(worker: TasklaneWorker, run: asyncio.Task[None]) -> None:
     database. So the jobs are cancelled and awaited here first."""
     worker.handle_sig(signal.SIGUSR1)  # stop polling; cancel the running jobs
     jobs = list(worker.tasks.values())
-    await asyncio.gather(*jobs, return_exceptions=True)
+    await _bounded(asyncio.gather(*jobs, return_exceptions=True), "its jobs to end")
     worker.tasks.clear()  # all done: nothing left for close() to gather
-    await worker.close()
+    await _bounded(worker.close(), "its shutdown")
     run.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await run
+        await _bounded(run, "its main loop")
+
+
+STOP_STEP_SECONDS = 60.0
+
+
+async def _bounded(aw: Any, what: str) -> None:
+    """Wait for one step of stopping an in-process worker; one that hangs is reported with
+    every task's stack (on stderr) and left behind, so that the test's teardown goes on — a
+    hang here once took the whole 300 s test timeout and said nothing about where it was."""
+    future = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({future}, timeout=STOP_STEP_SECONDS)
+    if future in done:
+        with contextlib.suppress(asyncio.CancelledError):
+            future.result()
+        return
+    print(f"in-process worker: waited {STOP_STEP_SECONDS:g}s for {what}; stacks:", file=sys.stderr)
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+    future.cancel()
 
 
 class WorkerProcess:
