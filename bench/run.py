@@ -678,7 +678,9 @@ class Bench:
                 summary = await child.summary(within=n / 50 + 60)
         finally:
             await services.stop()
-        if summary["jobs_complete"] != n or summary["jobs_failed"]:
+        # A limited agent's tasks also start through flow doorbells (more jobs than tasks):
+        # its tasks are checked in the database below, one completed run each.
+        if summary["jobs_failed"] or (not limited and summary["jobs_complete"] != n):
             raise BenchError(f"lifecycle worker ran {summary}, expected {n} complete")
         await self.check_completed(ids, backlog=backlog)
         rate = n / summary["seconds"]
