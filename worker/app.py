@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import socket
@@ -231,6 +232,11 @@ class TasklaneWorker(Worker):
             task = self.loop.create_task(self.run_job(name, int(float(score))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[name] = task
+            if runtime is not None:
+                # Started, its claim not yet sent: the claim window counts it already (the
+                # next poll may come first). It leaves the set when its job begins, or ends.
+                runtime.starting.add(name)
+                task.add_done_callback(functools.partial(_began, runtime.starting, name))
 
     def _running_here(self, job_id: bytes) -> bool:
         task = self.tasks.get(job_id.decode())
@@ -294,9 +300,14 @@ def worker_options(settings: Settings, *, burst: bool = False) -> dict[str, Any]
     }
 
 
+def _began(starting: set[str], name: str, _: object) -> None:
+    starting.discard(name)
+
+
 async def run_task(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> None:
     """The arq job: a doorbell for one task. Its only argument is the task id."""
     runtime: WorkerRuntime = ctx["tasklane"]
+    runtime.starting.discard(ctx.get("job_id", ""))
     await runtime.run(args[0] if len(args) == 1 and not kwargs else (args, kwargs))
 
 

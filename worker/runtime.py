@@ -133,6 +133,7 @@ class WorkerRuntime:
         self.heartbeat = Heartbeat(lifecycle, interval=settings.heartbeat_seconds, log=self.log)
         self.in_flight = 0
         self.unanswered_claims = 0
+        self.starting: set[str] = set()  # doorbells started whose job has not begun (app.py)
         self._running: dict[UUID, int] = {}  # task id → the run this process is running
         # What runs of limited agents reported with `ctx.consume`, by task id.
         self._consumed: dict[UUID, dict[str, float]] = {}
@@ -147,7 +148,8 @@ class WorkerRuntime:
 
     def doorbells_wanted(self, free_slots: int) -> int:
         """How many doorbells to start now: the free slots, within the claim window."""
-        return max(0, min(free_slots, CLAIM_WINDOW - self.unanswered_claims))
+        waiting = self.unanswered_claims + len(self.starting)
+        return max(0, min(free_slots, CLAIM_WINDOW - waiting))
 
     # -- the job -----------------------------------------------------------------------------------
 

@@ -178,7 +178,7 @@ async def test_the_query_reads_indexes_not_the_whole_table(database_url: str) ->
         "INSERT INTO conversations (id, user_id) VALUES ($1, 'u')",
         uuid.UUID(CONVERSATION),
     )
-    await db.query(
+    await db.bulk(
         database_url,
         """
         INSERT INTO tasks (id, conversation_id, agent_id, input, status, queue, run_after,

@@ -23,6 +23,18 @@ async def query(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         await conn.close()
 
 
+async def bulk(url: str, sql: str, *args: Any) -> None:
+    """A statement that builds test data in bulk (hundreds of thousands of rows): no statement
+    timeout, which a shared machine could otherwise hit."""
+    conn = await pg.connect(url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL statement_timeout = 0")
+            await conn.execute(sql, *args)
+    finally:
+        await conn.close()
+
+
 async def value(url: str, sql: str, *args: Any) -> Any:
     rows = await query(url, sql, *args)
     return rows[0][0] if rows else None
