@@ -494,10 +494,11 @@ async def test_duplicate_doorbells_raced_by_three_workers_write_each_outcome_onc
     # Each run's one INFO line is its finish (the start is DEBUG).
     completed = Counter(e["task_id"] for w in workers for e in events(w, "task.completed"))
     assert completed == {str(t): 1 for t in ids}
-    # The race was real: runs spread over the workers, and a task's duplicates reached
-    # processes other than the one that ran it.
+    # The race was real: a task's duplicates reached processes other than the one that ran it.
+    # (Which process runs the tasks depends on timing: arq reads the head of the queue, so on an
+    # idle machine the first worker to poll may take every task while the others only meet
+    # doorbells it already holds.)
     claimed_by = {e["task_id"]: w.pid for w in workers for e in events(w, "task.completed")}
-    assert len(set(claimed_by.values())) >= 2
     ignored = [(w.pid, e["task_id"]) for w in workers for e in events(w, "doorbell.ignored")]
     assert len(ignored) >= 3 * n
     assert any(pid != claimed_by[task_id] for pid, task_id in ignored)
