@@ -1,4 +1,5 @@
-"""The guarantees of DESIGN.md §8, checked against what the database recorded.
+"""The guarantees in the README ("Guarantees, and the tests that prove them") and in
+docs/architecture.md ("The failure model"), checked against what the database recorded.
 
 The test template database carries an audit trigger (`AUDIT_DDL`, installed by
 `tests/support/databases.py`, never by migrations) that writes every change of a task's status
