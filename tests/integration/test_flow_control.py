@@ -17,6 +17,8 @@ import asyncpg
 import pytest
 
 from domain.entities import Conversation
+from persistence import pg
+from persistence.lifecycle import Lifecycle, LifecycleConfig
 from tests.integration.test_cli import ok_json, tasklane
 from tests.support import db
 from tests.support.workers import WorkerProcess
@@ -406,3 +408,37 @@ async def test_priority_starts_first_among_due_tasks(
     rows = await db.wait_final(database_url, [*ordinary, urgent.id], timeout=30)
     order = sorted(rows, key=lambda r: r["started_at"])
     assert order[0]["id"] == urgent.id, [r["priority"] for r in order[:5]]
+
+
+async def test_claims_from_postgres_hold_the_limits_while_redis_is_away(
+    client: TaskClient, conversation: Conversation, settings: Settings, database_url: str
+) -> None:
+    """The Redis-outage claim path (`Lifecycle.claim_due`) starts a limited agent's tasks through
+    flow claims: within its limit, and none of a paused agent."""
+    await client.set_limits("f_open", concurrency=2, by="ops")
+    ids = await submit(client, conversation, "f_open", 5)
+    pool = await pg.create_pool(database_url, max_size=3)
+    lifecycle = Lifecycle(
+        pool,
+        LifecycleConfig(
+            worker_id="outage-test",
+            lease_seconds=30.0,
+            default_max_attempts=3,
+            retry_base_seconds=1.0,
+            retry_max_seconds=60.0,
+            redispatch_seconds=30.0,
+            queue=settings.queue,
+        ),
+    )
+    try:
+        first = await lifecycle.claim_due(["f_open"], limit=10)
+        assert len(first) == 2, "the limit holds in the outage mode too"
+        assert await lifecycle.claim_due(["f_open"], limit=10) == []
+        await client.reset_limits("f_open")
+        await client.pause(agent_id="f_open", reason="provider outage")
+        assert await lifecycle.claim_due(["f_open"], limit=10) == [], "paused: nothing starts"
+        await client.resume(agent_id="f_open")
+        rest = await lifecycle.claim_due(["f_open"], limit=10)
+        assert {t.id for t in first + rest} == set(ids)
+    finally:
+        await lifecycle.close()

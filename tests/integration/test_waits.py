@@ -317,3 +317,22 @@ async def test_a_thousand_sleepers_on_ten_slots_wake_within_a_second_of_their_ti
     worst = max(float(r["late"]) for r in late)
     assert -0.01 <= worst < 1.0, worst
     assert all(r["attempts"] == 1 for r in rows), "a sleep spends no attempt"
+
+
+async def test_cancelling_a_waiting_task_ends_its_wait_and_refuses_later_signals(
+    client: TaskClient, conversation: Conversation, waiter: WorkerRuntime, database_url: str
+) -> None:
+    task = await client.submit("w_signal", {"children": 2}, conversation_id=conversation.id)
+    await waiting(database_url, task.id)
+    result = await client.cancel(task.id)
+    assert result.changed
+    assert (await client.get(task.id)).status is TaskStatus.CANCELLED
+    unfinished = await db.value(
+        database_url,
+        "SELECT count(*) FROM tasks WHERE parent_task_id = $1"
+        " AND status IN ('pending', 'running', 'waiting')",
+        task.id,
+    )
+    assert unfinished == 0, "its unfinished subtasks are cancelled with it"
+    with pytest.raises(SignalRefusedError, match="is cancelled"):
+        await client.signal(task.id, "approval")
