@@ -149,13 +149,19 @@ def create_app(settings: Settings, *, token: str | None) -> Starlette:
 
     # -- pages and their JSON -----------------------------------------------------------------
 
-    async def overview(request: Request) -> Response:
+    async def from_overview(
+        request: Request, to_json: Callable[[Any], Any], template: str
+    ) -> Response:
+        """A page read from the overview's data (the overview itself, queues and agents)."""
         async with dashboard.uow() as uow:
             data = await uow.dashboard.overview()
-        document = documents.overview_json(data)
+        document = to_json(data)
         if _wants_json(request):
             return json_response(document)
-        return page(request, "overview.html", {"o": data, "doc": document})
+        return page(request, template, {"o": data, "doc": document})
+
+    async def overview(request: Request) -> Response:
+        return await from_overview(request, documents.overview_json, "overview.html")
 
     async def tasks(request: Request) -> Response:
         api = _wants_json(request)
@@ -251,12 +257,7 @@ def create_app(settings: Settings, *, token: str | None) -> Starlette:
         )
 
     async def queues(request: Request) -> Response:
-        async with dashboard.uow() as uow:
-            data = await uow.dashboard.overview()
-        document = documents.queues_json(data)
-        if _wants_json(request):
-            return json_response(document)
-        return page(request, "queues.html", {"o": data, "doc": document})
+        return await from_overview(request, documents.queues_json, "queues.html")
 
     async def workers(request: Request) -> Response:
         async with dashboard.uow() as uow:
