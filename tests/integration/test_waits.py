@@ -336,3 +336,19 @@ async def test_cancelling_a_waiting_task_ends_its_wait_and_refuses_later_signals
     assert unfinished == 0, "its unfinished subtasks are cancelled with it"
     with pytest.raises(SignalRefusedError, match="is cancelled"):
         await client.signal(task.id, "approval")
+
+
+async def test_watch_rides_out_a_lost_redis_connection_with_postgres_as_the_truth(
+    client: TaskClient, conversation: Conversation, waiter: WorkerRuntime, database_url: str
+) -> None:
+    task = await client.submit("w_signal", {}, conversation_id=conversation.id)
+    await waiting(database_url, task.id)
+    events = client.watch(task.id, safety_poll_seconds=1.0)
+    first = await anext(events)
+    assert first["status"] == "waiting"
+    # Every Redis connection of the client dropped under the follower (its subscription too).
+    await client.redis.connection_pool.disconnect()
+    await client.signal(task.id, "approval", "through the outage")
+    rest = [event async for event in events]
+    assert rest[-1]["event"] == "state"
+    assert rest[-1]["status"] == "completed"
