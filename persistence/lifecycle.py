@@ -33,7 +33,6 @@ from domain.policies import Backoff
 from persistence import batching
 from persistence.batching import Batcher
 from persistence.errors import CONNECTION_ERRORS, RETRYABLE_SQLSTATES
-from persistence.repositories.flow_repository import Declared
 from persistence.session import PooledUnitOfWork
 
 log = logging.getLogger(__name__)
@@ -271,9 +270,6 @@ class Lifecycle:
                 task, delay_seconds=delay_seconds, reason=reason, paused_by=self.config.worker_id
             ),
         )
-
-    async def declare_limits(self, queue: str, agents: Sequence[Declared]) -> None:
-        await self.run("declare-limits", lambda uow: uow.flow.declare(queue, agents))
 
     async def expire_pauses(self, queue: str) -> int:
         return await self.run("expire-pauses", lambda uow: uow.flow.expire_pauses(queue))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from domain.exceptions import InvalidInputError
@@ -184,10 +183,6 @@ class FlowRepository:
         """What may hold a pending task: its scope's pause, its agent's limits and their use."""
         rows = await self._fetch(fq.HOLD_OF, id=task_id)
         return _as_dict(rows[0]) if rows else None
-
-    async def now(self) -> datetime:
-        [row] = await self._fetch(Sql("SELECT now() AS now"))
-        return row["now"]  # type: ignore[no-any-return]
 
 
 def _whole(value: float | int | None) -> int | None:
