@@ -25,9 +25,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from arq.constants import in_progress_key_prefix, job_key_prefix
-from arq.utils import timestamp_ms
-from arq.worker import Worker, func
+from arq.constants import job_key_prefix
+from arq.jobs import SerializationError, deserialize_job_raw
+from arq.utils import ms_to_datetime, timestamp_ms
+from arq.worker import Function, Worker, func
 from redis.commands.core import AsyncScript
 
 from domain.entities import Agent
@@ -42,7 +43,8 @@ from persistence.startup import reach_database
 from worker import metrics, tracing  # observability
 from worker.agents import AgentSpec, load_agents
 from worker.config import Settings, redact_url
-from worker.dispatch import JOB_FUNCTION, REDIS_NOW_MS_LUA, Dispatcher
+from worker.dispatch import JOB_FUNCTION, Dispatcher
+from worker.doorbell_jobs import START_DOORBELLS, DoorbellEnds, start_args
 from worker.liveness import stamp_forever
 from worker.logs import configure_logging, get_logger
 from worker.outage import REDIS_UNREACHABLE, RedisOutage
@@ -52,48 +54,20 @@ from worker.runtime import WorkerRuntime
 from worker.serialization import deserialize, serialize
 from worker.watch import Watched
 
-# arq polls its queue (one ZRANGEBYSCORE) every `poll_delay`. A busy worker polls every
-# POLL_DELAY_SECONDS, so a doorbell waits a few ms at most; each poll that finds nothing new
-# doubles the wait, up to IDLE_POLL_SECONDS: an idle worker polls Redis 20 times a second.
+# arq polls its queue (one ZRANGEBYSCORE) every `poll_delay`; here the worker decides when to
+# poll next (arq's own delay is 0). A busy worker polls again as soon as one of its jobs ends
+# and frees a slot (jobs end in batches, with their Postgres finishes), but no sooner than
+# MIN_POLL_SECONDS after the last poll and no later than POLL_DELAY_SECONDS: measured with
+# bench/run.py, polling on a fixed 5 ms beat left the slots a batch freed empty for most of it
+# (1,487 against 2,034 tasks/s at 1 ms). Each poll that finds nothing new doubles the wait, up
+# to IDLE_POLL_SECONDS: an idle worker polls Redis 20 times a second.
+MIN_POLL_SECONDS = 0.001
 POLL_DELAY_SECONDS = 0.005
 IDLE_POLL_SECONDS = 0.05
 
 
 class StartupError(RuntimeError):
     """The worker cannot start; the message says why in one line."""
-
-
-# Marks a poll's doorbells in progress in one round trip. For each job id (ARGV[4:]) still queued
-# (KEYS[1]) with a score in (0, now] (ARGV[1]) and no in-progress key (prefix ARGV[2]), it sets
-# that key for ARGV[3] ms: what arq's `start_jobs` does per job with WATCH, EXISTS, ZSCORE and
-# MULTI/PSETEX/EXEC. Returns [job id, score, …] of those started, a "" separator, then the
-# members whose score is -inf (junk, see TasklaneWorker).
-# The key's value is when it was set (REDIS_NOW_MS_LUA): the reconciler reads it to tell a
-# doorbell whose worker died before claiming its task (see `Dispatcher.ring_again`) from one being
-# claimed right now.
-_START_DOORBELLS = (
-    REDIS_NOW_MS_LUA
-    + """
-local started, junk = {}, {}
-local now = tonumber(ARGV[1])
-for i = 4, #ARGV do
-  local job_id = ARGV[i]
-  local score = redis.call('ZSCORE', KEYS[1], job_id)
-  local n = score and tonumber(score)
-  if n == -math.huge then
-    table.insert(junk, job_id)
-  elseif n and n ~= 0 and n <= now
-      and redis.call('EXISTS', ARGV[2] .. job_id) == 0 then
-    redis.call('PSETEX', ARGV[2] .. job_id, ARGV[3], now_ms)
-    table.insert(started, job_id)
-    table.insert(started, score)
-  end
-end
-table.insert(started, '')
-for _, job_id in ipairs(junk) do table.insert(started, job_id) end
-return started
-"""
-)
 
 
 class TasklaneWorker(Worker):
@@ -107,16 +81,20 @@ class TasklaneWorker(Worker):
     lacks this guard; `tasklane worker` uses this one.)
 
     For speed, measured with bench/run.py: the poll delay adapts (see POLL_DELAY_SECONDS), and
-    the doorbells of one poll are started with one script call, where arq spends four round
-    trips per job (and three more per job it is already running, which it reads again on every
-    poll; those are skipped here without asking Redis). The script does what arq's loop does,
-    atomically, so two workers never start the same doorbell.
+    a doorbell costs two script calls shared with the others of its poll and its finish, where
+    arq spends two dozen Redis replies per job (`worker.doorbell_jobs`). Jobs it is already
+    running, which arq reads again on every poll, are skipped without asking Redis.
     """
 
     _idle_wait = 0.0  # extra wait before the next poll, grown while polls find nothing
     _found_new = False
     _start_script: AsyncScript | None = None
+    _ends: DoorbellEnds | None = None
     _outage: RedisOutage | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slot_freed = asyncio.Event()
 
     async def main(self) -> None:
         # Our own pool, with socket timeouts and bounded retries (arq's settings have neither):
@@ -151,14 +129,27 @@ class TasklaneWorker(Worker):
     async def _poll_redis(self) -> None:
         self._found_new = False
         looked = self.job_counter < self.max_jobs
+        began = self.loop.time()
         await super()._poll_iteration()
         if self._found_new or not looked:
             self._idle_wait = 0.0
+            await self._until_a_slot_frees(began)
             return
-        self._idle_wait = min(
-            max(2 * self._idle_wait, POLL_DELAY_SECONDS), IDLE_POLL_SECONDS - POLL_DELAY_SECONDS
-        )
+        self._idle_wait = min(max(2 * self._idle_wait, POLL_DELAY_SECONDS), IDLE_POLL_SECONDS)
         await asyncio.sleep(self._idle_wait)
+
+    async def _until_a_slot_frees(self, began: float) -> None:
+        """Wait until a job ends (at least MIN_POLL_SECONDS after `began`), or up to
+        POLL_DELAY_SECONDS for new doorbells."""
+        self._slot_freed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(began + POLL_DELAY_SECONDS):
+                await self._slot_freed.wait()
+        await asyncio.sleep(max(0.0, began + MIN_POLL_SECONDS - self.loop.time()))
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self._slot_freed.set()
 
     async def _claim_from_postgres(self, outage: RedisOutage) -> None:
         """Redis is away: fill the free slots with due tasks claimed straight from Postgres
@@ -210,26 +201,19 @@ class TasklaneWorker(Worker):
         if not wanted:
             return
         if self._start_script is None:
-            self._start_script = self.pool.register_script(_START_DOORBELLS)
-        reply = await self._start_script(
-            keys=[self.queue_name],
-            args=[
-                timestamp_ms(),
-                in_progress_key_prefix,
-                int(self.in_progress_timeout_s * 1000),
-                *wanted,
-            ],
+            self._start_script = self.pool.register_script(START_DOORBELLS)
+        in_progress_ms = int(self.in_progress_timeout_s * 1000)
+        started, payloads, junk = await self._start_script(
+            keys=[self.queue_name], args=start_args(timestamp_ms(), in_progress_ms, wanted)
         )
-        separator = reply.index(b"")
-        started, junk = reply[:separator], reply[separator + 1 :]
         if junk:
             await self._discard(junk)
         self._found_new = bool(started)
-        for job_id, score in zip(started[::2], started[1::2], strict=True):
+        for job_id, score, payload in zip(started[::2], started[1::2], payloads, strict=True):
             await self.sem.acquire()  # free slots were counted: this never waits
             self.job_counter += 1
             name = job_id.decode()
-            task = self.loop.create_task(self.run_job(name, int(float(score))))
+            task = self.loop.create_task(self._run_doorbell(name, int(float(score)), payload))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[name] = task
             if runtime is not None:
@@ -237,6 +221,63 @@ class TasklaneWorker(Worker):
                 # next poll may come first). It leaves the set when its job begins, or ends.
                 runtime.starting.add(name)
                 task.add_done_callback(functools.partial(_began, runtime.starting, name))
+
+    async def _run_doorbell(self, job_id: str, score: int, payload: bytes | None) -> None:
+        """arq's `run_job` for a doorbell started by `start_jobs`, whose payload came with it.
+        arq's try counter is not kept: attempts are counted in Postgres."""
+        log = get_logger("tasklane.worker")
+        job = self._parse_job(job_id, score, payload, log)
+        remove = True
+        if job is not None:
+            function, args, kwargs, ctx = job
+            timeout = self.job_timeout_s if function.timeout_s is None else function.timeout_s
+            try:
+                async with asyncio.timeout(timeout):
+                    await function.coroutine(ctx, *args, **kwargs)
+                self.jobs_complete += 1
+            except asyncio.CancelledError:
+                # Shutdown: leave the doorbell queued for the next worker, as arq does.
+                self.jobs_retried += 1
+                remove = False
+            except Exception as exc:
+                self.jobs_failed += 1
+                log.error("doorbell.failed", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+        else:
+            self.jobs_failed += 1
+        if self._ends is None:
+            self._ends = DoorbellEnds(self.pool, self.queue_name)
+        try:
+            await asyncio.shield(self._ends.end(job_id, remove=remove))
+        except REDIS_UNREACHABLE as exc:
+            log.debug("doorbell.end_failed", job_id=job_id, error=repr(exc))
+
+    def _parse_job(
+        self, job_id: str, score: int, payload: bytes | None, log: Any
+    ) -> tuple[Function, tuple[Any, ...], dict[str, Any], dict[str, Any]] | None:
+        """The function, arguments and ctx of a doorbell's job; None (logged) for a job that
+        expired, cannot be read or names no function of ours: its doorbell is removed."""
+        if payload is None:
+            log.warning("doorbell.expired", job_id=job_id)
+            return None
+        try:
+            name, args, kwargs, _, enqueue_ms = deserialize_job_raw(
+                payload, deserializer=self.job_deserializer
+            )
+        except SerializationError as exc:
+            log.warning("doorbell.malformed", job_id=job_id, error=str(exc.__cause__ or exc))
+            return None
+        function = self.functions.get(name)
+        if not isinstance(function, Function):
+            log.warning("doorbell.unknown_function", job_id=job_id, function=name[:80])
+            return None
+        ctx = {
+            **self.ctx,
+            "job_id": job_id,
+            "job_try": 1,
+            "enqueue_time": ms_to_datetime(enqueue_ms),
+            "score": score,
+        }
+        return function, tuple(args), kwargs, ctx
 
     def _running_here(self, job_id: bytes) -> bool:
         task = self.tasks.get(job_id.decode())
@@ -289,7 +330,7 @@ def worker_options(settings: Settings, *, burst: bool = False) -> dict[str, Any]
         "job_timeout": timeout,
         "keep_result": 0,
         "max_tries": 1_000_000,
-        "poll_delay": POLL_DELAY_SECONDS,
+        "poll_delay": 0,  # TasklaneWorker waits between polls itself
         "queue_read_limit": max(100, settings.concurrency * 2),
         "job_serializer": serialize,
         "job_deserializer": deserialize,
