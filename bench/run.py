@@ -3,6 +3,7 @@
     uv run python bench/run.py            # the full run (about 6 minutes on 2 cores)
     uv run python bench/run.py --quick    # a smaller run, under a minute
     uv run python bench/run.py --cases bare,lifecycle --concurrency 100 --poll-delay 0.01
+    uv run python bench/run.py --cases fanout --fanout-children 1000,10000
     uv run python bench/run.py --profile /tmp/prof   # py-spy on a bare and a lifecycle worker
 
 In one run, on the same PostgreSQL and Redis, with the shipped worker defaults (concurrency, poll
@@ -22,7 +23,12 @@ repeated (median and min–max):
 6. memory        — the worker's peak RSS over a long run, and its growth from 20 % to 100 % done;
 7. cli           — each `tasklane` command, ten times in a fresh process on an empty database
                    (bytecode cached), median wall and CPU time;
-8. scale         — only with `--cases scale`: a table of millions of finished tasks built once
+8. fanout        — one `fanout` parent spawning K `square` children in a burst worker, against
+                   K independent `square` tasks in another (paired, at each K of
+                   `--fanout-children`, default 1,000 and 10,000): children/s and roots/s, each
+                   from the first start to the last finish (task_attempts, the database clock),
+                   their ratio (goal ≥ 0.8) and how often the parent was resumed (goal: once);
+9. scale         — only with `--cases scale`: a table of millions of finished tasks built once
                    (tests/support/big_table.py); the lifecycle beside it against an empty table,
                    paired, and the p95 of each operator command's work on it.
 
@@ -33,7 +39,8 @@ last line says `n/a` and why.
 Workers are separate processes (`bench/worker_proc.py`), timed from the end of their startup to
 the end of the burst; each run gets a fresh queue and emptied tables. The benchmark creates its
 own database (`tasklane_bench_*`, dropped at the end) and uses Redis database 9 (BENCH_REDIS).
-The last line is `lifecycle/bare_arq = R`, the median of the per-repetition ratios.
+The last line is `lifecycle/bare_arq = R`, the median of the per-repetition ratios; the fan-out's
+ratio at each K comes on the lines before it.
 
 Besides rates, each worker run reports CPU per task of the worker process (getrusage), of
 redis-server and of the PostgreSQL backends of the benchmark's database (/proc), and how busy the
@@ -76,6 +83,7 @@ from persistence.migrate import migrate
 from tests.support import big_table
 from worker.client import SUBMIT_BATCH, TaskClient, TaskSpec
 from worker.config import Settings
+from worker.demo_agents import MAX_FANOUT
 from worker.dispatch import Dispatcher
 from worker.redis_conn import create_redis
 
@@ -103,6 +111,8 @@ class Plan:
     scale_finished: int  # the scale case's table: finished tasks
     scale_pending: int  # and due pending ones
     cli_runs: int  # runs of each command in the cli case (median)
+    fanout_children: tuple[int, ...]  # K: children of the fanout case's parent, one pair per K
+    fanout_reps: int  # pairs (children run, roots run) at each K
 
 
 FULL = Plan(
@@ -120,6 +130,8 @@ FULL = Plan(
     scale_finished=5_000_000,
     scale_pending=100_000,
     cli_runs=10,
+    fanout_children=(1_000, 10_000),
+    fanout_reps=3,
 )
 QUICK = Plan(
     reps=5,  # five pairs: one noisy pair moves the median little (it printed 0.52 and 0.65 at 3)
@@ -136,9 +148,12 @@ QUICK = Plan(
     scale_finished=500_000,
     scale_pending=10_000,
     cli_runs=10,
+    fanout_children=(1_000,),
+    fanout_reps=1,
 )
 CASES = (
-    "bare", "lifecycle", "submit", "latency", "backlog", "limited", "memory", "cli", "scale"
+    "bare", "lifecycle", "submit", "latency", "backlog", "limited", "memory", "cli", "fanout",
+    "scale",
 )  # fmt: skip
 # The limited case: an agent limited to 10 running tasks, across this many keys (tenants).
 LIMITED_KEYS = 20
@@ -150,6 +165,10 @@ DEFAULT_CASES = tuple(c for c in CASES if c != "scale")
 # Goals (issue 19): ≤ 0.3 s for every read command and submit, ≤ 0.15 s for --help.
 CLI_GOALS = {"--help": 0.15}
 CLI_GOAL = 0.3
+# The fanout case (issue 19): a fan-out's children complete at ≥ 0.8× the rate of as many
+# independent tasks, with exactly one resume per wait. The demo `fanout` spawns at most
+# MAX_FANOUT children.
+FANOUT_GOAL = 0.8
 # The scale case: p95 of each operator command on the big table (issue 13: ≤ 100 ms), and the
 # lifecycle beside that table against an empty one (≥ 0.9).
 SCALE_COMMAND_RUNS = 20
@@ -478,6 +497,7 @@ class Bench:
         self.results = Results()
         # Why the paired ratio cannot be trusted (other load during a run); empty: it can.
         self.untrusted: list[str] = []
+        self.fanout_untrusted: dict[int, list[str]] = defaultdict(list)  # the same, by K
         self.conversation_id: UUID = uuid.uuid4()
         self._conn: asyncpg.Connection | None = None
         self._redis: Redis | None = None
@@ -966,6 +986,104 @@ class Bench:
             )
         await self.reset_tables()
 
+    async def fanout(self, k: int, rep: int) -> None:
+        """One pair at K: a `fanout` parent of K `square` children run by a burst worker, and K
+        `square` roots run by another (roots first in odd repetitions, so a drift in the
+        machine's load favours neither). Each rate is K over the time from the first start to
+        the last finish, from task_attempts (the database clock); the parent must run exactly
+        twice (one resume for its one wait) and sum its children's squares."""
+        rates: dict[str, float] = {}
+        others: list[float] = []
+        resumes = 0
+        for kind in ("children", "roots") if rep % 2 == 0 else ("roots", "children"):
+            if kind == "children":
+                rates[kind], other, resumes = await self._fanout_children(k)
+            else:
+                rates[kind], other = await self._fanout_roots(k)
+            others.append(other)
+        ratio = rates["children"] / rates["roots"]
+        self.results.add(f"fanout.{k}.children", rates["children"])
+        self.results.add(f"fanout.{k}.roots", rates["roots"])
+        self.results.add(f"ratio.fanout.{k}", ratio)
+        self.results.add(f"fanout.{k}.resumes", resumes)
+        self.results.add(f"fanout.{k}.others", max(others))
+        if max(others) > OTHERS_LIMIT_PCT:
+            self.fanout_untrusted[k].append(
+                f"pair {rep + 1}: other processes took {max(others):.0f}% of the CPU"
+            )
+        verdict = "meets" if ratio >= FANOUT_GOAL else "MISSES"
+        once = "meets" if resumes == 1 else "MISSES"
+        say(
+            f"fanout {k:,}: children {rates['children']:,.0f}/s, roots {rates['roots']:,.0f}/s,"
+            f" children/roots {ratio:.3f} ({verdict} ≥ {FANOUT_GOAL}); parent resumed"
+            f" {resumes}× ({once} exactly 1); other processes {max(others):.0f}% of the"
+            f" machine; load {load()}"
+        )
+
+    async def _fanout_children(self, k: int) -> tuple[float, float, int]:
+        """The children's rate, the other processes' share of the CPU, the parent's resumes."""
+        await self.reset_tables()
+        queue = self.new_queue(f"fanout_{k}")
+        async with TaskClient.from_settings(self.settings(queue)) as client:
+            parent = await client.submit("fanout", {"n": k}, conversation_id=self.conversation_id)
+        others = await self._burst(queue, jobs=k + 2, within=k / 20 + 60)
+        resumes = await self._parent_resumes(parent.id, k)
+        rate = await self._span_rate("t.parent_task_id = $1", parent.id, k)
+        return rate, others, resumes
+
+    async def _fanout_roots(self, k: int) -> tuple[float, float]:
+        """The roots' rate, the other processes' share of the CPU."""
+        await self.reset_tables()
+        queue = self.new_queue(f"fanout_roots_{k}")
+        specs = [TaskSpec("square", {"x": i}, self.conversation_id) for i in range(k)]
+        async with TaskClient.from_settings(self.settings(queue)) as client:
+            ids = [t.id for t in await client.submit_many(specs)]
+        others = await self._burst(queue, jobs=k, within=k / 20 + 60)
+        return await self._span_rate("t.id = ANY($1::uuid[])", ids, k), others
+
+    async def _burst(self, queue: str, *, jobs: int, within: float) -> float:
+        """A lifecycle burst worker on `queue` until it is empty; the share of the machine's
+        CPU that other processes took meanwhile."""
+        mark = CpuMark.now()
+        services = await ServiceCpu(self).start()
+        try:
+            async with worker_process(self, "lifecycle", queue, burst=True) as child:
+                summary = await child.summary(within=within)
+        finally:
+            await services.stop()
+        if summary["jobs_failed"] or summary["jobs_complete"] != jobs:
+            raise BenchError(f"burst worker on {queue} ran {summary}, expected {jobs} jobs")
+        return others_percent(mark, services)
+
+    async def _span_rate(self, where: str, arg: Any, k: int) -> float:
+        """K tasks over the time from the first's start to the last's finish; each of the K
+        (the tasks matching `where`) must have completed in its one run."""
+        row = await self.conn.fetchrow(
+            "SELECT count(*) AS runs, count(DISTINCT a.task_id) AS tasks,"
+            " count(*) FILTER (WHERE a.outcome = 'completed') AS done,"
+            " extract(epoch FROM max(a.finished_at) - min(a.started_at)) AS seconds"
+            f" FROM task_attempts AS a JOIN tasks AS t ON t.id = a.task_id WHERE {where}",
+            arg,
+        )
+        assert row is not None
+        if not row["runs"] == row["done"] == row["tasks"] == k:
+            raise BenchError(f"fanout: task_attempts {dict(row)}, expected {k} single runs")
+        return k / float(row["seconds"])
+
+    async def _parent_resumes(self, parent_id: UUID, k: int) -> int:
+        """How many times the parent ran again after its first run (its resumes)."""
+        parent = await self.conn.fetchrow(
+            "SELECT status, output FROM tasks WHERE id = $1", parent_id
+        )
+        runs = await self.conn.fetchval(
+            "SELECT count(*) FROM task_attempts WHERE task_id = $1", parent_id
+        )
+        assert parent is not None
+        squares = (k - 1) * k * (2 * k - 1) // 6  # Σ i² for i < k
+        if parent["status"] != "completed" or parent["output"] != {"sum": squares}:
+            raise BenchError(f"fanout parent ended {dict(parent)}, expected sum {squares}")
+        return int(runs) - 1
+
     async def scale(self) -> None:
         """The table of a long-running deployment (millions of finished tasks), built once in a
         database of its own: the lifecycle beside it against the lifecycle on an empty table
@@ -1124,6 +1242,10 @@ class Bench:
             await self.memory(plan.memory_n)
         if "cli" in cases:
             await self.cli()
+        if "fanout" in cases:
+            for rep in range(plan.fanout_reps):
+                for k in plan.fanout_children:
+                    await self.fanout(k, rep)
         if "scale" in cases:
             await self.scale()
         self.results.notes.append(f"load average at end: {load()}")
@@ -1191,7 +1313,7 @@ ROWS: list[tuple[str, str, str, str]] = [
             (f"cli.{name}.cpu", "     its CPU time", "s", ".3f"),
         )
     ],
-    ("scale.build_s", "8. scale: building the big table", "s", ".0f"),
+    ("scale.build_s", "9. scale: building the big table", "s", ".0f"),
     ("scale.empty", "   lifecycle, empty table", "tasks/s", ",.0f"),
     ("scale.present", "   lifecycle, big table present", "tasks/s", ",.0f"),
     ("ratio.scale.present/empty", "   present / empty (paired; goal ≥ 0.9)", "ratio", ".3f"),
@@ -1217,6 +1339,27 @@ ROWS: list[tuple[str, str, str, str]] = [
 ]
 
 
+def fanout_rows(children: Sequence[int]) -> list[tuple[str, str, str, str]]:
+    return [
+        row
+        for i, k in enumerate(children)
+        for row in (
+            (f"fanout.{k}.children", f"{'8.' if i == 0 else '  '} fan-out of {k:,}: children",
+             "tasks/s", ",.0f"),
+            (f"fanout.{k}.roots", "   as many independent tasks", "tasks/s", ",.0f"),
+            (f"ratio.fanout.{k}", f"   children / roots (goal ≥ {FANOUT_GOAL})", "ratio", ".3f"),
+            (f"fanout.{k}.resumes", "   resumes of the parent (goal: 1)", "resumes", ".0f"),
+            (f"fanout.{k}.others", "   other processes, worse of the pair", "%", ".0f"),
+        )
+    ]  # fmt: skip
+
+
+def table_rows(plan: Plan) -> list[tuple[str, str, str, str]]:
+    """ROWS with the fanout case's rows for each K in their place, before the scale case's."""
+    at = next(i for i, row in enumerate(ROWS) if row[0] == "scale.build_s")
+    return [*ROWS[:at], *fanout_rows(plan.fanout_children), *ROWS[at:]]
+
+
 def table(bench: Bench, cases: Sequence[str], elapsed: float) -> str:
     plan, results = bench.plan, bench.results
     concurrency = bench.concurrency or SHIPPED.concurrency
@@ -1235,7 +1378,7 @@ def table(bench: Bench, cases: Sequence[str], elapsed: float) -> str:
         f"{'case':<40} {'unit':<8} {'median':>10} {'min – max':>22} {'n':>3}",
         "-" * 87,
     ]
-    for key, label, unit, fmt in ROWS:
+    for key, label, unit, fmt in table_rows(plan):
         if not results.has(key):
             continue
         values = results.values[key]
@@ -1306,6 +1449,16 @@ def summarize_stacks(path: Path, *, title: str, top: int = 25) -> str:
 # -- main ------------------------------------------------------------------------------------------
 
 
+def fanout_sizes(raw: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1000,10000, got {raw!r}") from None
+    if not sizes or not all(1 <= k <= MAX_FANOUT for k in sizes):
+        raise argparse.ArgumentTypeError(f"each K must be between 1 and {MAX_FANOUT:,}")
+    return sizes
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="tasklane benchmark (see the module docstring)",
@@ -1324,6 +1477,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scale-finished", type=int, help="finished tasks in the scale case's table"
+    )
+    parser.add_argument(
+        "--fanout-children",
+        type=fanout_sizes,
+        metavar="K,K",
+        help=f"children of the fanout case's parent, one pair per K (1…{MAX_FANOUT:,};"
+        " default 1000,10000; --quick 1000)",
     )
     parser.add_argument(
         "--concurrency", type=int, help="TASKLANE_CONCURRENCY for every worker (exploration)"
@@ -1354,7 +1514,37 @@ async def run_bench(args: argparse.Namespace, plan: Plan, database: str) -> str:
     finally:
         await bench.close()
     out = table(bench, cases, time.monotonic() - started)
-    return out + final_line(bench)
+    return out + "".join(line + "\n" for line in fanout_lines(bench)) + final_line(bench)
+
+
+def fanout_lines(bench: Bench) -> list[str]:
+    """At each K: the median children/roots ratio against its goal, and the parent's resumes
+    (exactly one per wait), or n/a and why, as the last line says for lifecycle/bare_arq."""
+    values = bench.results.values
+    lines = []
+    for k in bench.plan.fanout_children:
+        ratios = values.get(f"ratio.fanout.{k}")
+        if not ratios:
+            continue
+        median = statistics.median(ratios)
+        spread = f"{min(ratios):.3f} – {max(ratios):.3f} over {len(ratios)} pairs"
+        verdict = "meets" if median >= FANOUT_GOAL else "MISSES"
+        resumes = sorted({int(r) for r in values[f"fanout.{k}.resumes"]})
+        once = (
+            "one resume per wait in every pair: meets"
+            if resumes == [1]
+            else f"resumes of the parent {', '.join(map(str, resumes))}: MISSES one per wait"
+        )
+        goals = f"goal ≥ {FANOUT_GOAL}: {verdict}; {once}"
+        untrusted = bench.fanout_untrusted.get(k)
+        if untrusted:
+            lines.append(
+                f"fanout children/roots at {k:,} = n/a (other load: {'; '.join(untrusted)}."
+                f" Measured anyway: median {median:.3f}, {spread}; {goals})"
+            )
+        else:
+            lines.append(f"fanout children/roots at {k:,} = {median:.3f} ({spread}; {goals})")
+    return lines
 
 
 def final_line(bench: Bench) -> str:
@@ -1383,6 +1573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backlog": args.backlog,
         "memory_n": args.memory_n,
         "scale_finished": args.scale_finished,
+        "fanout_children": args.fanout_children,
     }
     plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
     plan = replace(plan, side_reps=min(plan.side_reps, plan.reps))

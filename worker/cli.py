@@ -731,11 +731,12 @@ class _Parser(argparse.ArgumentParser):
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
-# Commands that read through one asyncpg connection and import neither the ORM nor structlog (their
-# logging is configured only if something logs): they answer in about a tenth of a second.
-# tests/integration/test_cli_imports.py keeps them so.
+# Commands that run on one asyncpg connection and import neither the ORM nor structlog (their
+# logging is configured only if something logs): they answer in about a tenth of a second, submit
+# (which rings Redis, with arq's job format) in about a quarter. tests/integration/
+# test_cli_imports.py keeps them so.
 QUICK_COMMANDS: frozenset[Command] = frozenset(
-    {cmd_show, cmd_list, cmd_tree, cmd_stats, cmd_prune, cmd_health}
+    {cmd_show, cmd_list, cmd_tree, cmd_stats, cmd_prune, cmd_health, cmd_submit}
 )
 
 

@@ -15,6 +15,9 @@ A plain `submit` (no caller session) is one round trip to Postgres: a single INS
 in autocommit on a connection of the client's second, autocommit engine (no BEGIN/COMMIT, no
 pool pre-ping). Anything out of the ordinary — a taken idempotency key, a connection found dead —
 goes the unit-of-work way, as `submit_many` and `session=` submits always do.
+
+What a submit checks, the insert and the doorbells are `worker.submission`'s, which `tasklane
+submit` shares without this module's SQLAlchemy engines.
 """
 
 from __future__ import annotations
@@ -23,8 +26,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
@@ -48,7 +50,6 @@ from domain.exceptions import (
     ConcurrentUpdateError,
     EntityAlreadyExistsError,
     EntityNotFoundError,
-    IdempotencyConflictError,
     InvalidInputError,
 )
 from domain.interfaces import CancelResult, RetryResult
@@ -63,39 +64,15 @@ from worker import tracing  # observability
 from worker.agents import parse_rate
 from worker.config import Settings
 from worker.dispatch import Dispatcher
-from worker.redis_conn import create_redis
+from worker.submission import Inserted, Submitter, producer_redis, wait_until_finished
+from worker.submission import TaskSpec as TaskSpec  # the public API's, defined there
+from worker.submission import parse_task_id as parse_task_id
 from worker.watch import INTEREST_SECONDS, SAFETY_POLL_SECONDS, channel, follow
 
 SUBMIT_BATCH = 1000
-# Producers give Redis about half a second to connect; after that the reconciler rings.
-PRODUCER_REDIS_RETRIES = 3
-# A committed submit returns within this long of its commit, whatever Redis does (a Redis that
-# accepts connections and never answers included): the doorbell is then left to the reconciler.
-RING_PATIENCE_SECONDS = 1.0
 _SESSION_DOORBELLS = "tasklane_doorbells"
 
 log = structlog.get_logger("tasklane.client")
-
-
-@dataclass(frozen=True, slots=True)
-class TaskSpec:
-    """One task to submit with `submit_many`."""
-
-    agent_id: str
-    input: JsonValue
-    conversation_id: UUID
-    idempotency_key: str | None = None
-    metadata: dict[str, Any] | None = None
-    max_attempts: int | None = None
-    run_after: datetime | None = None
-    parent_task_id: UUID | None = None
-    priority: int = 0
-
-
-@dataclass(slots=True)
-class _Inserted:
-    tasks: list[Task]
-    doorbells: list[Doorbell] = field(default_factory=list)
 
 
 class Unset:
@@ -151,15 +128,6 @@ def _event(message: Any) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
-def parse_task_id(value: UUID | str) -> UUID:
-    if isinstance(value, UUID):
-        return value
-    try:
-        return UUID(str(value).strip())
-    except ValueError:
-        raise InvalidInputError(f"not a task id (expected a UUID): {value!r:.80}") from None
-
-
 def _client_engine(url: str | URL, settings: Settings, *, autocommit: bool = False) -> AsyncEngine:
     """One of a producer's two engines: up to 10 connections each (5 kept, 5 more under load),
     fewer if TASKLANE_DB_POOL_SIZE is below 5."""
@@ -184,6 +152,7 @@ class TaskClient:
         self._autocommit = TaskRepository(AutocommitExecutor(self.autocommit_engine))
         self.redis = redis
         self.dispatcher = Dispatcher(redis, settings.queue)
+        self._submitter = Submitter(settings, self.dispatcher)
         self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -194,12 +163,7 @@ class TaskClient:
     @classmethod
     def from_settings(cls, settings: Settings) -> TaskClient:
         engine = _client_engine(settings.database_url, settings)
-        redis = create_redis(
-            settings.redis_url,
-            retries=PRODUCER_REDIS_RETRIES,
-            socket_timeout=settings.redis_timeout_seconds,
-        )
-        return cls(settings=settings, engine=engine, redis=redis)
+        return cls(settings=settings, engine=engine, redis=producer_redis(settings))
 
     async def __aenter__(self) -> Self:
         return self
@@ -266,9 +230,10 @@ class TaskClient:
             parent_task_id=parse_task_id(parent_task_id) if parent_task_id else None,
             priority=priority,
         )
-        task = self._build(spec)
+        task = self._submitter.build(spec)
         if session is not None:
-            inserted = await self._insert(TaskRepository(SessionExecutor(session)), [task])
+            repo = TaskRepository(SessionExecutor(session))
+            inserted = await self._submitter.insert(repo, [task])
             self._ring_after_commit(session, inserted.doorbells)
             return inserted.tasks[0]
         if task.parent_task_id is not None:  # the parent is locked and checked: a transaction
@@ -282,57 +247,18 @@ class TaskClient:
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[Task]:
         """Create many tasks, all or none: one transaction, one insert statement per batch of
         1000, then one pipelined Redis write per batch once it has committed."""
-        tasks = [self._build(spec) for spec in specs]
-        batches: list[_Inserted] = []
+        tasks = [self._submitter.build(spec) for spec in specs]
+        batches: list[Inserted] = []
         async with UnitOfWork(self.session_factory) as uow:
             for start in range(0, len(tasks), SUBMIT_BATCH):
-                batches.append(await self._insert(uow.tasks, tasks[start : start + SUBMIT_BATCH]))
+                part = tasks[start : start + SUBMIT_BATCH]
+                batches.append(await self._submitter.insert(uow.tasks, part))
             await uow.commit()
         for batch in batches:
             await self._ring(batch.doorbells)
         return [task for batch in batches for task in batch.tasks]
 
-    def _build(self, spec: TaskSpec) -> Task:
-        if not isinstance(spec.agent_id, str):
-            raise InvalidInputError(f"agent_id must be a string, got {spec.agent_id!r:.80}")
-        if spec.run_after is not None and spec.run_after.tzinfo is None:
-            raise InvalidInputError("run_after must be timezone-aware (e.g. datetime.now(UTC))")
-        key = spec.idempotency_key
-        if key is not None and (not isinstance(key, str) or not key.strip()):
-            raise InvalidInputError("idempotency_key must be a non-empty string")
-        if spec.metadata is not None and not isinstance(spec.metadata, dict):
-            raise InvalidInputError("metadata must be a JSON object (a dict)")
-        return Task(
-            conversation_id=spec.conversation_id,
-            agent_id=spec.agent_id,
-            input=spec.input,
-            parent_task_id=spec.parent_task_id,
-            metadata=dict(spec.metadata or {}),
-            max_attempts=spec.max_attempts,
-            run_after=spec.run_after,
-            idempotency_key=key,
-            queue=self.settings.queue,
-            priority=spec.priority,
-            trace_context=tracing.carrier(),  # observability
-        )
-
-    def _dispatch_delays(self, tasks: Sequence[Task]) -> list[float]:
-        # A task scheduled for later is dispatched by the reconciler once due; any other is
-        # rung right after commit, and the reconciler leaves it alone for a redispatch period.
-        return [0.0 if t.run_after is not None else self.settings.redispatch_seconds for t in tasks]
-
-    @staticmethod
-    def _doorbells(
-        tasks: Sequence[Task], delays: Sequence[float], new: Mapping[UUID, Task]
-    ) -> list[Doorbell]:
-        # The rows as inserted: their due time (the database's clock) and priority place them.
-        return [
-            Doorbell.for_task(new[t.id])
-            for t, d in zip(tasks, delays, strict=True)
-            if d and t.id in new
-        ]
-
-    async def _insert_alone(self, task: Task) -> _Inserted:
+    async def _insert_alone(self, task: Task) -> Inserted:
         """One task, no caller transaction: INSERT … RETURNING in autocommit, one round trip.
 
         The input is checked (and encoded) before a connection is taken. A taken idempotency
@@ -340,7 +266,7 @@ class TaskClient:
         connection lost under the insert leaves it unknown whether the insert landed: the
         unit-of-work way inserts the same task (same id) again, and finds it if it had.
         """
-        delays = self._dispatch_delays([task])
+        delays = self._submitter.dispatch_delays([task])
         try:
             with translated("Task"):
                 inserted = await self._autocommit.create_many(
@@ -356,15 +282,15 @@ class TaskClient:
             return await self._insert_again(task)
         if not inserted:  # the idempotency key is taken
             return await self._insert_in_transaction(task)
-        return _Inserted(inserted, self._doorbells([task], delays, {task.id: inserted[0]}))
+        return Inserted(inserted, self._submitter.doorbells([task], delays, {task.id: inserted[0]}))
 
-    async def _insert_in_transaction(self, task: Task) -> _Inserted:
+    async def _insert_in_transaction(self, task: Task) -> Inserted:
         async with UnitOfWork(self.session_factory) as uow:
-            inserted = await self._insert(uow.tasks, [task])
+            inserted = await self._submitter.insert(uow.tasks, [task])
             await uow.commit()
         return inserted
 
-    async def _insert_again(self, task: Task) -> _Inserted:
+    async def _insert_again(self, task: Task) -> Inserted:
         """Insert `task` once more after its first insert may or may not have landed."""
         try:
             return await self._insert_in_transaction(task)
@@ -372,49 +298,15 @@ class TaskClient:
             # Our own id is taken: the first insert did land (a taken idempotency key inserts
             # nothing and is handled by `_insert`, so this is the primary key).
             existing = await self.get(task.id)
-            delays = self._dispatch_delays([task])
-            return _Inserted([existing], self._doorbells([task], delays, {task.id: existing}))
-
-    async def _insert(self, repo: TaskRepository, tasks: list[Task]) -> _Inserted:
-        delays = self._dispatch_delays(tasks)
-        inserted = await repo.create_many(
-            tasks,
-            dispatch_delays=delays,
-            skip_taken_keys=any(t.idempotency_key for t in tasks),
-            max_input_bytes=self.settings.max_input_bytes,
-            attach=True,
-        )
-        new = {t.id: t for t in inserted}
-        taken = [t for t in tasks if t.id not in new]
-        existing = await repo.get_by_idempotency_keys(
-            [t.idempotency_key for t in taken if t.idempotency_key]
-        )
-        result: list[Task] = []
-        for task in tasks:
-            if task.id in new:
-                result.append(new[task.id])
-                continue
-            assert task.idempotency_key is not None
-            found = existing.get(task.idempotency_key)
-            if found is None:  # deleted between our insert and our read
-                raise EntityNotFoundError("Task", f"idempotency_key={task.idempotency_key!r}")
-            if (found.agent_id, found.input, found.conversation_id) != (
-                task.agent_id,
-                task.input,
-                task.conversation_id,
-            ):
-                raise IdempotencyConflictError(task.idempotency_key, found.id)
-            result.append(found)
-        return _Inserted(result, self._doorbells(tasks, delays, new))
+            delays = self._submitter.dispatch_delays([task])
+            doorbells = self._submitter.doorbells([task], delays, {task.id: existing})
+            return Inserted([existing], doorbells)
 
     # -- dispatching --------------------------------------------------------------------------
 
     async def _ring(self, doorbells: list[Doorbell]) -> None:
-        try:
-            await asyncio.wait_for(self.dispatcher.ring(doorbells), RING_PATIENCE_SECONDS)
-        except Exception as exc:
-            # Committed all the same: the reconciler rings them after TASKLANE_REDISPATCH_SECONDS.
-            log.warning("dispatch.deferred_to_reconciler", error=repr(exc), tasks=len(doorbells))
+        """Every ring of this client goes through here (tests stall it)."""
+        await self._submitter.ring(doorbells)
 
     def _ring_after_commit(self, session: AsyncSession, doorbells: list[Doorbell]) -> None:
         """Ring once the caller's transaction commits; forget them if it rolls back."""
@@ -443,17 +335,12 @@ class TaskClient:
     async def wait(self, task_id: UUID | str, timeout: float = 30.0) -> Task:  # noqa: ASYNC109
         """Poll until the task is finished (completed, failed or cancelled); `TimeoutError` if it
         is not within `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        delay = 0.02
-        while True:
-            task = await self.get(task_id)
-            if task.is_finished:
-                return task
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"task {task.id} is still {task.status} after {timeout:g}s")
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 1.5, 0.5)
+        task, finished = await wait_until_finished(
+            lambda: self.get(task_id), lambda t: t.is_finished, timeout
+        )
+        if not finished:
+            raise TimeoutError(f"task {task.id} is still {task.status} after {timeout:g}s")
+        return task
 
     async def cancel(self, task_id: UUID | str) -> CancelResult:
         """Cancel the task and its unfinished subtasks. A finished task is left as it is

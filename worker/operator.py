@@ -5,9 +5,11 @@ service checks in `worker.health`; why a task is where it is in `worker.diagnosi
 an operator can cause or meet surfaces as one line: an unknown id as an `OperatorError`, an
 unreachable service or an unmigrated database as a `ServiceError`.
 
-The read commands and `prune` run plain SQL (`ReportRepository`, `PruneRepository`) on the one
-asyncpg connection that checked the schema, and import no ORM: a command answers in about a
-tenth of a second. Commands that change tasks go through `TaskClient`, built on first use.
+The read commands, `prune` and `submit` run plain SQL (`ReportRepository`, `PruneRepository`,
+and for `submit` the producers' own `worker.submission`) on the one asyncpg connection that
+checked the schema, and import no ORM: a command answers in a tenth of a second, `submit` (which
+rings Redis too) in a few. The other commands that change tasks go through `TaskClient`, built on
+first use.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from domain.entities import TaskAttempt, WorkerInfo
+from domain.entities import Conversation, TaskAttempt, WorkerInfo
 from domain.exceptions import EntityNotFoundError
 from domain.payload import JsonValue
-from domain.value_objects import TaskStatus
+from domain.value_objects import FINISHED_STATUSES, TaskStatus
+from persistence.repositories.conversation_repository import ConversationRepository
 from persistence.repositories.flow_repository import FlowRepository
 from persistence.repositories.prune_repository import START, PruneRepository, check_statuses
 from persistence.repositories.report_repository import (
@@ -35,6 +38,7 @@ from persistence.repositories.report_repository import (
     TaskRow,
     TreeNode,
 )
+from persistence.repositories.task_insert_repository import TaskInsertRepository
 from persistence.schema import SchemaError, check_schema
 from persistence.sql import ConnectionExecutor, Executor
 from worker.cli_format import counted
@@ -44,11 +48,12 @@ from worker.health import ServiceError, check_redis, connect_postgres
 
 if TYPE_CHECKING:
     import asyncpg
+    from redis.asyncio import Redis
 
-    from persistence.session import UnitOfWork
     from worker.client import TaskClient
 
 CLI_USER = "cli"
+FINISHED = frozenset(s.value for s in FINISHED_STATUSES)
 
 
 class OperatorError(Exception):
@@ -154,6 +159,7 @@ class Operator:
         self.reports = ReportRepository(self._ex)
         self.flow = FlowRepository(self._ex)
         self._client: TaskClient | None = client  # None: built when a command needs it
+        self._redis: Redis | None = None  # `submit`'s, to ring the doorbell
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -174,6 +180,8 @@ class Operator:
             finally:
                 if operator._client is not None:
                     await operator._client.close()
+                if operator._redis is not None:
+                    await operator._redis.aclose()
         finally:
             await conn.close()
 
@@ -185,11 +193,6 @@ class Operator:
 
             self._client = TaskClient.from_settings(self.settings)
         return self._client
-
-    def _uow(self) -> UnitOfWork:
-        from persistence.session import UnitOfWork
-
-        return UnitOfWork(self.client.session_factory)
 
     async def now(self) -> datetime:
         """The database clock (readable output says how long ago things happened by it)."""
@@ -204,8 +207,7 @@ class Operator:
     # -- submit ---------------------------------------------------------------------------------
 
     async def agent_known(self, agent_id: str) -> bool:
-        async with self._uow() as uow:
-            return await uow.agents.get_by_id(agent_id) is not None
+        return await self.reports.agent_known(agent_id)
 
     async def submit(
         self,
@@ -216,31 +218,33 @@ class Operator:
         idempotency_key: str | None,
         priority: int = 0,
     ) -> TaskRow:
-        from worker.client import parse_task_id
+        """`TaskClient.submit`'s checks, insert and doorbell (`worker.submission`), on this
+        operator's connection: each statement commits on its own, so the task is committed
+        before its doorbell rings."""
+        # Imported here: they bring Redis's and arq's clients, which the read commands never use.
+        from worker.dispatch import Dispatcher
+        from worker.submission import Submitter, TaskSpec, parse_task_id, producer_redis
 
         if conversation_id is None:
-            conversation = await self.client.create_conversation(
-                user_id=CLI_USER, title=f"tasklane submit {agent_id}"
-            )
-            conv_id: UUID = conversation.id
+            conversation = Conversation(user_id=CLI_USER, title=f"tasklane submit {agent_id}")
+            conv_id = (await ConversationRepository(self._ex).create(conversation)).id
         else:
             conv_id = parse_task_id(conversation_id)
-        task = await self.client.submit(
-            agent_id,
-            input,
-            conversation_id=conv_id,
-            idempotency_key=idempotency_key,
-            priority=priority,
+        spec = TaskSpec(
+            agent_id, input, conv_id, idempotency_key=idempotency_key, priority=priority
         )
+        self._redis = self._redis or producer_redis(self.settings)
+        submitter = Submitter(self.settings, Dispatcher(self._redis, self.settings.queue))
+        task = await submitter.submit(TaskInsertRepository(self._ex), spec)
         return await self._row(task.id)
 
     async def wait(self, task_id: UUID, timeout: float) -> tuple[TaskRow, bool]:  # noqa: ASYNC109
         """The task once finished, or as it is when `timeout` runs out (then False)."""
-        try:
-            await self.client.wait(task_id, timeout=timeout)
-        except TimeoutError:
-            return await self._row(task_id), False
-        return await self._row(task_id), True
+        from worker.submission import wait_until_finished
+
+        return await wait_until_finished(
+            lambda: self._row(task_id), lambda row: row["status"] in FINISHED, timeout
+        )
 
     # -- read -----------------------------------------------------------------------------------
 

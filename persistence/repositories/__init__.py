@@ -1,5 +1,6 @@
-"""The repositories. Each is imported on first use: the CLI's read commands import only the
-SQL of `report_repository` and `task_sql`, never the ORM the other repositories are built on."""
+"""The repositories. Each is imported on first use: the CLI's read commands and `submit` import
+only the plain-SQL ones (`report_repository`, `task_sql`; for `submit`, `task_insert_repository`
+and `conversation_repository`), never the ORM the others are built on."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Generic repository: CRUD, safe filters and pagination over one mapped table.
+"""Generic repository: CRUD, safe filters and pagination over one mapped table, in SQLAlchemy
+Core, on top of `StatementRepository` (the executor, `_to_entity`, translated errors).
 
 Differences from the seed guide, on purpose:
 - it runs through an `Executor` (persistence.sql), so the same repository serves a unit of
@@ -21,9 +22,9 @@ from sqlalchemy import ColumnElement, Select, Table, delete, func, select
 from sqlalchemy.sql.sqltypes import BigInteger, Integer, SmallInteger, String, Uuid
 
 from domain.exceptions import InvalidFilterError, InvalidInputError
-from persistence.errors import translated
 from persistence.models import Base
-from persistence.sql import Executor, Row, Statement
+from persistence.repositories.statement_repository import StatementRepository
+from persistence.sql import Executor
 
 TModel = TypeVar("TModel", bound=Base)
 TEntity = TypeVar("TEntity")
@@ -31,32 +32,19 @@ TEntity = TypeVar("TEntity")
 MAX_PAGE_SIZE = 1000
 
 
-class BaseRepository(Generic[TModel, TEntity]):
+class BaseRepository(StatementRepository[TEntity], Generic[TModel, TEntity]):
     """Subclasses set `filterable_fields` and implement `_to_entity` (a row by column name)."""
 
     filterable_fields: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, ex: Executor, model_class: type[TModel], entity_name: str) -> None:
-        self._ex = ex
+        super().__init__(ex, entity_name)
         self.model_class = model_class
-        self.entity_name = entity_name
         self.table: Table = model_class.__table__  # type: ignore[assignment]
         unknown = self.filterable_fields - set(self.table.c.keys())
         if unknown:
             raise TypeError(f"{type(self).__name__}.filterable_fields names no column: {unknown}")
         [self._primary_key] = self.table.primary_key.columns
-
-    def _to_entity(self, row: Row) -> TEntity:
-        raise NotImplementedError
-
-    # -- statements, with driver errors translated ---------------------------------------------
-
-    async def _fetch(self, stmt: Statement, **params: Any) -> Sequence[Row]:
-        with translated(self.entity_name):
-            return await self._ex.fetch(stmt, **params)
-
-    async def _entities(self, stmt: Statement, **params: Any) -> list[TEntity]:
-        return [self._to_entity(row) for row in await self._fetch(stmt, **params)]
 
     # -- CRUD ---------------------------------------------------------------------------------
 

@@ -1,29 +1,34 @@
+"""Conversations, in plain SQL: `tasklane submit` creates one on its one asyncpg connection, so
+this repository imports no SQLAlchemy (tests/integration/test_cli_imports.py)."""
+
 from __future__ import annotations
 
-from typing import ClassVar
 from uuid import UUID
-
-from sqlalchemy import insert
 
 from domain.entities import Conversation
 from domain.interfaces import IConversationRepository
 from domain.payload import encode_json
-from persistence.models import ConversationModel
-from persistence.repositories.base_repository import BaseRepository
-from persistence.sql import Executor, Row
+from persistence.repositories.statement_repository import StatementRepository
+from persistence.sql import Executor, Row, Sql
+
+_COLUMNS = "id, user_id, title, metadata, created_at, updated_at"
+
+INSERT_CONVERSATION = Sql(f"""
+INSERT INTO conversations (id, user_id, title, metadata)
+VALUES (:id, :user_id, :title, CAST(:metadata AS jsonb))
+RETURNING {_COLUMNS}
+""")
+
+CONVERSATION_BY_ID = Sql(f"SELECT {_COLUMNS} FROM conversations WHERE id = :id")
 
 
-class ConversationRepository(
-    BaseRepository[ConversationModel, Conversation], IConversationRepository
-):
-    filterable_fields: ClassVar[frozenset[str]] = frozenset({"id", "user_id", "title"})
-
+class ConversationRepository(StatementRepository[Conversation], IConversationRepository):
     def __init__(self, ex: Executor) -> None:
-        super().__init__(ex, ConversationModel, "Conversation")
+        super().__init__(ex, "Conversation")
 
     def _to_entity(self, row: Row) -> Conversation:
         return Conversation(
-            id=row["id"],
+            id=UUID(str(row["id"])),  # asyncpg hands its own UUID type back
             user_id=row["user_id"],
             title=row["title"],
             metadata=row["metadata"] or {},
@@ -32,19 +37,16 @@ class ConversationRepository(
         )
 
     async def create(self, conversation: Conversation) -> Conversation:
-        encode_json(conversation.metadata, what="metadata")  # a clear error before the driver's
-        stmt = (
-            insert(self.table)
-            .values(
-                id=conversation.id,
-                user_id=conversation.user_id,
-                title=conversation.title,
-                metadata=conversation.metadata,
-            )
-            .returning(*self.table.c)
+        metadata = encode_json(conversation.metadata, what="metadata")  # before any SQL
+        [created] = await self._entities(
+            INSERT_CONVERSATION,
+            id=conversation.id,
+            user_id=conversation.user_id,
+            title=conversation.title,
+            metadata=metadata,
         )
-        [created] = await self._entities(stmt)
         return created
 
     async def get_by_id(self, conversation_id: UUID) -> Conversation | None:
-        return await self._get_by_id(conversation_id)
+        found = await self._entities(CONVERSATION_BY_ID, id=conversation_id)
+        return found[0] if found else None

@@ -84,6 +84,7 @@ class AgentCounts:
 
 NOW = Sql("SELECT now() AS now")
 TASK = Sql("SELECT * FROM tasks WHERE id = :id")
+AGENT_KNOWN = Sql("SELECT EXISTS (SELECT FROM agents WHERE id = :id) AS known")
 
 # A tree with how long each task's handler runs took (running ones count until now).
 TREE = Sql(
@@ -216,6 +217,11 @@ class ReportRepository:
     async def task(self, task_id: UUID) -> TaskRow | None:
         rows = await self._fetch(TASK, id=task_id)
         return dict(rows[0].items()) if rows else None
+
+    async def agent_known(self, agent_id: str) -> bool:
+        """Some worker has registered the agent (`tasklane submit` warns when none has)."""
+        [row] = await self._fetch(AGENT_KNOWN, id=agent_id)
+        return bool(row["known"])
 
     async def attempts(self, task_id: UUID) -> list[TaskAttempt]:
         """The task's runs, oldest first."""

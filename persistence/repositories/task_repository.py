@@ -17,7 +17,6 @@ row, which only the run itself ever gives that outcome.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, NamedTuple
@@ -49,11 +48,12 @@ from domain.payload import encode_json
 from domain.policies import Backoff
 from domain.value_objects import AttemptOutcome, TaskStatus
 from persistence.errors import find_postgres_error
-from persistence.mappers import attempt_from_row, insert_params, task_from_row
+from persistence.mappers import attempt_from_row, task_from_row
 from persistence.models import TaskModel
 from persistence.repositories import flow_sql as fq
 from persistence.repositories import task_sql as q
 from persistence.repositories.base_repository import BaseRepository
+from persistence.repositories.task_insert_repository import TaskInsertRepository
 from persistence.sql import Executor, Row
 
 # What an operator may change on a task that has not started (`update`). Everything else moves
@@ -64,7 +64,9 @@ EDITABLE_FIELDS = ("run_after", "max_attempts", "metadata", "priority")
 FLOW_MAX_KEYS = 200
 
 
-class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
+# Creating tasks (`create_many`, `_count_up`) is inherited from TaskInsertRepository, which
+# imports no SQLAlchemy: `tasklane submit` inserts through it alone.
+class TaskRepository(BaseRepository[TaskModel, Task], TaskInsertRepository, ITaskRepository):
     filterable_fields: ClassVar[frozenset[str]] = frozenset(
         {
             "id",
@@ -84,80 +86,11 @@ class TaskRepository(BaseRepository[TaskModel, Task], ITaskRepository):
     def __init__(self, ex: Executor) -> None:
         super().__init__(ex, TaskModel, "Task")
 
-    def _to_entity(self, row: Row) -> Task:
-        return task_from_row(row)
-
-    # -- create ---------------------------------------------------------------------------------
-
-    async def create(self, task: Task) -> Task:
-        return (await self.create_many([task]))[0]
-
-    async def create_many(
-        self,
-        tasks: Sequence[Task],
-        *,
-        dispatch_delays: Sequence[float] | None = None,
-        skip_taken_keys: bool = False,
-        max_input_bytes: int | None = None,
-        attach: bool = False,
-    ) -> list[Task]:
-        """Insert `tasks` in one statement; returns the inserted rows in the order of `tasks`.
-
-        `dispatch_delays[i]` is how long the reconciler leaves task i alone (the caller rings
-        its doorbell after commit); by default 0: the reconciler dispatches it at its next tick.
-        With `skip_taken_keys`, a task whose idempotency key is already taken is left out of the
-        result (the caller reads the existing task instead). With `attach`, tasks that name a
-        parent are added under that parent's lock, which must be running or waiting: a producer
-        giving a task a parent from outside (a handler's own subtasks are inserted by the
-        transaction that holds their parent already).
-        """
-        if not tasks:
-            return []
-        delays = list(dispatch_delays) if dispatch_delays is not None else [0.0] * len(tasks)
-        params = insert_params(tasks, dispatch_delays=delays, max_input_bytes=max_input_bytes)
-        stmt = q.INSERT_TASKS_SKIP_TAKEN_KEYS if skip_taken_keys else q.INSERT_TASKS
-        parents = sorted({t.parent_task_id for t in tasks if t.parent_task_id is not None})
-        if attach and parents:
-            async with self._ex.atomic():
-                await self._lock_parents_to_attach(parents)
-                inserted = await self._entities(stmt, **params)
-                await self._count_up([t.parent_task_id for t in inserted if t.parent_task_id])
-        else:
-            inserted = await self._entities(stmt, **params)
-        by_id = {task.id: task for task in inserted}
-        return [by_id[t.id] for t in tasks if t.id in by_id]
-
-    async def _count_up(self, parents: Sequence[UUID]) -> None:
-        """Each of `parents` (locked) gained a child for every time it is named."""
-        counts = Counter(parents)
-        if counts:
-            ids = sorted(counts)
-            await self._fetch(q.COUNT_UP, ids=ids, counts=[counts[i] for i in ids])
-
-    async def _lock_parents_to_attach(self, parents: Sequence[UUID]) -> None:
-        rows = {_uuid(r["id"]): r["status"] for r in await self._fetch(q.LOCK_PARENTS, ids=parents)}
-        for parent_id in parents:
-            status = rows.get(parent_id)
-            if status is None:
-                raise EntityNotFoundError("Task", parent_id, "named as a parent")
-            if status not in (TaskStatus.RUNNING, TaskStatus.WAITING):
-                raise InvalidInputError(
-                    f"cannot add a subtask to task {parent_id}: it is {status}; a parent must "
-                    "be running or waiting (its subtasks would never be waited for)"
-                )
-
     # -- read -----------------------------------------------------------------------------------
 
     async def get_by_id(self, task_id: UUID) -> Task | None:
         found = await self._entities(q.TASK_BY_ID, id=task_id)
         return found[0] if found else None
-
-    async def get_by_idempotency_keys(self, keys: Sequence[str]) -> dict[str, Task]:
-        """Every task holding one of `keys`, by key."""
-        if not keys:
-            return {}
-        found = await self._entities(q.TASKS_BY_KEYS, keys=sorted(set(keys)))
-        return {t.idempotency_key: t for t in found if t.idempotency_key}
 
     async def find_pending_for_agent(
         self,

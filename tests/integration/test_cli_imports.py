@@ -1,6 +1,7 @@
 """The quick commands import no ORM, no structlog, no arq: they answer in about a tenth of a
-second (bench/run.py's `cli` case measures it). Each runs in a fresh interpreter, which then
-lists what it imported."""
+second; `submit` imports Redis's client and arq's job format to ring the doorbell, and nothing
+more, in about a quarter (bench/run.py's `cli` case measures them). Each runs in a fresh
+interpreter, which then lists what it imported."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from tests.support.databases import ROOT
 from tests.support.workers import settings_env
 from worker.config import Settings
 
-# Packages a quick command must not import, and the one exception: `health` pings Redis.
+# Packages a quick command must not import, and the exceptions: `health` pings Redis, `submit`
+# rings a doorbell (an arq job).
 HEAVY = {"sqlalchemy", "structlog", "arq", "alembic", "redis", "valkey", "greenlet"}
-MAY_IMPORT = {"health": {"redis"}}
+MAY_IMPORT = {"health": {"redis"}, "submit": {"redis", "arq"}}
 
 SCRIPT = """
 import json, sys
@@ -49,15 +51,19 @@ async def imported(settings: Settings, *argv: str) -> tuple[int, set[str]]:
 
 
 @pytest.fixture
-async def task_id(settings: Settings) -> UUID:
-    conv = await db.value(
+async def conversation_id(settings: Settings) -> UUID:
+    return await db.value(  # type: ignore[no-any-return]
         settings.database_url,
         "INSERT INTO conversations (user_id) VALUES ('imports') RETURNING id",
     )
+
+
+@pytest.fixture
+async def task_id(settings: Settings, conversation_id: UUID) -> UUID:
     return await db.value(  # type: ignore[no-any-return]
         settings.database_url,
         "INSERT INTO tasks (conversation_id, agent_id) VALUES ($1, 'echo') RETURNING id",
-        conv,
+        conversation_id,
     )
 
 
@@ -75,6 +81,8 @@ async def test_the_quick_commands_import_no_orm_nor_structlog(
         ("prune", "--older-than", "7d", "--dry-run"),
         ("prune", "--older-than", "7d"),
         ("health",),
+        # No worker runs: --wait times out (exit 1).
+        ("submit", "echo", "--input", '{"x": 1}', "--wait", "--timeout", "0.1"),
     ]
     for argv in commands:
         code, modules = await imported(settings, *argv)
@@ -90,3 +98,25 @@ async def test_a_command_that_changes_tasks_still_logs_through_structlog(
     code, modules = await imported(settings, "cancel", str(task_id))
     assert code == 0
     assert {"sqlalchemy", "structlog"} <= modules
+
+
+async def test_submit_imports_no_orm_nor_structlog_whatever_it_is_asked(
+    settings: Settings, conversation_id: UUID
+) -> None:
+    """Every way through `tasklane submit` (a new conversation, a given one, a new and a taken
+    idempotency key, a bad input refused) stays off SQLAlchemy, which would double its time."""
+    keyed = ("submit", "echo", "--conversation", str(conversation_id), "--idempotency-key", "k")
+    commands = [
+        (0, ("submit", "echo")),
+        (0, ("submit", "echo", "--json", "--priority", "5")),
+        (0, keyed),
+        (0, keyed),  # the key is taken now: the existing task is read back
+        (1, ("submit", "echo", "--input", '{"x": NaN}')),
+    ]
+    for expected, argv in commands:
+        code, modules = await imported(settings, *argv)
+        assert code == expected, argv
+        heavy = (modules & HEAVY) - MAY_IMPORT["submit"]
+        assert not heavy, f"tasklane {' '.join(argv)} imported {sorted(heavy)}"
+    tasks = await db.value(settings.database_url, "SELECT count(*) FROM tasks")
+    assert tasks == 3
