@@ -1489,7 +1489,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--concurrency", type=int, help="TASKLANE_CONCURRENCY for every worker (exploration)"
     )
     parser.add_argument(
-        "--poll-delay", type=float, help="override arq's poll_delay in every worker (exploration)"
+        "--poll-delay",
+        type=float,
+        help="override bare arq's poll_delay (exploration; TasklaneWorker polls when a slot frees)",
     )
     parser.add_argument(
         "--profile", type=Path, metavar="DIR", help="only profile both workers with py-spy"

@@ -95,6 +95,9 @@ class TasklaneWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._slot_freed = asyncio.Event()
+        # arq sleeps `poll_delay` between polls; this worker decides when to poll next itself
+        # (`_poll_redis`, `_claim_from_postgres`), so arq's sleep would only add to it.
+        self.poll_delay_s = 0.0
 
     async def main(self) -> None:
         # Our own pool, with socket timeouts and bounded retries (arq's settings have neither):
@@ -330,7 +333,7 @@ def worker_options(settings: Settings, *, burst: bool = False) -> dict[str, Any]
         "job_timeout": timeout,
         "keep_result": 0,
         "max_tries": 1_000_000,
-        "poll_delay": 0,  # TasklaneWorker waits between polls itself
+        "poll_delay": POLL_DELAY_SECONDS,  # arq's own Worker; TasklaneWorker waits itself
         "queue_read_limit": max(100, settings.concurrency * 2),
         "job_serializer": serialize,
         "job_deserializer": deserialize,
