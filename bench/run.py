@@ -39,8 +39,9 @@ last line says `n/a` and why.
 Workers are separate processes (`bench/worker_proc.py`), timed from the end of their startup to
 the end of the burst; each run gets a fresh queue and emptied tables. The benchmark creates its
 own database (`tasklane_bench_*`, dropped at the end) and uses Redis database 9 (BENCH_REDIS).
-The last line is `lifecycle/bare_arq = R`, the median of the per-repetition ratios; the fan-out's
-ratio at each K comes on the lines before it.
+The last line is `lifecycle/bare_arq = R`, the median of the per-repetition ratios; the lines
+before it hold issue 19's three goals with their measured values: the fan-out's ratio at each K,
+the lean lifecycle (the ratio and PostgreSQL CPU per task) and the CLI's slowest medians.
 
 Besides rates, each worker run reports CPU per task of the worker process (getrusage), of
 redis-server and of the PostgreSQL backends of the benchmark's database (/proc), and how busy the
@@ -169,6 +170,9 @@ CLI_GOAL = 0.3
 # independent tasks, with exactly one resume per wait. The demo `fanout` spawns at most
 # MAX_FANOUT children.
 FANOUT_GOAL = 0.8
+# A leaner lifecycle (issue 19): lifecycle/bare_arq ≥ 0.9 and PostgreSQL CPU per task ≤ 0.15 ms.
+LIFECYCLE_GOAL = 0.9
+PG_MS_GOAL = 0.15
 # The scale case: p95 of each operator command on the big table (issue 13: ≤ 100 ms), and the
 # lifecycle beside that table against an empty one (≥ 0.9).
 SCALE_COMMAND_RUNS = 20
@@ -1516,7 +1520,8 @@ async def run_bench(args: argparse.Namespace, plan: Plan, database: str) -> str:
     finally:
         await bench.close()
     out = table(bench, cases, time.monotonic() - started)
-    return out + "".join(line + "\n" for line in fanout_lines(bench)) + final_line(bench)
+    goals = fanout_lines(bench) + lifecycle_goal_lines(bench) + cli_goal_lines(bench)
+    return out + "".join(line + "\n" for line in goals) + final_line(bench)
 
 
 def fanout_lines(bench: Bench) -> list[str]:
@@ -1547,6 +1552,45 @@ def fanout_lines(bench: Bench) -> list[str]:
         else:
             lines.append(f"fanout children/roots at {k:,} = {median:.3f} ({spread}; {goals})")
     return lines
+
+
+def lifecycle_goal_lines(bench: Bench) -> list[str]:
+    """Issue 19's leaner lifecycle: the paired ratio and PostgreSQL's CPU per task against
+    their goals (the ratio n/a, as on the last line, when other load made it incomparable)."""
+    values = bench.results.values
+    ratios, pg_ms = values.get("ratio.lifecycle/bare"), values.get("lifecycle.pg_ms")
+    if not ratios or not pg_ms:
+        return []
+    ratio, pg = statistics.median(ratios), statistics.median(pg_ms)
+    ratio_text = "n/a (other load)" if bench.untrusted else f"{ratio:.3f}"
+    ratio_verdict = "meets" if ratio >= LIFECYCLE_GOAL else "MISSES"
+    pg_verdict = "meets" if pg <= PG_MS_GOAL else "MISSES"
+    return [
+        f"lean lifecycle: lifecycle/bare_arq {ratio_text} (goal ≥ {LIFECYCLE_GOAL}:"
+        f" {ratio_verdict}); PostgreSQL CPU per task {pg:.3f} ms (goal ≤ {PG_MS_GOAL} ms:"
+        f" {pg_verdict})"
+    ]
+
+
+def cli_goal_lines(bench: Bench) -> list[str]:
+    """Issue 19's CLI that answers at once: the slowest median against each goal."""
+    values = bench.results.values
+    medians = {
+        key.removeprefix("cli."): statistics.median(v)
+        for key, v in values.items()
+        if key.startswith("cli.") and not key.endswith(".cpu")
+    }
+    if not medians:
+        return []
+    parts = []
+    for goal in sorted({CLI_GOALS.get(name, CLI_GOAL) for name in medians}):
+        names = [n for n in medians if CLI_GOALS.get(n, CLI_GOAL) == goal]
+        slowest = max(names, key=medians.__getitem__)
+        verdict = "meets" if medians[slowest] <= goal else "MISSES"
+        parts.append(
+            f"{', '.join(names)} ≤ {goal} s: {verdict} (slowest {slowest} {medians[slowest]:.3f} s)"
+        )
+    return ["cli medians: " + "; ".join(parts)]
 
 
 def final_line(bench: Bench) -> str:
