@@ -249,10 +249,9 @@ class TasklaneWorker(Worker):
             self.jobs_failed += 1
         if self._ends is None:
             self._ends = DoorbellEnds(self.pool, self.queue_name)
-        try:
-            await asyncio.shield(self._ends.end(job_id, remove=remove))
-        except REDIS_UNREACHABLE as exc:
-            log.debug("doorbell.end_failed", job_id=job_id, error=repr(exc))
+        failed = await asyncio.shield(self._ends.end(job_id, remove=remove))
+        if failed is not None:
+            log.debug("doorbell.end_failed", job_id=job_id, error=repr(failed))
 
     def _parse_job(
         self, job_id: str, score: int, payload: bytes | None, log: Any

@@ -89,29 +89,33 @@ class DoorbellEnds:
 
     A job waits for its doorbell's end before its slot frees, as under arq. If the call fails
     (Redis away), the doorbell stays queued and its in-progress key expires: it starts again
-    later and finds its task finished in Postgres, which makes it a no-op.
+    later and finds its task finished in Postgres, which makes it a no-op. A failed call is
+    not retried end by end (as a failed batch of rows is): no one doorbell can fail it.
     """
 
     def __init__(self, pool: Redis, queue: str) -> None:
         self._pool = pool
         self._queue = queue
         self._script: AsyncScript | None = None
-        self._batcher: Batcher[tuple[str, bool], None] = Batcher(
+        self._batcher: Batcher[tuple[str, bool], Exception | None] = Batcher(
             "doorbell ends", self._end_batch, busy=lambda: True, window=0.0
         )
 
-    async def end(self, job_id: str, *, remove: bool) -> None:
+    async def end(self, job_id: str, *, remove: bool) -> Exception | None:
         """Clear the doorbell's in-progress mark; `remove` it from the queue for good, or leave
-        it to start again (a job cancelled at shutdown)."""
-        await self._batcher.submit((job_id, remove))
+        it to start again (a job cancelled at shutdown). Returns why that failed, if it did."""
+        return await self._batcher.submit((job_id, remove))
 
-    async def _end_batch(self, ends: list[tuple[str, bool]]) -> list[None]:
+    async def _end_batch(self, ends: list[tuple[str, bool]]) -> list[Exception | None]:
         if self._script is None:
             self._script = self._pool.register_script(END_DOORBELLS)
         args: list[Any] = [in_progress_key_prefix, job_key_prefix, retry_key_prefix, abort_jobs_ss]
         for job_id, remove in ends:
             args += [job_id, "1" if remove else "0"]
-        await self._script(keys=[self._queue], args=args)
+        try:
+            await self._script(keys=[self._queue], args=args)
+        except Exception as exc:  # the caller logs it; see the class's docstring
+            return [exc] * len(ends)
         return [None] * len(ends)
 
     async def drain(self) -> None:

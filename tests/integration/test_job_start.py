@@ -18,9 +18,11 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from arq.worker import func
+from redis.asyncio import Redis
 
 from worker.app import IDLE_POLL_SECONDS, POLL_DELAY_SECONDS, TasklaneWorker
 from worker.dispatch import JOB_FUNCTION
+from worker.doorbell_jobs import DoorbellEnds
 from worker.serialization import deserialize, serialize
 
 
@@ -35,9 +37,15 @@ async def arq_redis(redis_url: str) -> AsyncIterator[ArqRedis]:
     await pool.aclose()
 
 
-def make_worker(pool: ArqRedis, queue: str, *, max_jobs: int = 10) -> TasklaneWorker:
+async def _return(ctx: dict[str, Any], *args: Any) -> None:
+    return None
+
+
+def make_worker(
+    pool: ArqRedis, queue: str, *, max_jobs: int = 10, job: Any = _hold
+) -> TasklaneWorker:
     return TasklaneWorker(
-        functions=[func(_hold, name=JOB_FUNCTION)],
+        functions=[func(job, name=JOB_FUNCTION)],
         queue_name=queue,
         redis_pool=pool,
         max_jobs=max_jobs,
@@ -194,3 +202,71 @@ async def test_idle_polls_back_off_and_a_found_doorbell_resets_the_delay(
     finally:
         await stop(worker)
         await arq_redis.delete(in_progress_key_prefix + due[0])
+
+
+async def queued(pool: ArqRedis, queue: str, job_ids: list[str]) -> list[bool]:
+    """For each job: still in the queue with its job key."""
+    return [
+        await pool.zscore(queue, job_id) is not None
+        and bool(await pool.exists(job_key_prefix + job_id))
+        for job_id in job_ids
+    ]
+
+
+async def test_ended_doorbells_leave_redis_and_cancelled_ones_stay_queued(
+    arq_redis: ArqRedis, queue: str
+) -> None:
+    """The doorbells that end together are removed with one script call (`DoorbellEnds`): a
+    job that returned loses its queue entry, job key and in-progress key; a job cancelled at
+    shutdown only its in-progress key, so that another worker starts it again."""
+    finishing, holding = make_worker(arq_redis, queue, job=_return), make_worker(arq_redis, queue)
+    done, held = ids(5), ids(2)
+    await enqueue(arq_redis, queue, done + held)
+    try:
+        await finishing.start_jobs([job_id.encode() for job_id in done])
+        await holding.start_jobs([job_id.encode() for job_id in held])
+        await asyncio.gather(*finishing.tasks.values())
+        assert await queued(arq_redis, queue, done) == [False] * 5
+        assert await in_progress(arq_redis, done) == [False] * 5
+        assert await in_progress(arq_redis, held) == [True, True]
+
+        await stop(holding)  # cancelled, as at shutdown
+        assert await queued(arq_redis, queue, held) == [True, True]
+        assert await in_progress(arq_redis, held) == [False, False]
+        assert (finishing.jobs_complete, holding.jobs_retried) == (5, 2)
+    finally:
+        await arq_redis.delete(*(job_key_prefix + job_id for job_id in held))
+
+
+async def test_a_doorbell_whose_job_is_gone_or_unreadable_is_removed(
+    arq_redis: ArqRedis, queue: str
+) -> None:
+    """The start script hands each job's payload over; a doorbell whose job key expired, whose
+    payload is not a job, or which names another function is logged and removed — the worker
+    goes on."""
+    worker = make_worker(arq_redis, queue, job=_return)
+    expired, garbage, stranger, good = ids(4)
+    await enqueue(arq_redis, queue, [expired, garbage, stranger, good])
+    await arq_redis.delete(job_key_prefix + expired)
+    await arq_redis.set(job_key_prefix + garbage, b"\x80pickled")
+    other = serialize_job("not_ours", ("x",), {}, None, 1, serializer=serialize)
+    await arq_redis.set(job_key_prefix + stranger, other)
+    everything = [expired, garbage, stranger, good]
+    await worker.start_jobs([job_id.encode() for job_id in everything])
+    await asyncio.gather(*worker.tasks.values())
+
+    assert await queued(arq_redis, queue, everything) == [False] * 4
+    assert await arq_redis.zcard(queue) == 0
+    assert (worker.jobs_failed, worker.jobs_complete) == (3, 1)
+
+
+async def test_ends_that_cannot_reach_redis_report_it_without_raising() -> None:
+    """Redis away at a job's end: the job's slot frees (the end returns the failure, which the
+    worker logs at DEBUG); the doorbell, still queued, starts again later and claims nothing."""
+    nowhere = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    try:
+        ends = DoorbellEnds(nowhere, "q")
+        failures = await asyncio.gather(*(ends.end(job_id, remove=True) for job_id in ids(3)))
+        assert all(isinstance(failure, Exception) for failure in failures), failures
+    finally:
+        await nowhere.aclose()
