@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -112,6 +113,11 @@ class Lost:
 Outcome = Completed | Waiting | Failed | HandedBack | Throttled | Lost
 
 
+# How long a flow claim's "no room" spares held tasks' own doorbells theirs
+# (`WorkerRuntime._spare_flow_claim`).
+FULL_FOR_SECONDS = 0.5
+
+
 class WorkerRuntime:
     def __init__(
         self,
@@ -137,6 +143,10 @@ class WorkerRuntime:
         self._running: dict[UUID, int] = {}  # task id → the run this process is running
         # What runs of limited agents reported with `ctx.consume`, by task id.
         self._consumed: dict[UUID, dict[str, float]] = {}
+        # Limited agents with a flow claim in flight here, and those a flow claim here found
+        # with no room, and when (loop time): see `_spare_flow_claim`.
+        self._flow_claiming: Counter[tuple[str, str]] = Counter()
+        self._found_full: dict[tuple[str, str], float] = {}
         # Handlers that ignored cancellation past their timeout, left running (health shows it).
         self.abandoned: set[asyncio.Future[Any]] = set()
         self.limits = Limits(
@@ -170,7 +180,8 @@ class WorkerRuntime:
             assert task_id is not None
             task = await self._claim(task_id)
             if isinstance(task, tuple):
-                await self._run_flow(*task)
+                if not self._spare_flow_claim(*task):
+                    await self._run_flow(*task)
             elif task is not None:
                 await self._run_once(task)
         finally:
@@ -184,25 +195,46 @@ class WorkerRuntime:
         if queue != self.settings.queue:
             self.log.info("doorbell.ignored", reason=f"flow doorbell of queue {queue!r}")
             return
+        flow = (queue, agent_id)
+        self._flow_claiming[flow] += 1
         try:
             claim = await self.lifecycle.claim_limited(queue, agent_id)
         except Exception as exc:
             # The sweeper rings the agent's flow again at its next tick.
             self.log.error("claim.failed", agent_id=agent_id, error=repr(exc))
             return
+        finally:
+            self._flow_claiming[flow] -= 1
         if claim.retry_at is not None:
             await self._ring_flow(queue, agent_id, at=claim.retry_at)
         if claim.task is None:
             self.log.debug("flow.held", agent_id=agent_id, reason=claim.held)
+            self._found_full[flow] = asyncio.get_running_loop().time()
             return
+        self._found_full.pop(flow, None)
         if claim.more:
             await self._ring_flow(queue, agent_id)
         await self._run_once(claim.task, claim)
+
+    def _spare_flow_claim(self, queue: str, agent_id: str) -> bool:
+        """Whether a held task's own doorbell (its claim missed: its agent is limited) may skip
+        the flow claim it would make: yes while one for that agent is in flight here, or one
+        here found it without room less than FULL_FOR_SECONDS ago and none of its runs ended
+        here since. Every freed slot is offered by a flow doorbell of its own, and the sweeper
+        rings limited agents with room every tick: no start is lost, and a burst of held tasks
+        no longer queues a transaction each on the agent's `flow_limits` lock, holding the
+        worker's pooled connections while it waits."""
+        flow = (queue, agent_id)
+        if self._flow_claiming[flow] > 0:
+            return True
+        found = self._found_full.get(flow)
+        return found is not None and asyncio.get_running_loop().time() - found < FULL_FOR_SECONDS
 
     async def _settle_flow(self, claim: FlowClaim, used: Mapping[str, float]) -> None:
         """After a limited run: what it reported using (`ctx.consume`), then its slot offered."""
         task = claim.task
         assert task is not None
+        self._found_full.pop((task.queue, task.agent_id), None)
         spec = self.agents.get(task.agent_id)
         units = spec.flow.units if spec is not None and spec.flow is not None else "tasks"
         if units in used:
