@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import compileall
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -44,7 +45,16 @@ def pytest_configure(config: pytest.Config) -> None:
     # The process that runs the session (not an xdist worker, which inherits its environment)
     # finds the servers, or starts embedded ones, before any test process starts.
     if not hasattr(config, "workerinput"):
+        _compile_project()
         config.stash[FALLBACK] = servers.Fallback().start()
+
+
+def _compile_project() -> None:
+    """This repository's bytecode, once, before the tests start hundreds of worker and CLI
+    processes: where PYTHONDONTWRITEBYTECODE is set, each would compile it again (uv compiles
+    the dependencies, see pyproject's [tool.uv]). Files already compiled are skipped."""
+    for package in ("domain", "persistence", "worker", "tasklane", "tests"):
+        compileall.compile_dir(os.path.join(databases.ROOT, package), quiet=2)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -48,7 +48,10 @@ async def _admin(sql: str, server_url: str | None = None) -> None:
 async def create_database(
     name: str, *, template: str | None = None, server_url: str | None = None
 ) -> None:
-    clause = f' TEMPLATE "{template}" STRATEGY FILE_COPY' if template else ""
+    # WAL_LOG, not FILE_COPY: FILE_COPY forces two checkpoints per copy, and a checkpoint waits
+    # for every page dirty on the server. While another test bulk-loads a million rows, a copy
+    # took 0.9-2.8 s with FILE_COPY and 0.5-0.8 s with WAL_LOG (the template is a few MB).
+    clause = f' TEMPLATE "{template}" STRATEGY WAL_LOG' if template else ""
     await _admin(f'CREATE DATABASE "{name}"{clause}', server_url)
 
 
