@@ -20,7 +20,9 @@ import contextlib
 import functools
 import math
 import os
+import signal
 import socket
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -99,7 +101,20 @@ class TasklaneWorker(Worker):
         # (`_poll_redis`, `_claim_from_postgres`), so arq's sleep would only add to it.
         self.poll_delay_s = 0.0
 
+    def dump_tasks(self) -> None:
+        """SIGUSR2: every asyncio task's stack on stderr — where a worker that does not stop, or
+        does nothing, is waiting (py-spy shows threads, not coroutines)."""
+        tasks = asyncio.all_tasks(self.loop)
+        print(f"== {len(tasks)} asyncio tasks", file=sys.stderr)
+        for task in tasks:
+            print(f"-- {task!r:.300}", file=sys.stderr)
+            for where in _awaiting(task.get_coro()):
+                print(f"     {where}", file=sys.stderr)
+        sys.stderr.flush()
+
     async def main(self) -> None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            self.loop.add_signal_handler(signal.SIGUSR2, self.dump_tasks)
         # Our own pool, with socket timeouts and bounded retries (arq's settings have neither):
         # a Redis that stops answering is noticed within seconds, and the worker claims from
         # Postgres meanwhile instead of hanging in its poll loop.
@@ -117,6 +132,12 @@ class TasklaneWorker(Worker):
         await super().main()
 
     async def _poll_iteration(self) -> None:
+        main = asyncio.current_task()
+        if main is not None and main.cancelling():
+            # arq stops the worker by cancelling this loop. A cancel that something below
+            # swallowed (without `uncancel`) left the loop polling forever, deaf to SIGTERM
+            # until killed (seen under dropping connections: tests/reliability).
+            raise asyncio.CancelledError
         outage = self._outage
         if outage is not None and outage.active and not await outage.redis_is_back():
             await self._claim_from_postgres(outage)
@@ -296,6 +317,17 @@ class TasklaneWorker(Worker):
             entries=[repr(member)[:80] for member in members[:10]],
             count=len(members),
         )
+
+
+def _awaiting(coro: Any) -> list[str]:
+    """Where a coroutine and those it awaits are suspended, outermost first."""
+    places: list[str] = []
+    while coro is not None and len(places) < 40:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            places.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    return places
 
 
 def _is_utf8(data: bytes) -> bool:

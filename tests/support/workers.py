@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,9 +201,27 @@ class WorkerProcess:
             try:
                 self.process.wait(timeout=self.settings.shutdown_grace_seconds + 15)
             except subprocess.TimeoutExpired:
+                self._dump_stacks()
                 self.process.kill()
                 self.process.wait(timeout=10)
         self._log.close()
+
+    def _dump_stacks(self) -> None:
+        """A worker that ignored SIGTERM: its threads' and tasks' stacks (py-spy, in the dev
+        group) go into its log, which the failing assertion prints, so that a hang says where."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        self._log.write(b"\n== SIGTERM ignored; its asyncio tasks (SIGUSR2), then py-spy dump:\n")
+        self._log.flush()
+        self.signal(signal.SIGUSR2)  # TasklaneWorker.dump_tasks
+        time.sleep(1)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                [spy, "dump", "--pid", str(self.pid)],
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                timeout=30,
+                check=False,
+            )
 
 
 def start_process(
