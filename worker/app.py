@@ -49,6 +49,7 @@ from worker.dispatch import JOB_FUNCTION, Dispatcher
 from worker.doorbell_jobs import START_DOORBELLS, DoorbellEnds, start_args
 from worker.liveness import stamp_forever
 from worker.logs import configure_logging, get_logger
+from worker.loops import raise_if_cancelled
 from worker.outage import REDIS_UNREACHABLE, RedisOutage
 from worker.reconciler import Reconciler
 from worker.redis_conn import create_arq_pool, redis_settings
@@ -132,12 +133,7 @@ class TasklaneWorker(Worker):
         await super().main()
 
     async def _poll_iteration(self) -> None:
-        main = asyncio.current_task()
-        if main is not None and main.cancelling():
-            # arq stops the worker by cancelling this loop. A cancel that something below
-            # swallowed (without `uncancel`) left the loop polling forever, deaf to SIGTERM
-            # until killed (seen under dropping connections: tests/reliability).
-            raise asyncio.CancelledError
+        raise_if_cancelled()  # arq stops the worker by cancelling this loop (worker.loops)
         outage = self._outage
         if outage is not None and outage.active and not await outage.redis_is_back():
             await self._claim_from_postgres(outage)

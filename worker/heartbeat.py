@@ -13,6 +13,7 @@ from uuid import UUID
 
 from domain.entities import Task
 from persistence.lifecycle import Lifecycle
+from worker.loops import raise_if_cancelled
 
 
 @dataclass(slots=True)
@@ -53,6 +54,7 @@ class Heartbeat:
 
     async def run_forever(self) -> None:
         while True:
+            raise_if_cancelled()  # see worker.loops
             await asyncio.sleep(self.interval)
             try:
                 await self.beat()

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from worker.loops import raise_if_cancelled
+
 STAMP_SECONDS = 5.0
 # A loop blocked this long has already lost its leases (TASKLANE_LEASE_SECONDS, 30 by default);
 # the same 30 s as a worker row's "live" window, so that both checks age alike.
@@ -27,6 +29,7 @@ async def stamp_forever(path: Path, *, log: Any, every: float = STAMP_SECONDS) -
     failing = False
     try:
         while True:
+            raise_if_cancelled()  # see worker.loops
             try:
                 await asyncio.to_thread(_touch, path)
             except OSError as exc:

@@ -30,6 +30,7 @@ from persistence.lifecycle import Lifecycle
 from worker import metrics  # observability
 from worker.config import Settings
 from worker.dispatch import Dispatcher
+from worker.loops import raise_if_cancelled
 from worker.watch import Watched
 
 RESCUE_BATCH = 500
@@ -125,6 +126,7 @@ class Reconciler:
     async def run_forever(self) -> None:
         interval = self.settings.reconcile_seconds
         while True:
+            raise_if_cancelled()  # see worker.loops
             started = time.monotonic()
             await self.tick()
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
