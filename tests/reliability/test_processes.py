@@ -435,7 +435,9 @@ async def test_duplicate_doorbells_raced_by_three_workers_write_each_outcome_onc
     processes: list[WorkerProcess],
 ) -> None:
     n = 80
-    workers = spawn(processes, settings, 3)
+    # Eight slots each: no one process can hold all 80 runs (0.3 s each), so every process
+    # takes some of the tasks and meets duplicates of others' — the race the test is about.
+    workers = spawn(processes, replace(settings, concurrency=8), 3)
     # Committed without a doorbell, and out of the reconciler's reach for a minute: every
     # doorbell these tasks get is one of the duplicates below.
     async with UnitOfWork(client.session_factory) as uow:
@@ -495,9 +497,6 @@ async def test_duplicate_doorbells_raced_by_three_workers_write_each_outcome_onc
     completed = Counter(e["task_id"] for w in workers for e in events(w, "task.completed"))
     assert completed == {str(t): 1 for t in ids}
     # The race was real: a task's duplicates reached processes other than the one that ran it.
-    # (Which process runs the tasks depends on timing: arq reads the head of the queue, so on an
-    # idle machine the first worker to poll may take every task while the others only meet
-    # doorbells it already holds.)
     claimed_by = {e["task_id"]: w.pid for w in workers for e in events(w, "task.completed")}
     ignored = [(w.pid, e["task_id"]) for w in workers for e in events(w, "doorbell.ignored")]
     assert len(ignored) >= 3 * n
