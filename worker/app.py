@@ -58,13 +58,11 @@ from worker.serialization import deserialize, serialize
 from worker.watch import Watched
 
 # arq polls its queue (one ZRANGEBYSCORE) every `poll_delay`; here the worker decides when to
-# poll next (arq's own delay is 0). A busy worker polls again as soon as one of its jobs ends
-# and frees a slot (jobs end in batches, with their Postgres finishes), but no sooner than
-# MIN_POLL_SECONDS after the last poll and no later than POLL_DELAY_SECONDS: measured with
-# bench/run.py, polling on a fixed 5 ms beat left the slots a batch freed empty for most of it
-# (1,487 against 2,034 tasks/s at 1 ms). Each poll that finds nothing new doubles the wait, up
-# to IDLE_POLL_SECONDS: an idle worker polls Redis 20 times a second.
-MIN_POLL_SECONDS = 0.001
+# poll next (arq's own delay is 0). A busy worker polls every POLL_DELAY_SECONDS, so a doorbell
+# waits a few ms at most; each poll that finds nothing new doubles the wait, up to
+# IDLE_POLL_SECONDS: an idle worker polls Redis 20 times a second. (Polling as soon as a job
+# frees a slot was faster — 1.09 against 0.90 of bare arq — but starved a second worker
+# whose polls had backed off: tests/reliability/test_infrastructure.py's skewed-clock test.)
 POLL_DELAY_SECONDS = 0.005
 IDLE_POLL_SECONDS = 0.05
 
@@ -97,7 +95,6 @@ class TasklaneWorker(Worker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._slot_freed = asyncio.Event()
         # arq sleeps `poll_delay` between polls; this worker decides when to poll next itself
         # (`_poll_redis`, `_claim_from_postgres`), so arq's sleep would only add to it.
         self.poll_delay_s = 0.0
@@ -149,27 +146,13 @@ class TasklaneWorker(Worker):
     async def _poll_redis(self) -> None:
         self._found_new = False
         looked = self.job_counter < self.max_jobs
-        began = self.loop.time()
         await super()._poll_iteration()
         if self._found_new or not looked:
             self._idle_wait = 0.0
-            await self._until_a_slot_frees(began)
+            await asyncio.sleep(POLL_DELAY_SECONDS)
             return
         self._idle_wait = min(max(2 * self._idle_wait, POLL_DELAY_SECONDS), IDLE_POLL_SECONDS)
         await asyncio.sleep(self._idle_wait)
-
-    async def _until_a_slot_frees(self, began: float) -> None:
-        """Wait until a job ends (at least MIN_POLL_SECONDS after `began`), or up to
-        POLL_DELAY_SECONDS for new doorbells."""
-        self._slot_freed.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(began + POLL_DELAY_SECONDS):
-                await self._slot_freed.wait()
-        await asyncio.sleep(max(0.0, began + MIN_POLL_SECONDS - self.loop.time()))
-
-    def _release_sem_dec_counter_on_complete(self) -> None:
-        super()._release_sem_dec_counter_on_complete()
-        self._slot_freed.set()
 
     async def _claim_from_postgres(self, outage: RedisOutage) -> None:
         """Redis is away: fill the free slots with due tasks claimed straight from Postgres
