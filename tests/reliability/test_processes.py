@@ -791,3 +791,18 @@ async def test_arq_cli_runs_the_worker_settings(
     )
     assert result.returncode == 0, result.stderr
     assert (await client.get(task.id)).output == {"y": 144}
+
+
+async def test_sigusr2_prints_where_each_asyncio_task_waits_and_the_worker_goes_on(
+    settings: Settings, processes: list[WorkerProcess]
+) -> None:
+    """`kill -USR2` (TasklaneWorker.dump_tasks): every task's await chain on stderr, for a
+    worker that seems stuck; the worker keeps serving and still stops cleanly on SIGTERM."""
+    [worker] = spawn(processes, settings)
+    worker.signal(signal.SIGUSR2)
+    worker.wait_for_output("asyncio tasks")
+    dump = worker.output()
+    for place in ("reconciler.py", "heartbeat.py", "worker/app.py"):
+        assert place in dump, dump[-3000:]
+    worker.stop()
+    assert worker.process.returncode == 0, worker.output()[-3000:]
