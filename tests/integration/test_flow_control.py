@@ -17,10 +17,9 @@ import asyncpg
 import pytest
 
 from domain.entities import Conversation
-from persistence import pg
-from persistence.lifecycle import Lifecycle, LifecycleConfig
 from tests.integration.test_cli import ok_json, tasklane
 from tests.support import db
+from tests.support.lifecycles import pooled_lifecycle
 from tests.support.workers import WorkerProcess
 from worker.client import TaskClient, TaskSpec
 from worker.config import Settings
@@ -417,20 +416,9 @@ async def test_claims_from_postgres_hold_the_limits_while_redis_is_away(
     flow claims: within its limit, and none of a paused agent."""
     await client.set_limits("f_open", concurrency=2, by="ops")
     ids = await submit(client, conversation, "f_open", 5)
-    pool = await pg.create_pool(database_url, max_size=3)
-    lifecycle = Lifecycle(
-        pool,
-        LifecycleConfig(
-            worker_id="outage-test",
-            lease_seconds=30.0,
-            default_max_attempts=3,
-            retry_base_seconds=1.0,
-            retry_max_seconds=60.0,
-            redispatch_seconds=30.0,
-            queue=settings.queue,
-        ),
-    )
-    try:
+    async with pooled_lifecycle(
+        database_url, worker_id="outage-test", queue=settings.queue
+    ) as lifecycle:
         first = await lifecycle.claim_due(["f_open"], limit=10)
         assert len(first) == 2, "the limit holds in the outage mode too"
         assert await lifecycle.claim_due(["f_open"], limit=10) == []
@@ -440,5 +428,3 @@ async def test_claims_from_postgres_hold_the_limits_while_redis_is_away(
         await client.resume(agent_id="f_open")
         rest = await lifecycle.claim_due(["f_open"], limit=10)
         assert {t.id for t in first + rest} == set(ids)
-    finally:
-        await lifecycle.close()

@@ -12,28 +12,21 @@ import pytest
 from domain.entities import Conversation
 from domain.exceptions import InvalidInputError
 from persistence import pg
-from persistence.lifecycle import Lifecycle, LifecycleConfig
+from persistence.lifecycle import Lifecycle
+from tests.support.lifecycles import pooled_lifecycle
 from worker.client import TaskClient
 
 
 @pytest.fixture
 async def lifecycle(database_url: str) -> AsyncIterator[Lifecycle]:
-    pool = await pg.create_pool(database_url, max_size=2)
-    lifecycle = Lifecycle(
-        pool,
-        LifecycleConfig(
-            worker_id="batch-test",
-            lease_seconds=30.0,
-            default_max_attempts=3,
-            retry_base_seconds=1.0,
-            retry_max_seconds=60.0,
-            redispatch_seconds=30.0,
-        ),
+    async with pooled_lifecycle(
+        database_url,
+        worker_id="batch-test",
+        pool_size=2,
         busy=lambda: True,  # every claim and root completion goes through the batchers
         batch_window=0.05,
-    )
-    yield lifecycle
-    await lifecycle.close()
+    ) as lifecycle:
+        yield lifecycle
 
 
 async def test_one_bad_completion_does_not_fail_its_batch(

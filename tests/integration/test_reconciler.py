@@ -13,9 +13,9 @@ import pytest
 from redis.asyncio import Redis
 
 from domain.entities import Conversation
-from persistence import pg
-from persistence.lifecycle import Lifecycle, LifecycleConfig
+from persistence.lifecycle import Lifecycle
 from tests.support import db
+from tests.support.lifecycles import pooled_lifecycle
 from worker.client import TaskClient
 from worker.config import Settings
 from worker.dispatch import Dispatcher
@@ -39,21 +39,10 @@ class Log:
 
 @pytest.fixture
 async def lifecycle(database_url: str, settings: Settings) -> AsyncIterator[Lifecycle]:
-    pool = await pg.create_pool(database_url, max_size=3)
-    lifecycle = Lifecycle(
-        pool,
-        LifecycleConfig(
-            worker_id="reconcile-test",
-            lease_seconds=30.0,
-            default_max_attempts=3,
-            retry_base_seconds=1.0,
-            retry_max_seconds=60.0,
-            redispatch_seconds=30.0,
-            queue=settings.queue,
-        ),
-    )
-    yield lifecycle
-    await lifecycle.close()
+    async with pooled_lifecycle(
+        database_url, worker_id="reconcile-test", queue=settings.queue
+    ) as lifecycle:
+        yield lifecycle
 
 
 @pytest.fixture
