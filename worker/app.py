@@ -95,6 +95,7 @@ class TasklaneWorker(Worker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._log = get_logger("tasklane.worker")  # once: `_run_doorbell` logs through it
         # arq sleeps `poll_delay` between polls; this worker decides when to poll next itself
         # (`_poll_redis`, `_claim_from_postgres`), so arq's sleep would only add to it.
         self.poll_delay_s = 0.0
@@ -125,7 +126,7 @@ class TasklaneWorker(Worker):
                 queue=self.queue_name,
                 socket_timeout=settings.redis_timeout_seconds,
             )
-        self._outage = RedisOutage(settings.redis_url, get_logger("tasklane.worker"))
+        self._outage = RedisOutage(settings.redis_url, self._log)
         self.ctx["tasklane_outage"] = self._outage
         await super().main()
 
@@ -228,7 +229,7 @@ class TasklaneWorker(Worker):
     async def _run_doorbell(self, job_id: str, score: int, payload: bytes | None) -> None:
         """arq's `run_job` for a doorbell started by `start_jobs`, whose payload came with it.
         arq's try counter is not kept: attempts are counted in Postgres."""
-        log = get_logger("tasklane.worker")
+        log = self._log
         job = self._parse_job(job_id, score, payload, log)
         remove = True
         if job is not None:
@@ -290,7 +291,7 @@ class TasklaneWorker(Worker):
             pipe.zrem(self.queue_name, *members)
             pipe.delete(*(job_key_prefix.encode() + member for member in members))
             await pipe.execute()
-        get_logger("tasklane.worker").warning(
+        self._log.warning(
             "queue.junk_removed",
             reason="a queue entry whose name is not UTF-8 or whose score is -inf",
             entries=[repr(member)[:80] for member in members[:10]],
