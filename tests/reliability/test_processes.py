@@ -666,7 +666,14 @@ async def test_a_run_that_blocks_its_loop_past_the_lease_is_taken_over_and_disca
     # and was cancelled without writing anything.
     assert len(events(stuck, "run.claim_lost", healthy.id)) == 1
     assert len(events(stuck, "run.abandoned", healthy.id)) == 1
-    interrupted = await db.marks(database_url, healthy.id, "interrupted")
+    # run.abandoned is logged once the loss is known, without waiting for the handler to unwind:
+    # its 'interrupted' mark lands a moment later.
+    interrupted = await db.eventually(
+        lambda: db.marks(database_url, healthy.id, "interrupted"),
+        bool,
+        timeout=10,
+        what="the cancelled handler's interrupted mark",
+    )
     assert [(m["attempt"], m["pid"]) for m in interrupted] == [(1, stuck.pid)]
     finished = await db.marks(database_url, healthy.id, "finished")
     assert [(m["attempt"], m["pid"]) for m in finished] == [(2, other.pid)]
