@@ -439,9 +439,11 @@ class TaskClient:
             while True:
                 try:
                     if time.monotonic() - renewed > INTEREST_SECONDS / 3:
-                        await follow(self.redis, tid)
-                        if not renewed:
-                            await pubsub.subscribe(channel(tid))
+                        # The producer's client has no socket timeout: bound these calls here.
+                        async with asyncio.timeout(self.settings.redis_timeout_seconds):
+                            await follow(self.redis, tid)
+                            if not renewed:
+                                await pubsub.subscribe(channel(tid))
                         renewed = time.monotonic()
                     message = (
                         await pubsub.get_message(

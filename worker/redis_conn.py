@@ -50,7 +50,7 @@ def redis_settings(url: str) -> RedisSettings:
     return settings
 
 
-def _client_options(retries: int, socket_timeout: float) -> dict[str, Any]:
+def _client_options(retries: int, socket_timeout: float | None) -> dict[str, Any]:
     return {
         "socket_connect_timeout": 2,
         "socket_timeout": socket_timeout,
@@ -62,10 +62,11 @@ def _client_options(retries: int, socket_timeout: float) -> dict[str, Any]:
 
 
 def create_redis(
-    url: str, *, retries: int = _RETRIES, socket_timeout: float = SOCKET_TIMEOUT_SECONDS
+    url: str, *, retries: int = _RETRIES, socket_timeout: float | None = SOCKET_TIMEOUT_SECONDS
 ) -> Redis:
     """A client for `url`. Producers pass few `retries`: a doorbell that cannot be rung is rung
-    later by the reconciler, so a submit should not hang while Redis is away."""
+    later by the reconciler, so a submit should not hang while Redis is away. `socket_timeout`
+    None: no timeout per reply, for a caller that bounds each of its calls as a whole."""
     client: Redis = Redis.from_url(url, **_client_options(retries, socket_timeout))
     return client
 

@@ -72,12 +72,14 @@ class Inserted:
 
 
 def producer_redis(settings: Settings) -> Redis:
-    """A producer's Redis client: few retries, as a doorbell not rung is rung by the reconciler."""
-    return create_redis(
-        settings.redis_url,
-        retries=PRODUCER_REDIS_RETRIES,
-        socket_timeout=settings.redis_timeout_seconds,
-    )
+    """A producer's Redis client: few retries, as a doorbell not rung is rung by the reconciler.
+
+    No socket timeout: each producer call is bounded as a whole instead (a ring by
+    RING_PATIENCE_SECONDS, `TaskClient.watch`'s calls by TASKLANE_REDIS_TIMEOUT_SECONDS). redis-py
+    puts a socket timeout on every reply and runs every send in a task of its own under
+    `wait_for`; for a one-at-a-time submit that was a tenth of its CPU (bench/run.py, submit).
+    """
+    return create_redis(settings.redis_url, retries=PRODUCER_REDIS_RETRIES, socket_timeout=None)
 
 
 def parse_task_id(value: UUID | str) -> UUID:
@@ -183,7 +185,9 @@ class Submitter:
     async def ring(self, doorbells: list[Doorbell]) -> None:
         """Ring committed tasks' doorbells; never raises (the reconciler rings them later)."""
         try:
-            await asyncio.wait_for(self.dispatcher.ring(doorbells), RING_PATIENCE_SECONDS)
+            # One timer in this task, not `wait_for`'s task per ring.
+            async with asyncio.timeout(RING_PATIENCE_SECONDS):
+                await self.dispatcher.ring(doorbells)
         except Exception as exc:
             # Committed all the same: the reconciler rings them after TASKLANE_REDISPATCH_SECONDS.
             log.warning(
