@@ -17,15 +17,29 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from domain.entities import AGENT_ID_PATTERN, DEFAULT_QUEUE, MAX_ATTEMPTS_LIMIT, MAX_PRIORITY
+from domain.entities import (
+    AGENT_ID_CHARACTERS_PATTERN,
+    DEFAULT_QUEUE,
+    MAX_AGENT_ID_LENGTH,
+    MAX_ATTEMPTS_LIMIT,
+    MAX_PRIORITY,
+)
 from domain.value_objects import UNFINISHED_STATUSES, TaskStatus
 from persistence.models.base import Base
 
 if TYPE_CHECKING:
     from persistence.models.conversation_model import ConversationModel
 
-_STATUSES = ", ".join(f"'{s.value}'" for s in TaskStatus)
 _UNFINISHED = ", ".join(f"'{s.value}'" for s in TaskStatus if s in UNFINISHED_STATUSES)
+# The CHECK constraints name their sets as array constants ('{a,b}'::text[]), not `IN (...)`
+# lists: PostgreSQL prepares every CHECK expression afresh for each statement that writes a task
+# (every insert, every lifecycle update), and an `IN` list is stored as an array expression that
+# it folds into a constant each time (migration 0011).
+_ALL_STATUSES = "'{" + ",".join(s.value for s in TaskStatus) + "}'::text[]"
+_UNFINISHED_STATUSES = (
+    "'{" + ",".join(s.value for s in TaskStatus if s in UNFINISHED_STATUSES) + "}'::text[]"
+)
+_MAY_NOT_RUN = f"status <> ALL ({_UNFINISHED_STATUSES})"
 _FINISHED = ", ".join(f"'{s.value}'" for s in TaskStatus if s not in UNFINISHED_STATUSES)
 
 
@@ -95,17 +109,18 @@ class TaskModel(Base):
     conversation: Mapped[ConversationModel] = relationship(back_populates="tasks")
 
     __table_args__ = (
-        CheckConstraint(f"status IN ({_STATUSES})", name="status"),
+        CheckConstraint(f"status = ANY ({_ALL_STATUSES})", name="status"),
         # The domain's rules for a task that may still run (`domain.entities.Task`), in SQL.
         # Finished rows are exempt: history written before a rule existed stays readable, and
         # an operator's retry of such a row is refused by the constraint, with its name.
         CheckConstraint(
-            f"status NOT IN ({_UNFINISHED}) OR agent_id ~ '{AGENT_ID_PATTERN}'",
+            f"{_MAY_NOT_RUN} OR (char_length(agent_id) <= {MAX_AGENT_ID_LENGTH}"
+            f" AND agent_id ~ '{AGENT_ID_CHARACTERS_PATTERN}')",
             name="agent_id_format",
         ),
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
         CheckConstraint(
-            "wait_on_timeout IS NULL OR wait_on_timeout IN ('resume', 'fail')",
+            "wait_on_timeout IS NULL OR wait_on_timeout = ANY ('{resume,fail}'::text[])",
             name="wait_on_timeout",
         ),
         CheckConstraint(
@@ -113,7 +128,7 @@ class TaskModel(Base):
         ),
         CheckConstraint("open_children >= 0", name="open_children_not_negative"),
         CheckConstraint(
-            f"status NOT IN ({_UNFINISHED}) OR max_attempts IS NULL"
+            f"{_MAY_NOT_RUN} OR max_attempts IS NULL"
             f" OR max_attempts BETWEEN 1 AND {MAX_ATTEMPTS_LIMIT}",
             name="max_attempts_range",
         ),
@@ -122,7 +137,7 @@ class TaskModel(Base):
         ),
         # A task that is its own parent would wait for itself forever.
         CheckConstraint(
-            f"status NOT IN ({_UNFINISHED}) OR parent_task_id IS DISTINCT FROM id",
+            f"{_MAY_NOT_RUN} OR parent_task_id IS DISTINCT FROM id",
             name="not_its_own_parent",
         ),
         # The reconciler's dispatch scan: due pending tasks of one queue needing a doorbell.
