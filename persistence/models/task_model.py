@@ -6,6 +6,7 @@ from uuid import UUID
 
 from sqlalchemy import (
     CheckConstraint,
+    FetchedValue,
     DateTime,
     ForeignKey,
     Index,
@@ -83,11 +84,15 @@ class TaskModel(Base):
     version: Mapped[int] = mapped_column(Integer, server_default=text("1"))
     # Flow control (migration 0005). Higher priority starts first among due tasks; `due_rank` is
     # when the task competes as due: run_after − priority minutes (waiting long enough outranks
-    # any priority). `limit_key`: the task's key under its agent's limits ('' when none). Both
-    # are kept by the trigger `tasklane_task_flow`, for rows written with plain SQL too.
+    # any priority). `limit_key`: the task's key under its agent's limits ('' when none).
+    # tasklane's INSERT computes both; for rows written with plain SQL (which leave them NULL)
+    # and on updates, the triggers `tasklane_task_flow_on_insert` and `tasklane_task_flow` do
+    # (migration 0012). No column default: NULL is what calls the trigger.
     priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))
-    limit_key: Mapped[str] = mapped_column(Text, server_default=text("''"))
-    due_rank: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    limit_key: Mapped[str] = mapped_column(Text, server_default=FetchedValue())
+    due_rank: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=FetchedValue()
+    )
     # Durable waits (migration 0006): the signal names a waiting task waits for, its timer or
     # timeout, what a timeout does, what resumed it last, and its latest progress.
     wait_signals: Mapped[list[str] | None] = mapped_column(ARRAY(Text))

@@ -78,22 +78,39 @@ TASK_COLUMNS = (
 
 # --- insert ------------------------------------------------------------------------------------
 
+# The insert computes what the trigger `tasklane_task_flow` would (migration 0012): the task's
+# key under its agent's limits and its due rank. The trigger then does not fire for it (it fires
+# for rows written with plain SQL, which leave them NULL): a trigger call and its lookup of
+# flow_limits were a third of the server's work per inserted row. Same rules as the trigger:
+# the key is the named field of the metadata or of an object input ('' when missing or when
+# the agent has no keyed limit), the due rank `priority` minutes before the task is due.
 _INSERT_HEAD = """
 INSERT INTO tasks (id, conversation_id, parent_task_id, agent_id, queue, input, metadata,
                    max_attempts, priority, run_after, idempotency_key, dispatch_after,
-                   trace_context)
-SELECT u.id, u.conversation_id, u.parent_task_id, u.agent_id, u.queue,
-       CAST(u.input AS jsonb), CAST(u.metadata AS jsonb), u.max_attempts, u.priority,
-       COALESCE(u.run_after, now()), u.idempotency_key,
-       now() + make_interval(secs => u.dispatch_delay), CAST(u.trace_context AS jsonb)
-FROM unnest(CAST(:ids AS uuid[]), CAST(:conversation_ids AS uuid[]),
-            CAST(:parent_ids AS uuid[]), CAST(:agent_ids AS text[]), CAST(:queues AS text[]),
-            CAST(:inputs AS text[]), CAST(:metadatas AS text[]), CAST(:max_attempts AS int[]),
-            CAST(:priorities AS int[]), CAST(:run_afters AS timestamptz[]),
-            CAST(:idempotency_keys AS text[]), CAST(:dispatch_delays AS float8[]),
-            CAST(:trace_contexts AS text[]))
-     AS u(id, conversation_id, parent_task_id, agent_id, queue, input, metadata, max_attempts,
-          priority, run_after, idempotency_key, dispatch_delay, trace_context)
+                   trace_context, limit_key, due_rank)
+SELECT u.id, u.conversation_id, u.parent_task_id, u.agent_id, u.queue, u.input, u.metadata,
+       u.max_attempts, u.priority, u.run_after, u.idempotency_key,
+       now() + make_interval(secs => u.dispatch_delay), CAST(u.trace_context AS jsonb),
+       CASE l.key_source
+           WHEN 'metadata' THEN COALESCE(u.metadata ->> l.key_field, '')
+           WHEN 'input' THEN COALESCE(CASE WHEN jsonb_typeof(u.input) = 'object'
+                                           THEN u.input ->> l.key_field END, '')
+           ELSE '' END,
+       u.run_after - make_interval(mins => u.priority)
+FROM (SELECT id, conversation_id, parent_task_id, agent_id, queue, CAST(input AS jsonb) AS input,
+             CAST(metadata AS jsonb) AS metadata, max_attempts, priority,
+             COALESCE(run_after, now()) AS run_after, idempotency_key, dispatch_delay,
+             trace_context
+      FROM unnest(CAST(:ids AS uuid[]), CAST(:conversation_ids AS uuid[]),
+                  CAST(:parent_ids AS uuid[]), CAST(:agent_ids AS text[]),
+                  CAST(:queues AS text[]), CAST(:inputs AS text[]), CAST(:metadatas AS text[]),
+                  CAST(:max_attempts AS int[]), CAST(:priorities AS int[]),
+                  CAST(:run_afters AS timestamptz[]), CAST(:idempotency_keys AS text[]),
+                  CAST(:dispatch_delays AS float8[]), CAST(:trace_contexts AS text[]))
+           AS n(id, conversation_id, parent_task_id, agent_id, queue, input, metadata,
+                max_attempts, priority, run_after, idempotency_key, dispatch_delay,
+                trace_context)) AS u
+LEFT JOIN flow_limits AS l ON l.queue = u.queue AND l.agent_id = u.agent_id
 """
 INSERT_TASKS = Sql(_INSERT_HEAD + f"RETURNING {TASK_COLUMNS}")
 # Producers' idempotent variant: a taken key inserts nothing; the caller reads the existing row.

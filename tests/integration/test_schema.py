@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from typing import Any
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import asyncpg
@@ -85,6 +86,63 @@ async def test_a_task_inserted_with_plain_sql_gets_every_default(
     assert found.status is TaskStatus.PENDING
     assert found.input == {"x": 1}
     assert found.metadata == {}
+
+
+# (agent, input, metadata, priority): 'by_tenant' is keyed by metadata.tenant, 'by_user' by
+# input.user, 'plain' has no keyed limit.
+FLOW_KEY_CASES: list[tuple[str, Any, dict[str, Any], int]] = [
+    ("by_tenant", {"x": 1}, {"tenant": "acme"}, 0),
+    ("by_tenant", {"x": 1}, {}, 5),  # the field is missing: ''
+    ("by_tenant", {"x": 1}, {"tenant": 7}, -3),  # a number: its text
+    ("by_user", {"user": "u1"}, {"tenant": "acme"}, 0),
+    ("by_user", [1, 2], {}, 1000),  # the input is not an object: ''
+    ("by_user", "text", {}, -1000),
+    ("plain", {"user": "u1"}, {"tenant": "acme"}, 2),  # no keyed limit: ''
+]
+
+
+async def test_the_insert_computes_the_limit_key_and_due_rank_as_the_trigger_does(
+    pg: asyncpg.Connection, conv_id: UUID, uow: UnitOfWork
+) -> None:
+    # tasklane's INSERT brings both columns, so the trigger does not fire for it (migration
+    # 0012); a plain SQL copy of each row leaves them to the trigger. Both must agree.
+    await pg.execute(
+        "INSERT INTO flow_limits (queue, agent_id, declared_per_key, key_source, key_field)"
+        " VALUES ('tasklane', 'by_tenant', 1, 'metadata', 'tenant'),"
+        " ('tasklane', 'by_user', 1, 'input', 'user')"
+    )
+    later = datetime.now(UTC) + timedelta(hours=1)
+    tasks = [
+        Task(
+            conversation_id=conv_id,
+            agent_id=agent,
+            input=input_,
+            metadata=metadata,
+            priority=priority,
+            run_after=later if i % 2 else None,
+        )
+        for i, (agent, input_, metadata, priority) in enumerate(FLOW_KEY_CASES)
+    ]
+    async with uow:
+        await uow.tasks.create_many(tasks)
+        await uow.commit()
+    for task in tasks:
+        await pg.execute(
+            "INSERT INTO tasks (conversation_id, agent_id, input, metadata, priority, run_after,"
+            " idempotency_key) SELECT conversation_id, agent_id, input, metadata, priority,"
+            " run_after, 'copy:' || id FROM tasks WHERE id = $1",
+            task.id,
+        )
+    rows = await pg.fetch(
+        "SELECT t.id, t.limit_key, t.due_rank, t.run_after, t.priority,"
+        " c.limit_key AS copy_key, c.due_rank AS copy_rank"
+        " FROM tasks AS t JOIN tasks AS c ON c.idempotency_key = 'copy:' || t.id"
+    )
+    by_id = {row["id"]: row for row in rows}
+    assert [by_id[t.id]["limit_key"] for t in tasks] == ["acme", "", "7", "u1", "", "", ""]
+    for row in rows:
+        assert (row["limit_key"], row["due_rank"]) == (row["copy_key"], row["copy_rank"])
+        assert row["due_rank"] == row["run_after"] - timedelta(minutes=row["priority"])
 
 
 async def test_a_conversation_inserted_with_plain_sql_gets_its_defaults(
