@@ -6,8 +6,8 @@ from uuid import UUID
 
 from sqlalchemy import (
     CheckConstraint,
-    FetchedValue,
     DateTime,
+    FetchedValue,
     ForeignKey,
     Index,
     Integer,
