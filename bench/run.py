@@ -747,7 +747,8 @@ class Bench:
                 await client.submit("echo", {"warm": i}, conversation_id=self.conversation_id)
             await client.submit_many(self.specs(200))
             hand = await pg.connect(self.database_url)
-            redis = create_redis(REDIS_URL, retries=3)
+            # As a producer's client (worker.submission.producer_redis): no timer per reply.
+            redis = create_redis(REDIS_URL, retries=3, socket_timeout=None)
             dispatcher = Dispatcher(redis, queue)
             try:
                 specs = self.specs(many)
