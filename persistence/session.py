@@ -51,17 +51,12 @@ def create_engine(
     statement_cache: bool = True,
     application_name: str = "tasklane",
     echo: bool = False,
-    autocommit: bool = False,
     timeouts: DbTimeouts = DEFAULT_TIMEOUTS,
 ) -> AsyncEngine:
     """An asyncpg engine with a bounded, pre-pinged pool.
 
     `statement_cache=False` disables asyncpg's prepared statement cache, which PgBouncer in
     transaction pooling mode requires.
-
-    `autocommit=True` is for single statements that commit on their own: no BEGIN/COMMIT and no
-    pre-ping (which costs three round trips per checkout on asyncpg). Whoever takes its
-    connections checks them for themselves (see `worker.client`).
     """
     connect_args: dict[str, Any] = {
         "server_settings": {"application_name": application_name, **timeouts.server_settings()},
@@ -76,12 +71,11 @@ def create_engine(
         echo=echo,
         hide_parameters=True,  # task input may hold secrets; never put it in error messages
         json_deserializer=decode_json,  # a value Python cannot load is read as UnreadableJson
-        pool_pre_ping=not autocommit,
+        pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=30,
         connect_args=connect_args,
-        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
     )
 
 

@@ -6,7 +6,7 @@ Repositories issue statements through an `Executor` and never know which one the
 - `ConnectionExecutor` runs on a plain asyncpg connection (the worker's hot path, where the
   ORM's per-statement cost would be most of the work), in autocommit unless a repository method
   asks for `atomic()`;
-- `AutocommitExecutor` runs one statement on a connection of its own from an autocommit engine
+- `AutocommitExecutor` runs one statement on a connection of its own from an asyncpg pool
   (a producer's single-statement submit).
 
 Statements are either `Sql` — plain SQL with `:name` parameters, compiled once to asyncpg's `$n`
@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import functools
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
@@ -34,8 +34,8 @@ from persistence.errors import CONNECTION_ERRORS
 # of their run time (tests/integration/test_cli_imports.py).
 if TYPE_CHECKING:
     from sqlalchemy import TextClause
-    from sqlalchemy.engine.interfaces import Dialect, PoolProxiedConnection
-    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+    from sqlalchemy.engine.interfaces import Dialect
+    from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.sql import Executable
 
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
@@ -170,36 +170,39 @@ class ConnectionLost(Exception):
 
 
 class AutocommitExecutor:
-    """An `Executor` that runs each statement on a connection of its own from an autocommit
-    engine: the statement commits by itself, in one round trip (no BEGIN/COMMIT, no pre-ping).
+    """An `Executor` that runs each statement on a connection of its own from an asyncpg pool
+    (`persistence.pg.create_pool`, created on first use by `pool()`): the statement commits by
+    itself, in one round trip (no BEGIN/COMMIT, no pre-ping).
 
-    A connection is checked here instead: one found closed in the pool, or lost under the
-    statement, is invalidated and `ConnectionLost` raised (chained to the cause). A statement that
-    fails in Postgres leaves a healthy connection, which goes back to the pool, and its error is
-    raised as it is. `atomic()` is refused: every statement here commits alone.
+    A plain asyncpg pool, not a SQLAlchemy engine: checking a connection out of an engine and back
+    in (greenlets, pool events, reset on return) took more of a single submit's client CPU than
+    the statement itself (bench/run.py, submit). A connection is checked here instead: one found
+    closed in the pool, or lost under the statement, is terminated and `ConnectionLost` raised
+    (chained to the cause). A statement that fails in Postgres leaves a healthy connection, which
+    goes back to the pool, and its error is raised as it is. `atomic()` is refused: every
+    statement here commits alone.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, pool: Callable[[], Awaitable[asyncpg.Pool]]) -> None:
+        self._pool = pool
 
     async def fetch(self, stmt: Statement, **params: Any) -> Sequence[Row]:
-        fairy = await self.engine.raw_connection()
+        pool = await self._pool()
+        conn = await pool.acquire()  # a refused connection is raised as it is
         try:
-            conn = fairy.driver_connection
-            if conn is None or conn.is_closed():  # dropped while it sat in the pool
+            if conn.is_closed():  # dropped while it sat in the pool
                 raise ConnectionLost("the pooled connection was closed")
             rows = await ConnectionExecutor(conn).fetch(stmt, **params)
         except BaseException as exc:
             if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, CONNECTION_ERRORS):
-                await _release(fairy)  # e.g. a foreign key violation: the connection is fine
+                await pool.release(conn)  # e.g. a foreign key violation: the connection is fine
                 raise
             # Lost, or cancelled mid-statement: the connection is not to be used again.
-            fairy.invalidate(exc)  # outside a greenlet, this closes it at once
-            await asyncio.shield(_release(fairy))
+            await asyncio.shield(_discard(pool, conn))
             if isinstance(exc, Exception) and not isinstance(exc, ConnectionLost):
                 raise ConnectionLost(repr(exc)) from exc
             raise
-        await _release(fairy)
+        await pool.release(conn)
         return rows
 
     async def execute(self, stmt: Statement, **params: Any) -> None:
@@ -209,8 +212,8 @@ class AutocommitExecutor:
         raise TypeError("an autocommit executor runs single statements only")
 
 
-async def _release(fairy: PoolProxiedConnection) -> None:
-    # Checkin may close an overflow connection, which awaits: it needs SQLAlchemy's greenlet.
-    from sqlalchemy.util import greenlet_spawn
-
-    await greenlet_spawn(fairy.close)
+async def _discard(pool: asyncpg.Pool, conn: asyncpg.pool.PoolConnectionProxy) -> None:
+    # asyncpg may have handed a connection that died back to its pool on its own already.
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
+        await pool.release(conn)

@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
 
+import asyncpg
 import structlog
 from redis.asyncio import Redis
 from sqlalchemy import event
@@ -56,6 +57,7 @@ from domain.interfaces import CancelResult, RetryResult
 from domain.payload import JsonValue, encode_json
 from domain.value_objects import FINISHED_STATUSES
 from persistence.errors import translated
+from persistence.pg import create_pool
 from persistence.repositories import TaskRepository
 from persistence.repositories.flow_repository import NO_LIMIT
 from persistence.session import UnitOfWork, create_engine, create_session_factory
@@ -128,16 +130,19 @@ def _event(message: Any) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
-def _client_engine(url: str | URL, settings: Settings, *, autocommit: bool = False) -> AsyncEngine:
-    """One of a producer's two engines: up to 10 connections each (5 kept, 5 more under load),
-    fewer if TASKLANE_DB_POOL_SIZE is below 5."""
+# A producer's connections: up to 10 for single-statement submits (a plain asyncpg pool), up to
+# 10 for everything else (its engine: 5 kept, 5 more under load, fewer kept if
+# TASKLANE_DB_POOL_SIZE is below 5).
+AUTOCOMMIT_CONNECTIONS = 10
+
+
+def _client_engine(url: str | URL, settings: Settings) -> AsyncEngine:
     return create_engine(
         url,
         pool_size=max(1, min(5, settings.db_pool_size)),
         max_overflow=5,
         statement_cache=settings.db_statement_cache,
         application_name="tasklane-client",
-        autocommit=autocommit,
         timeouts=settings.db_timeouts,
     )
 
@@ -147,9 +152,11 @@ class TaskClient:
         self.settings = settings
         self.engine = engine
         self.session_factory = create_session_factory(engine)
-        # Single-statement submits: the same database, in autocommit, without pre-ping.
-        self.autocommit_engine = _client_engine(engine.url, settings, autocommit=True)
-        self._autocommit = TaskRepository(AutocommitExecutor(self.autocommit_engine))
+        # Single-statement submits: the same database, on a plain asyncpg pool (created on first
+        # use), in autocommit, without pre-ping.
+        self.autocommit_pool: asyncpg.Pool | None = None
+        self._autocommit_pool_lock = asyncio.Lock()
+        self._autocommit = TaskRepository(AutocommitExecutor(self._autocommit_connections))
         self.redis = redis
         self.dispatcher = Dispatcher(redis, settings.queue)
         self._submitter = Submitter(settings, self.dispatcher)
@@ -180,8 +187,23 @@ class TaskClient:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.redis.aclose()
-        await self.autocommit_engine.dispose()
+        if self.autocommit_pool is not None:
+            await self.autocommit_pool.close()
         await self.engine.dispose()
+
+    async def _autocommit_connections(self) -> asyncpg.Pool:
+        if self.autocommit_pool is None:
+            async with self._autocommit_pool_lock:
+                if self.autocommit_pool is None:
+                    self.autocommit_pool = await create_pool(
+                        self.engine.url,
+                        min_size=0,
+                        max_size=AUTOCOMMIT_CONNECTIONS,
+                        statement_cache=self.settings.db_statement_cache,
+                        application_name="tasklane-client",
+                        timeouts=self.settings.db_timeouts,
+                    )
+        return self.autocommit_pool
 
     # -- conversations ------------------------------------------------------------------------
 

@@ -281,7 +281,8 @@ async def test_wait_times_out(client: TaskClient, conversation: Conversation) ->
 
 
 def autocommit_checked_out(client: TaskClient) -> int:
-    return int(client.autocommit_engine.pool.checkedout())  # type: ignore[attr-defined]
+    pool = client.autocommit_pool
+    return 0 if pool is None else pool.get_size() - pool.get_idle_size()
 
 
 async def test_plain_submit_errors_name_what_is_missing_and_leave_no_connection_out(
