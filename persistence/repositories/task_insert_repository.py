@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 from uuid import UUID
 
 from domain.entities import Task
@@ -40,7 +41,8 @@ class TaskInsertRepository(StatementRepository[Task]):
         max_input_bytes: int | None = None,
         attach: bool = False,
     ) -> list[Task]:
-        """Insert `tasks` in one statement; returns the inserted rows in the order of `tasks`.
+        """Insert `tasks` in one statement (`INSERT_ONE_TASK` for one task, `INSERT_TASKS` for
+        more); returns the inserted rows in the order of `tasks`.
 
         `dispatch_delays[i]` is how long the reconciler leaves task i alone (the caller rings
         its doorbell after commit); by default 0: the reconciler dispatches it at its next tick.
@@ -53,8 +55,14 @@ class TaskInsertRepository(StatementRepository[Task]):
         if not tasks:
             return []
         delays = list(dispatch_delays) if dispatch_delays is not None else [0.0] * len(tasks)
-        params = insert_params(tasks, dispatch_delays=delays, max_input_bytes=max_input_bytes)
-        stmt = q.INSERT_TASKS_SKIP_TAKEN_KEYS if skip_taken_keys else q.INSERT_TASKS
+        params: dict[str, Any] = insert_params(
+            tasks, dispatch_delays=delays, max_input_bytes=max_input_bytes
+        )
+        if len(tasks) == 1:
+            params = {name: values[0] for name, values in params.items()}
+            stmt = q.INSERT_ONE_TASK_SKIP_TAKEN_KEY if skip_taken_keys else q.INSERT_ONE_TASK
+        else:
+            stmt = q.INSERT_TASKS_SKIP_TAKEN_KEYS if skip_taken_keys else q.INSERT_TASKS
         parents = sorted({t.parent_task_id for t in tasks if t.parent_task_id is not None})
         if attach and parents:
             async with self._ex.atomic():

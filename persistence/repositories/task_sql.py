@@ -84,7 +84,36 @@ TASK_COLUMNS = (
 # flow_limits were a third of the server's work per inserted row. Same rules as the trigger:
 # the key is the named field of the metadata or of an object input ('' when missing or when
 # the agent has no keyed limit), the due rank `priority` minutes before the task is due.
-_INSERT_HEAD = """
+# (parameter, type, column) of each task's values, in insert_params (persistence.mappers).
+_INSERT_VALUES = (
+    ("ids", "uuid", "id"),
+    ("conversation_ids", "uuid", "conversation_id"),
+    ("parent_ids", "uuid", "parent_task_id"),
+    ("agent_ids", "text", "agent_id"),
+    ("queues", "text", "queue"),
+    ("inputs", "text", "input"),
+    ("metadatas", "text", "metadata"),
+    ("max_attempts", "int", "max_attempts"),
+    ("priorities", "int", "priority"),
+    ("run_afters", "timestamptz", "run_after"),
+    ("idempotency_keys", "text", "idempotency_key"),
+    ("dispatch_delays", "float8", "dispatch_delay"),
+    ("trace_contexts", "text", "trace_context"),
+)
+# Many tasks: one array per column. One task: its values as scalars, which costs both sides
+# less than one-element arrays (a producer's single submit; bench/run.py, submit).
+_MANY = "unnest({}) AS n({})".format(
+    ", ".join(f"CAST(:{p} AS {t}[])" for p, t, _ in _INSERT_VALUES),
+    ", ".join(c for _, _, c in _INSERT_VALUES),
+)
+_ONE = "(SELECT {}) AS n".format(
+    ", ".join(f"CAST(:{p} AS {t}) AS {c}" for p, t, c in _INSERT_VALUES)
+)
+
+
+def _insert(source: str, *, skip_taken_keys: bool) -> Sql:
+    conflict = "ON CONFLICT (idempotency_key) DO NOTHING" if skip_taken_keys else ""
+    return Sql(f"""
 INSERT INTO tasks (id, conversation_id, parent_task_id, agent_id, queue, input, metadata,
                    max_attempts, priority, run_after, idempotency_key, dispatch_after,
                    trace_context, limit_key, due_rank)
@@ -101,22 +130,19 @@ FROM (SELECT id, conversation_id, parent_task_id, agent_id, queue, CAST(input AS
              CAST(metadata AS jsonb) AS metadata, max_attempts, priority,
              COALESCE(run_after, now()) AS run_after, idempotency_key, dispatch_delay,
              trace_context
-      FROM unnest(CAST(:ids AS uuid[]), CAST(:conversation_ids AS uuid[]),
-                  CAST(:parent_ids AS uuid[]), CAST(:agent_ids AS text[]),
-                  CAST(:queues AS text[]), CAST(:inputs AS text[]), CAST(:metadatas AS text[]),
-                  CAST(:max_attempts AS int[]), CAST(:priorities AS int[]),
-                  CAST(:run_afters AS timestamptz[]), CAST(:idempotency_keys AS text[]),
-                  CAST(:dispatch_delays AS float8[]), CAST(:trace_contexts AS text[]))
-           AS n(id, conversation_id, parent_task_id, agent_id, queue, input, metadata,
-                max_attempts, priority, run_after, idempotency_key, dispatch_delay,
-                trace_context)) AS u
+      FROM {source}) AS u
 LEFT JOIN flow_limits AS l ON l.queue = u.queue AND l.agent_id = u.agent_id
-"""
-INSERT_TASKS = Sql(_INSERT_HEAD + f"RETURNING {TASK_COLUMNS}")
-# Producers' idempotent variant: a taken key inserts nothing; the caller reads the existing row.
-INSERT_TASKS_SKIP_TAKEN_KEYS = Sql(
-    _INSERT_HEAD + f"ON CONFLICT (idempotency_key) DO NOTHING RETURNING {TASK_COLUMNS}"
-)
+{conflict}
+RETURNING {TASK_COLUMNS}
+""")
+
+
+# Producers' idempotent variants skip a taken key: it inserts nothing, and the caller reads the
+# existing row.
+INSERT_TASKS = _insert(_MANY, skip_taken_keys=False)
+INSERT_TASKS_SKIP_TAKEN_KEYS = _insert(_MANY, skip_taken_keys=True)
+INSERT_ONE_TASK = _insert(_ONE, skip_taken_keys=False)
+INSERT_ONE_TASK_SKIP_TAKEN_KEY = _insert(_ONE, skip_taken_keys=True)
 
 # --- claim -------------------------------------------------------------------------------------
 
