@@ -168,6 +168,14 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
             assert f"${{{name}:-{value}}}" in text, f"{name}={value} is not compose.yaml's default"
 
 
+def test_the_readme_configuration_table_lists_every_setting() -> None:
+    text = (ROOT_PATH / "README.md").read_text()
+    table = text[text.index("| variable | default | meaning |") :]
+    table = table[: table.index("\n\n")]
+    missing = {name for name in settings_variables() if f"`{name}`" not in table}
+    assert not missing, f"README's configuration table lacks {sorted(missing)}"
+
+
 def test_secrets_reach_the_containers_as_files_only(config: dict[str, Any]) -> None:
     services = config["services"]
     for name, service in services.items():
