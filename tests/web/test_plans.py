@@ -26,6 +26,7 @@ from persistence import pg
 from persistence.repositories.dashboard_repository import RECORDED
 from persistence.sql import Sql
 from persistence.timeouts import MIGRATION_TIMEOUTS
+from tests.support import big_table
 from tests.web.conftest import Web
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -48,7 +49,7 @@ INSERT INTO agents (id) SELECT 'a' || lpad(a::text, 2, '0') FROM generate_series
     """
 INSERT INTO tasks (id, conversation_id, parent_task_id, agent_id, queue, status, input, output,
                    error, attempts, max_attempts, run_after, created_at, started_at,
-                   completed_at, worker_id, lease_expires_at)
+                   completed_at, worker_id, lease_expires_at, limit_key, due_rank)
 SELECT md5('t' || i)::uuid,
        md5('c' || (i % 10000))::uuid,
        CASE WHEN i % 1000 BETWEEN 1 AND 20 THEN md5('t' || (i - i % 1000))::uuid END,
@@ -67,7 +68,10 @@ SELECT md5('t' || i)::uuid,
        CASE WHEN s.status IN ('completed', 'failed', 'cancelled')
             THEN created + interval '3 seconds' END,
        CASE WHEN s.status = 'running' THEN 'worker-' || (i % 5) END,
-       CASE WHEN s.status = 'running' THEN now() + interval '30 seconds' END
+       CASE WHEN s.status = 'running' THEN now() + interval '30 seconds' END,
+       '',
+       created + CASE WHEN s.status = 'pending' AND i % 2 = 0
+                      THEN interval '30 days' ELSE interval '0' END
 FROM generate_series(0, :n - 1) AS i,
      LATERAL (SELECT now() - (:n - i) * interval '864 milliseconds' AS created) AS c,
      LATERAL (SELECT CASE
@@ -98,8 +102,10 @@ FROM generate_series(0, 5) AS w
 async def fill(url: str) -> None:
     conn = await pg.connect(url, timeouts=MIGRATION_TIMEOUTS)  # no statement limit
     try:
-        for statement in FILL:
-            await conn.execute(statement.replace(":n", str(N)))
+        await conn.execute("SET maintenance_work_mem = '256MB'")
+        async with big_table.bulk_load(conn):  # indexes built once the rows are in
+            for statement in FILL:
+                await conn.execute(statement.replace(":n", str(N)))
         await conn.execute("VACUUM ANALYZE")
     finally:
         await conn.close()
