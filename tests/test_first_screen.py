@@ -100,7 +100,16 @@ def test_the_run_command_from_a_fresh_clone_on_a_machine_with_no_servers(clone: 
 
 @pytest.mark.slow
 def test_the_test_command_from_a_fresh_clone(clone: Path) -> None:
-    command = [*shlex.split(first_screen_commands()[1]), *SLICE, "-p", "no:cacheprovider"]
+    # One xdist worker, not the README's four: the slice is small, and this test runs beside the
+    # rest of the suite.
+    command = [
+        *shlex.split(first_screen_commands()[1]),
+        *SLICE,
+        "-n",
+        "1",
+        "-p",
+        "no:cacheprovider",
+    ]
     tests = run(command, cwd=clone, env=clone_env())
     summary = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr
     assert tests.returncode == 0, summary

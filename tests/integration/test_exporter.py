@@ -182,12 +182,13 @@ async def test_the_query_reads_indexes_not_the_whole_table(database_url: str) ->
         database_url,
         """
         INSERT INTO tasks (id, conversation_id, agent_id, input, status, queue, run_after,
-                           attempts, completed_at)
+                           attempts, completed_at, limit_key, due_rank)
         SELECT gen_random_uuid(), $1, 'a' || (i % 7), '{}',
                CASE WHEN i % 1000 = 0 THEN 'pending' WHEN i % 997 = 0 THEN 'waiting'
                     ELSE 'completed' END,
                'q' || (i % 3), now() - make_interval(secs => i % 50), 1,
-               CASE WHEN i % 1000 = 0 OR i % 997 = 0 THEN NULL ELSE now() END
+               CASE WHEN i % 1000 = 0 OR i % 997 = 0 THEN NULL ELSE now() END,
+               '', now() - make_interval(secs => i % 50)  -- the flow trigger stays out
         FROM generate_series(1, 300000) AS i
         """,
         uuid.UUID(CONVERSATION),
