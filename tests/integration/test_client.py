@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -504,32 +505,62 @@ async def test_update_run_after_none_runs_a_scheduled_task_now(
     assert (done.status, done.output) == (TaskStatus.COMPLETED, {"echo": {"x": 2}})
 
 
-async def test_submit_returns_within_about_a_second_when_redis_never_answers(
-    settings: Settings, conversation: Conversation, database_url: str
-) -> None:
-    """A Redis that accepts connections and never answers: the submit commits, returns soon
-    after, and leaves the doorbell to the reconciler."""
-
+@contextlib.asynccontextmanager
+async def silent_redis() -> AsyncIterator[str]:
+    """The URL of a "Redis" that accepts connections, reads everything and answers nothing."""
     writers: list[asyncio.StreamWriter] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writers.append(writer)
-        await reader.read(-1)  # read everything, answer nothing
+        await reader.read(-1)
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with TaskClient.from_settings(
-            replace(settings, redis_url=f"redis://127.0.0.1:{port}/0")
-        ) as client:
-            began = time.monotonic()
-            task = await client.submit("echo", {}, conversation_id=conversation.id)
-            took = time.monotonic() - began
+        yield f"redis://127.0.0.1:{port}/0"
     finally:
         server.close()
         for writer in writers:
             writer.close()
         await server.wait_closed()
+
+
+async def test_submit_returns_within_about_a_second_when_redis_never_answers(
+    settings: Settings, conversation: Conversation, database_url: str
+) -> None:
+    """A Redis that accepts connections and never answers: the submit commits, returns soon
+    after, and leaves the doorbell to the reconciler."""
+    async with (
+        silent_redis() as redis_url,
+        TaskClient.from_settings(replace(settings, redis_url=redis_url)) as client,
+    ):
+        began = time.monotonic()
+        task = await client.submit("echo", {}, conversation_id=conversation.id)
+        took = time.monotonic() - began
     assert took < 3  # RING_PATIENCE_SECONDS (1 s) after the commit, with slack for a busy host
     row = await db.task_row(database_url, task.id)
     assert row["status"] == "pending"
+
+
+async def test_watch_follows_postgres_when_redis_never_answers(
+    settings: Settings, conversation: Conversation, database_url: str
+) -> None:
+    """A producer's Redis client has no socket timeout: `watch` bounds its own Redis calls
+    (TASKLANE_REDIS_TIMEOUT_SECONDS), so a silent Redis cannot hang it, and the task's states
+    still come from Postgres."""
+    async with (
+        silent_redis() as redis_url,
+        TaskClient.from_settings(
+            replace(settings, redis_url=redis_url, redis_timeout_seconds=0.3)
+        ) as client,
+    ):
+        task = await client.submit("echo", {}, conversation_id=conversation.id)
+        await db.query(
+            database_url,
+            "UPDATE tasks SET status = 'completed', output = '{}', completed_at = now()"
+            " WHERE id = $1",
+            task.id,
+        )
+        async with asyncio.timeout(15):
+            states = [e async for e in client.watch(task.id, safety_poll_seconds=0.2)]
+    assert states[-1]["status"] == "completed"
