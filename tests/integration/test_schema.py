@@ -145,6 +145,29 @@ async def test_the_insert_computes_the_limit_key_and_due_rank_as_the_trigger_doe
         assert row["due_rank"] == row["run_after"] - timedelta(minutes=row["priority"])
 
 
+async def test_the_insert_needs_no_trigger_and_plain_sql_still_gets_one(
+    pg: asyncpg.Connection, conv_id: UUID, uow: UnitOfWork
+) -> None:
+    # With the insert trigger off, tasklane's INSERT still writes complete rows (it brings both
+    # columns, so with the trigger on, its WHEN keeps it from firing), and a plain SQL row that
+    # leaves them out is refused: the trigger is what fills them for plain SQL.
+    await pg.execute("ALTER TABLE tasks DISABLE TRIGGER tasklane_task_flow_on_insert")
+    async with uow:
+        [task] = await uow.tasks.create_many(
+            [Task(conversation_id=conv_id, agent_id="echo", input={}, priority=3)]
+        )
+        await uow.commit()
+    row = await pg.fetchrow(
+        "SELECT limit_key, due_rank, run_after FROM tasks WHERE id = $1", task.id
+    )
+    assert row is not None
+    assert (row["limit_key"], row["due_rank"]) == ("", row["run_after"] - timedelta(minutes=3))
+    with pytest.raises(asyncpg.NotNullViolationError):
+        await pg.execute(
+            "INSERT INTO tasks (conversation_id, agent_id) VALUES ($1, 'echo')", conv_id
+        )
+
+
 async def test_a_conversation_inserted_with_plain_sql_gets_its_defaults(
     pg: asyncpg.Connection,
 ) -> None:
