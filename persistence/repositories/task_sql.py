@@ -78,12 +78,6 @@ TASK_COLUMNS = (
 
 # --- insert ------------------------------------------------------------------------------------
 
-# The insert computes what the trigger `tasklane_task_flow` would (migration 0012): the task's
-# key under its agent's limits and its due rank. The trigger then does not fire for it (it fires
-# for rows written with plain SQL, which leave them NULL): a trigger call and its lookup of
-# flow_limits were a third of the server's work per inserted row. Same rules as the trigger:
-# the key is the named field of the metadata or of an object input ('' when missing or when
-# the agent has no keyed limit), the due rank `priority` minutes before the task is due.
 # (parameter, type, column) of each task's values, in insert_params (persistence.mappers).
 _INSERT_VALUES = (
     ("ids", "uuid", "id"),
@@ -111,6 +105,13 @@ _ONE = "(SELECT {}) AS n".format(
 )
 
 
+# The insert computes what the trigger `tasklane_task_flow` would (migration 0012): the task's
+# key under its agent's limits and its due rank. The trigger then does not fire for it (it fires
+# for rows written with plain SQL, which leave them NULL): a trigger call and its lookup of
+# flow_limits were a third of the server's work per inserted row. Same rules as the trigger:
+# the key is the named field of the metadata or of an object input ('' when missing or when
+# the agent has no keyed limit), the due rank `priority` minutes before the task is due
+# (tests/integration/test_schema.py holds the two to the same answers).
 def _insert(source: str, *, skip_taken_keys: bool) -> Sql:
     conflict = "ON CONFLICT (idempotency_key) DO NOTHING" if skip_taken_keys else ""
     return Sql(f"""
