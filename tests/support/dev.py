@@ -22,6 +22,7 @@ from pathlib import Path
 from tests.support import offline
 from tests.support.databases import ROOT
 from tests.support.services import wait_until
+from tests.support.workers import py_spy_dump
 
 READY_TIMEOUT_SECONDS = 180.0  # a cold start on a busy machine, or `uv run` building a venv
 STOP_TIMEOUT_SECONDS = 60.0
@@ -192,7 +193,18 @@ class Dev:
         return Ready(export[1], export[2], self.worker_pid, text)
 
     def finish(self, timeout: float = STOP_TIMEOUT_SECONDS) -> int:
-        code = self.process.wait(timeout)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # Say where it hangs: its own stacks, and the worker's asyncio tasks (SIGUSR2,
+            # TasklaneWorker.dump_tasks, printed to the stderr that `explain` shows).
+            if self.worker_pid is not None and alive(self.worker_pid):
+                os.kill(self.worker_pid, signal.SIGUSR2)
+                time.sleep(1)
+            stacks = py_spy_dump(self.process.pid)
+            raise AssertionError(
+                f"did not stop within {timeout:g}s\n{self.explain()}\npy-spy dump:\n{stacks}"
+            ) from None
         while (line := self.lines.get(timeout=10)) is not None:
             self.stdout.append(line)
         return code

@@ -209,19 +209,27 @@ class WorkerProcess:
     def _dump_stacks(self) -> None:
         """A worker that ignored SIGTERM: its threads' and tasks' stacks (py-spy, in the dev
         group) go into its log, which the failing assertion prints, so that a hang says where."""
-        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         self._log.write(b"\n== SIGTERM ignored; its asyncio tasks (SIGUSR2), then py-spy dump:\n")
         self._log.flush()
         self.signal(signal.SIGUSR2)  # TasklaneWorker.dump_tasks
         time.sleep(1)
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(
-                [spy, "dump", "--pid", str(self.pid)],
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                timeout=30,
-                check=False,
-            )
+        self._log.write(py_spy_dump(self.pid).encode())
+
+
+def py_spy_dump(pid: int) -> str:
+    """The threads' stacks of process `pid` (py-spy, in the dev group), or why there are none."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    try:
+        done = subprocess.run(
+            [spy, "dump", "--pid", str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"(py-spy dump failed: {exc!r})\n"
+    return done.stdout + done.stderr
 
 
 def start_process(
