@@ -197,18 +197,19 @@ class TasklaneWorker(Worker):
         runtime: WorkerRuntime | None = self.ctx.get("tasklane")
         if runtime is not None:  # Postgres answering slowly, or not at all: take fewer
             free = runtime.doorbells_wanted(free)
-        wanted = [
+        candidates = [
             job_id.decode()
             for job_id in job_ids
             if job_id not in not_utf8 and not self._running_here(job_id)
-        ][: max(free, 0)]
-        if not wanted:
+        ]
+        if free <= 0 or not candidates:
             return
         if self._start_script is None:
             self._start_script = self.pool.register_script(START_DOORBELLS)
         in_progress_ms = int(self.in_progress_timeout_s * 1000)
         started, payloads, junk = await self._start_script(
-            keys=[self.queue_name], args=start_args(timestamp_ms(), in_progress_ms, wanted)
+            keys=[self.queue_name],
+            args=start_args(timestamp_ms(), in_progress_ms, free, candidates),
         )
         if junk:
             await self._discard(junk)

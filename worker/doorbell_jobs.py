@@ -29,12 +29,15 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
-# Marks a poll's doorbells in progress in one round trip. For each job id (ARGV[5:]) still queued
-# (KEYS[1]) with a score in (0, now] (ARGV[1]) and no in-progress key (prefix ARGV[2]), it sets
-# that key for ARGV[3] ms: what arq's `start_jobs` does per job with WATCH, EXISTS, ZSCORE and
-# MULTI/PSETEX/EXEC. Returns three lists: [job id, score, …] of those started, their payloads
-# (the job key, prefix ARGV[4]; false when it expired), and the members whose score is -inf
-# (junk, see TasklaneWorker).
+# Marks a poll's doorbells in progress in one round trip. For each job id (ARGV[6:], in queue
+# order) still queued (KEYS[1]) with a score in (0, now] (ARGV[1]) and no in-progress key (prefix
+# ARGV[2]), it sets that key for ARGV[3] ms, until ARGV[5] are started: what arq's `start_jobs`
+# does per job with WATCH, EXISTS, ZSCORE and MULTI/PSETEX/EXEC. Returns three lists: [job id,
+# score, …] of those started, their payloads (the job key, prefix ARGV[4]; false when it
+# expired), and the members whose score is -inf (junk, see TasklaneWorker).
+# The poll passes every id it read, not just as many as it has free slots: the queue's head is
+# mostly doorbells other workers are running, and a worker offered only the head would find
+# nothing there while work waited behind it (starving a worker whose polls had backed off).
 # The key's value is when it was set (REDIS_NOW_MS_LUA): the reconciler reads it to tell a
 # doorbell whose worker died before claiming its task (see `Dispatcher.ring_again`) from one being
 # claimed right now.
@@ -43,7 +46,9 @@ START_DOORBELLS = (
     + """
 local started, payloads, junk = {}, {}, {}
 local now = tonumber(ARGV[1])
-for i = 5, #ARGV do
+local limit = tonumber(ARGV[5])
+for i = 6, #ARGV do
+  if #payloads >= limit then break end
   local job_id = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], job_id)
   local n = score and tonumber(score)
@@ -79,9 +84,9 @@ return 0
 """
 
 
-def start_args(now_ms: int, in_progress_ms: int, job_ids: list[str]) -> list[Any]:
-    """START_DOORBELLS's ARGV for `job_ids`."""
-    return [now_ms, in_progress_key_prefix, in_progress_ms, job_key_prefix, *job_ids]
+def start_args(now_ms: int, in_progress_ms: int, limit: int, job_ids: list[str]) -> list[Any]:
+    """START_DOORBELLS's ARGV: start at most `limit` of `job_ids`, the first startable ones."""
+    return [now_ms, in_progress_key_prefix, in_progress_ms, job_key_prefix, limit, *job_ids]
 
 
 class DoorbellEnds:

@@ -142,6 +142,36 @@ async def test_takes_no_more_than_the_free_slots(arq_redis: ArqRedis, queue: str
         await arq_redis.delete(*(in_progress_key_prefix + job_id for job_id in due))
 
 
+async def test_a_head_held_by_another_worker_does_not_hide_what_waits_behind_it(
+    arq_redis: ArqRedis, queue: str
+) -> None:
+    """A worker reads the queue from its head, where other workers' running doorbells stay until
+    they end. With two free slots it must start the two due doorbells behind four held ones, not
+    give up after trying as many ids as it has slots (which starved an idle worker for as long as
+    a busy one held the head)."""
+    busy, idle = (
+        make_worker(arq_redis, queue, max_jobs=4),
+        make_worker(arq_redis, queue, max_jobs=2),
+    )
+    held, behind = ids(4), ids(3)
+    await enqueue(arq_redis, queue, held, score=DUE_SCORE)
+    await enqueue(arq_redis, queue, behind, score=DUE_SCORE + 1)
+    everything = held + behind
+    try:
+        await busy.start_jobs([job_id.encode() for job_id in held])
+        queued = await arq_redis.zrangebyscore(queue, "-inf", "+inf")
+        assert sorted(job_id.decode() for job_id in queued[:4]) == sorted(held)  # busy's
+
+        await idle.start_jobs(queued)
+
+        assert sorted(idle.tasks) == sorted(job_id.decode() for job_id in queued[4:6])
+        assert sum(await in_progress(arq_redis, everything)) == 6
+    finally:
+        for w in (busy, idle):
+            await stop(w)
+        await arq_redis.delete(*(in_progress_key_prefix + job_id for job_id in everything))
+
+
 async def test_two_workers_racing_for_the_same_doorbells_start_each_once(
     arq_redis: ArqRedis, queue: str
 ) -> None:
