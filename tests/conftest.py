@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from domain.entities import Conversation
 from persistence.session import UnitOfWork, create_engine, create_session_factory
-from tests.support import databases, servers, services, workers
+from tests.support import databases, db, servers, services, workers
 from worker.client import TaskClient
 from worker.config import Settings
 from worker.runtime import WorkerRuntime
@@ -90,7 +90,8 @@ async def database(template_database: str) -> AsyncIterator[str]:
     """Name of a fresh database copied from the migrated template; dropped afterwards."""
     name = databases.unique_name()
     await databases.create_database(name, template=template_database)
-    yield name
+    async with db.reused_connections():  # the test's reads share a connection (support/db.py)
+        yield name
     await databases.drop_database(name)
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -15,12 +16,75 @@ from persistence import pg
 T = TypeVar("T")
 
 
-async def query(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await pg.connect(url)
+# Tests read the database often (`eventually` polls every 50 ms): a connection per read cost the
+# suite some 3,000 backends, each forked, introspected (the jsonb codec) and torn down. Within a
+# test that asks for it (the `database` fixture does, for its test's event loop), reads reuse one
+# connection per URL; reads from any other loop (a sync test's `asyncio.run`, a thread) still
+# open their own.
+_reusing: set[asyncio.AbstractEventLoop] = set()
+_kept: dict[tuple[asyncio.AbstractEventLoop, str], asyncpg.Connection] = {}
+# What a kept connection raises once its backend is gone (terminated, restarted, dropped with
+# its database): the read is made again on a new connection, as it always was.
+_GONE = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    ConnectionError,
+)
+
+
+@contextlib.asynccontextmanager
+async def reused_connections() -> AsyncIterator[None]:
+    """Reads in this event loop reuse a connection per URL until the block ends."""
+    loop = asyncio.get_running_loop()
+    _reusing.add(loop)
     try:
-        return list(await conn.fetch(sql, *args))
+        yield
     finally:
-        await conn.close()
+        _reusing.discard(loop)
+        for key in [key for key in _kept if key[0] is loop]:
+            _kept.pop(key).terminate()  # no goodbye: the server may be gone
+
+
+async def query(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    loop = asyncio.get_running_loop()
+    if loop not in _reusing:
+        conn = await pg.connect(url)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+    kept = _kept.pop((loop, url), None)  # taken while in use: concurrent reads open their own
+    if kept is not None and not kept.is_closed():
+        with contextlib.suppress(*_GONE):
+            return await _read_and_keep(kept, url, sql, args)
+    return await _read_and_keep(await pg.connect(url), url, sql, args)
+
+
+async def _read_and_keep(
+    conn: asyncpg.Connection, url: str, sql: str, args: tuple[Any, ...]
+) -> list[asyncpg.Record]:
+    try:
+        rows = list(await conn.fetch(sql, *args))
+    except _GONE:
+        conn.terminate()
+        raise
+    except BaseException:
+        _keep(conn, url)  # an error in the SQL leaves the connection as good as it was
+        raise
+    _keep(conn, url)
+    return rows
+
+
+def _keep(conn: asyncpg.Connection, url: str) -> None:
+    loop = asyncio.get_running_loop()
+    if conn.is_closed():
+        return
+    if loop not in _reusing or (loop, url) in _kept:
+        conn.terminate()  # the block ended meanwhile, or a concurrent read kept its own
+        return
+    _kept[(loop, url)] = conn
 
 
 async def bulk(url: str, sql: str, *args: Any) -> None:
