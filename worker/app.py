@@ -218,7 +218,7 @@ class TasklaneWorker(Worker):
             await self.sem.acquire()  # free slots were counted: this never waits
             self.job_counter += 1
             name = job_id.decode()
-            task = self.loop.create_task(self._run_doorbell(name, int(float(score)), payload))
+            task = self.loop.create_task(self._run_doorbell(name, float(score), payload))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[name] = task
             if runtime is not None:
@@ -227,11 +227,11 @@ class TasklaneWorker(Worker):
                 runtime.starting.add(name)
                 task.add_done_callback(functools.partial(_began, runtime.starting, name))
 
-    async def _run_doorbell(self, job_id: str, score: int, payload: bytes | None) -> None:
+    async def _run_doorbell(self, job_id: str, score: float, payload: bytes | None) -> None:
         """arq's `run_job` for a doorbell started by `start_jobs`, whose payload came with it.
         arq's try counter is not kept: attempts are counted in Postgres."""
         log = self._log
-        job = self._parse_job(job_id, score, payload, log)
+        job = self._parse_job(job_id, int(score), payload, log)
         remove = True
         if job is not None:
             function, args, kwargs, ctx = job
@@ -241,7 +241,7 @@ class TasklaneWorker(Worker):
                     await function.coroutine(ctx, *args, **kwargs)
                 self.jobs_complete += 1
             except asyncio.CancelledError:
-                # Shutdown: leave the doorbell queued for the next worker, as arq does.
+                # Shutdown: queue the doorbell again for the next worker, as arq does.
                 self.jobs_retried += 1
                 remove = False
             except Exception as exc:
@@ -251,7 +251,7 @@ class TasklaneWorker(Worker):
             self.jobs_failed += 1
         if self._ends is None:
             self._ends = DoorbellEnds(self.pool, self.queue_name)
-        failed = await asyncio.shield(self._ends.end(job_id, remove=remove))
+        failed = await asyncio.shield(self._ends.end(job_id, remove=remove, score=score))
         if failed is not None:
             log.debug("doorbell.end_failed", job_id=job_id, error=repr(failed))
 

@@ -13,11 +13,11 @@ tasks became due — by one clock, whoever inserted the task (a producer, plain 
 reconciler). Job ids no longer decide the order (an id from `gen_random_uuid()` would otherwise
 wait behind every time-ordered one).
 
-A doorbell a worker has started stays queued behind arq's in-progress key until its job ends. If
-that worker dies between starting it and claiming the task in Postgres, the task stays pending
-and its doorbell blocked for as long as the key lives (longer than any task may run). The
-reconciler re-rings pending tasks that nobody claimed in time with `ring_again`, which also
-clears such stale keys.
+A worker that starts a doorbell takes it off the queue and sets arq's in-progress key for it until
+its job ends (`worker.doorbell_jobs`). If that worker dies between starting it and claiming the
+task in Postgres, the task stays pending, and a doorbell rung again for it would be blocked for as
+long as the key lives (longer than any task may run). The reconciler re-rings pending tasks that
+nobody claimed in time with `ring_again`, which also clears such stale keys.
 """
 
 from __future__ import annotations

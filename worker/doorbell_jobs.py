@@ -29,18 +29,22 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
-# Marks a poll's doorbells in progress in one round trip. For each job id (ARGV[6:], in queue
-# order) still queued (KEYS[1]) with a score in (0, now] (ARGV[1]) and no in-progress key (prefix
-# ARGV[2]), it sets that key for ARGV[3] ms, until ARGV[5] are started: what arq's `start_jobs`
-# does per job with WATCH, EXISTS, ZSCORE and MULTI/PSETEX/EXEC. Returns three lists: [job id,
-# score, …] of those started, their payloads (the job key, prefix ARGV[4]; false when it
-# expired), and the members whose score is -inf (junk, see TasklaneWorker).
-# The poll passes every id it read, not just as many as it has free slots: the queue's head is
-# mostly doorbells other workers are running, and a worker offered only the head would find
-# nothing there while work waited behind it (starving a worker whose polls had backed off).
+# Starts a poll's doorbells in one round trip. For each job id (ARGV[6:], in queue order) still
+# queued (KEYS[1]) with a score in (0, now] (ARGV[1]) and no in-progress key (prefix ARGV[2]), it
+# sets that key for ARGV[3] ms and takes the doorbell off the queue, until ARGV[5] are started:
+# what arq's `start_jobs` does per job with WATCH, EXISTS, ZSCORE and MULTI/PSETEX/EXEC. Returns
+# three lists: [job id, score, …] of those started, their payloads (the job key, prefix ARGV[4];
+# false when it expired), and the members whose score is -inf (junk, see TasklaneWorker).
 # The key's value is when it was set (REDIS_NOW_MS_LUA): the reconciler reads it to tell a
 # doorbell whose worker died before claiming its task (see `Dispatcher.ring_again`) from one being
 # claimed right now.
+#
+# Unlike arq, a started doorbell leaves the queue (its job key stays until it ends): arq keeps a
+# running job queued, and every worker reads the queue from its head, `queue_read_limit` ids at a
+# time, so with more jobs running across the workers than that limit, the head held only running
+# jobs and no worker could see the work behind them; the queue's workers together never ran more
+# than about 100 at once. A doorbell is only a hint (the task is in Postgres, and the reconciler
+# rings again for a pending task nobody claimed), so nothing needs it queued while it runs.
 START_DOORBELLS = (
     REDIS_NOW_MS_LUA
     + """
@@ -57,6 +61,7 @@ for i = 6, #ARGV do
   elseif n and n ~= 0 and n <= now
       and redis.call('EXISTS', ARGV[2] .. job_id) == 0 then
     redis.call('PSETEX', ARGV[2] .. job_id, ARGV[3], now_ms)
+    redis.call('ZREM', KEYS[1], job_id)
     table.insert(started, job_id)
     table.insert(started, score)
     table.insert(payloads, redis.call('GET', ARGV[4] .. job_id))
@@ -66,11 +71,13 @@ return {started, payloads, junk}
 """
 )
 
-# Ends doorbells (ARGV[5:], pairs of job id and "1" to remove it or "0" to leave it queued): the
-# in-progress key goes either way; a removed doorbell also loses its job and retry keys and its
-# queue (KEYS[1]) and abort-set entries. arq's `finish_job` per job, for a batch.
+# Ends doorbells (ARGV[5:], triples of job id, "1" to remove it or "0" to queue it again, and its
+# score): the in-progress key goes either way; a removed doorbell also loses its job and retry keys
+# and any queue (KEYS[1]) and abort-set entries (it may have been rung again while it ran); one
+# queued again goes back at its score, NX: a ring meanwhile already queued it. arq's
+# `finish_job` per job, for a batch.
 END_DOORBELLS = """
-for i = 5, #ARGV, 2 do
+for i = 5, #ARGV, 3 do
   local job_id = ARGV[i]
   if ARGV[i + 1] == '1' then
     redis.call('DEL', ARGV[1] .. job_id, ARGV[2] .. job_id, ARGV[3] .. job_id)
@@ -78,6 +85,7 @@ for i = 5, #ARGV, 2 do
     redis.call('ZREM', ARGV[4], job_id)
   else
     redis.call('DEL', ARGV[1] .. job_id)
+    redis.call('ZADD', KEYS[1], 'NX', ARGV[i + 2], job_id)
   end
 end
 return 0
@@ -93,30 +101,32 @@ class DoorbellEnds:
     """Ends doorbells in Redis, those that end in the same event-loop iteration in one call.
 
     A job waits for its doorbell's end before its slot frees, as under arq. If the call fails
-    (Redis away), the doorbell stays queued and its in-progress key expires: it starts again
-    later and finds its task finished in Postgres, which makes it a no-op. A failed call is
-    not retried end by end (as a failed batch of rows is): no one doorbell can fail it.
+    (Redis away), its keys expire on their own, and a doorbell that was to be queued again is
+    not: its task is pending in Postgres, and the reconciler rings again for a pending task
+    nobody claimed. A failed call is not retried end by end (as a failed batch of rows is): no
+    one doorbell can fail it.
     """
 
     def __init__(self, pool: Redis, queue: str) -> None:
         self._pool = pool
         self._queue = queue
         self._script: AsyncScript | None = None
-        self._batcher: Batcher[tuple[str, bool], Exception | None] = Batcher(
+        self._batcher: Batcher[tuple[str, bool, float], Exception | None] = Batcher(
             "doorbell ends", self._end_batch, busy=lambda: True, window=0.0
         )
 
-    async def end(self, job_id: str, *, remove: bool) -> Exception | None:
-        """Clear the doorbell's in-progress mark; `remove` it from the queue for good, or leave
-        it to start again (a job cancelled at shutdown). Returns why that failed, if it did."""
-        return await self._batcher.submit((job_id, remove))
+    async def end(self, job_id: str, *, remove: bool, score: float) -> Exception | None:
+        """Clear the doorbell's in-progress mark; `remove` it for good, or queue it again at its
+        `score` to start again (a job cancelled at shutdown). Returns why that failed, if it
+        did."""
+        return await self._batcher.submit((job_id, remove, score))
 
-    async def _end_batch(self, ends: list[tuple[str, bool]]) -> list[Exception | None]:
+    async def _end_batch(self, ends: list[tuple[str, bool, float]]) -> list[Exception | None]:
         if self._script is None:
             self._script = self._pool.register_script(END_DOORBELLS)
         args: list[Any] = [in_progress_key_prefix, job_key_prefix, retry_key_prefix, abort_jobs_ss]
-        for job_id, remove in ends:
-            args += [job_id, "1" if remove else "0"]
+        for job_id, remove, score in ends:
+            args += [job_id, "1" if remove else "0", repr(score)]
         try:
             await self._script(keys=[self._queue], args=args)
         except Exception as exc:  # the caller logs it; see the class's docstring

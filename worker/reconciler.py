@@ -174,10 +174,9 @@ class Reconciler:
                 "task.rescued", task_id=str(task.task_id), run=task.runs, now=task.status.value
             )
         await self.dispatcher.ring(resumed)
-        # The doorbell that started each lost run is still queued if its worker died: arq keeps
-        # a job queued until it ends, behind an in-progress key that outlives any handler. Left
-        # there, it would be read and skipped by every poll for minutes, and a dead worker's
-        # worth of them at the head of the queue would hide everything behind them. (Rescue
+        # A doorbell for each lost run may be queued again (rung while it ran), behind the dead
+        # worker's in-progress key, which outlives any handler: left there, it would be read and
+        # skipped by every poll for minutes, and it can only miss now (the run is over). (Rescue
         # spans queues: a queue whose workers all died is rescued by the others.)
         await self.dispatcher.forget(
             [Doorbell(task.task_id, task.runs - 1, task.queue) for task in rescued]

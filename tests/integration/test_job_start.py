@@ -95,6 +95,9 @@ async def test_starts_due_queued_doorbells_and_marks_them_in_progress(
         assert sorted(worker.tasks) == sorted(due)
         assert worker.job_counter == 3
         assert await in_progress(arq_redis, due) == [True, True, True]
+        # Off the queue (no poll reads them again), their jobs kept until they end.
+        assert await arq_redis.zcard(queue) == 0
+        assert await arq_redis.exists(*(job_key_prefix + job_id for job_id in due)) == 3
         ttl_ms = await arq_redis.pttl(in_progress_key_prefix + due[0])
         assert 0 < ttl_ms <= worker.in_progress_timeout_s * 1000
         # Each key says when it was set, by Redis's clock: the reconciler judges staleness by it.
@@ -145,30 +148,27 @@ async def test_takes_no_more_than_the_free_slots(arq_redis: ArqRedis, queue: str
 async def test_a_head_held_by_another_worker_does_not_hide_what_waits_behind_it(
     arq_redis: ArqRedis, queue: str
 ) -> None:
-    """A worker reads the queue from its head, where other workers' running doorbells stay until
-    they end. With two free slots it must start the two due doorbells behind four held ones, not
-    give up after trying as many ids as it has slots (which starved an idle worker for as long as
-    a busy one held the head)."""
-    busy, idle = (
-        make_worker(arq_redis, queue, max_jobs=4),
-        make_worker(arq_redis, queue, max_jobs=2),
-    )
+    """A worker reads the queue from its head, where doorbells rung again while another worker
+    runs them (or left behind by a worker that died) sit behind in-progress keys. With two free
+    slots it must start the two due doorbells behind four such, not give up after trying as many
+    ids as it has slots (which starved an idle worker while a busy one held the head)."""
+    worker = make_worker(arq_redis, queue, max_jobs=2)
     held, behind = ids(4), ids(3)
     await enqueue(arq_redis, queue, held, score=DUE_SCORE)
     await enqueue(arq_redis, queue, behind, score=DUE_SCORE + 1)
+    for job_id in held:
+        await arq_redis.psetex(in_progress_key_prefix + job_id, 60_000, b"1")
     everything = held + behind
     try:
-        await busy.start_jobs([job_id.encode() for job_id in held])
         queued = await arq_redis.zrangebyscore(queue, "-inf", "+inf")
-        assert sorted(job_id.decode() for job_id in queued[:4]) == sorted(held)  # busy's
+        assert sorted(job_id.decode() for job_id in queued[:4]) == sorted(held)
 
-        await idle.start_jobs(queued)
+        await worker.start_jobs(queued)
 
-        assert sorted(idle.tasks) == sorted(job_id.decode() for job_id in queued[4:6])
+        assert sorted(worker.tasks) == sorted(job_id.decode() for job_id in queued[4:6])
         assert sum(await in_progress(arq_redis, everything)) == 6
     finally:
-        for w in (busy, idle):
-            await stop(w)
+        await stop(worker)
         await arq_redis.delete(*(in_progress_key_prefix + job_id for job_id in everything))
 
 
@@ -246,9 +246,10 @@ async def queued(pool: ArqRedis, queue: str, job_ids: list[str]) -> list[bool]:
 async def test_ended_doorbells_leave_redis_and_cancelled_ones_stay_queued(
     arq_redis: ArqRedis, queue: str
 ) -> None:
-    """The doorbells that end together are removed with one script call (`DoorbellEnds`): a
-    job that returned loses its queue entry, job key and in-progress key; a job cancelled at
-    shutdown only its in-progress key, so that another worker starts it again."""
+    """The doorbells that end together are cleared with one script call (`DoorbellEnds`): a
+    job that returned loses its job key and in-progress key; a job cancelled at shutdown its
+    in-progress key, and goes back on the queue at its score, so that another worker starts it
+    again."""
     finishing, holding = make_worker(arq_redis, queue, job=_return), make_worker(arq_redis, queue)
     done, held = ids(5), ids(2)
     await enqueue(arq_redis, queue, done + held)
@@ -258,10 +259,13 @@ async def test_ended_doorbells_leave_redis_and_cancelled_ones_stay_queued(
         await asyncio.gather(*finishing.tasks.values())
         assert await queued(arq_redis, queue, done) == [False] * 5
         assert await in_progress(arq_redis, done) == [False] * 5
+        assert await arq_redis.exists(*(job_key_prefix + job_id for job_id in done)) == 0
         assert await in_progress(arq_redis, held) == [True, True]
+        assert await queued(arq_redis, queue, held) == [False, False]  # running: off the queue
 
         await stop(holding)  # cancelled, as at shutdown
-        assert await queued(arq_redis, queue, held) == [True, True]
+        assert await queued(arq_redis, queue, held) == [True, True]  # back, at their own score
+        assert [await arq_redis.zscore(queue, job_id) for job_id in held] == [DUE_SCORE] * 2
         assert await in_progress(arq_redis, held) == [False, False]
         assert (finishing.jobs_complete, holding.jobs_retried) == (5, 2)
     finally:
@@ -292,11 +296,13 @@ async def test_a_doorbell_whose_job_is_gone_or_unreadable_is_removed(
 
 async def test_ends_that_cannot_reach_redis_report_it_without_raising() -> None:
     """Redis away at a job's end: the job's slot frees (the end returns the failure, which the
-    worker logs at DEBUG); the doorbell, still queued, starts again later and claims nothing."""
+    worker logs at DEBUG); the doorbell's keys expire on their own."""
     nowhere = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
     try:
         ends = DoorbellEnds(nowhere, "q")
-        failures = await asyncio.gather(*(ends.end(job_id, remove=True) for job_id in ids(3)))
+        failures = await asyncio.gather(
+            *(ends.end(job_id, remove=True, score=DUE_SCORE) for job_id in ids(3))
+        )
         assert all(isinstance(failure, Exception) for failure in failures), failures
     finally:
         await nowhere.aclose()

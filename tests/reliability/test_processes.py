@@ -26,6 +26,7 @@ import asyncpg
 import pytest
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
+from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 
 from domain.entities import Conversation, Doorbell, Task
@@ -37,6 +38,7 @@ from tests.support.invariants import check_invariants, idle_in_transaction
 from tests.support.producer import STALL_ENV, ProducerProcess
 from tests.support.services import PrivateRedis
 from tests.support.workers import WorkerProcess, make_settings, settings_env
+from worker.app import worker_options
 from worker.client import TaskClient, TaskSpec
 from worker.config import Settings
 from worker.dispatch import JOB_FUNCTION, Dispatcher
@@ -241,6 +243,33 @@ async def test_a_killed_workers_doorbells_do_not_block_its_queue(
     assert (await db.task_row(database_url, later.id))["attempts"] == 1
     assert_clean(*processes)
     await assert_invariants(database_url, *processes)
+
+
+async def test_workers_together_fill_more_slots_than_one_poll_reads(
+    conversation: Conversation,
+    settings: Settings,
+    database_url: str,
+    client: TaskClient,
+    processes: list[WorkerProcess],
+) -> None:
+    """Each poll reads `queue_read_limit` ids from the queue's head (here 120). Were a running
+    doorbell kept queued, as arq keeps a running job, the head would hold only running ones once
+    the workers together ran that many, and no worker would see the work behind them: three
+    workers of 60 slots would never run more than 120 tasks at once."""
+    workers = replace(settings, concurrency=60, lease_seconds=30.0)
+    assert worker_options(workers)["queue_read_limit"] == 120
+    spawn(processes, workers, 3)
+    tasks = await client.submit_many(
+        [TaskSpec("t_count_runs", {"seconds": 5.0}, conversation.id) for _ in range(180)]
+    )
+    await db.eventually(
+        lambda: status_counts(database_url),
+        lambda counts: counts.get("running", 0) == 180,
+        timeout=20,
+        what="all 180 slots running",
+    )
+    rows = await db.wait_final(database_url, [t.id for t in tasks], timeout=60)
+    assert {(r["status"], r["attempts"]) for r in rows} == {("completed", 1)}
 
 
 async def test_repeated_sigkills_fail_the_task_when_its_attempts_run_out(
@@ -539,10 +568,14 @@ async def test_doorbells_rung_on_another_queue_are_left_to_that_queues_workers(
     redis = Redis.from_url(settings.redis_url)
     try:
         # The foreign worker hears first; the task's own queue a moment later.
-        await Dispatcher(redis, other_queue).ring([Doorbell(t, 0) for t in ids])
-        await db.eventually(
-            lambda: redis.zcard(other_queue), lambda left: left == 0, what="foreign queue drained"
-        )
+        doorbells = [Doorbell(t, 0) for t in ids]
+        await Dispatcher(redis, other_queue).ring(doorbells)
+
+        async def foreign_left() -> tuple[int, int]:  # queued, and started but not yet ended
+            keys = [job_key_prefix + d.job_id for d in doorbells]
+            return int(await redis.zcard(other_queue)), int(await redis.exists(*keys))
+
+        await db.eventually(foreign_left, lambda left: left == (0, 0), what="foreign ones ended")
         await Dispatcher(redis, settings.queue).ring([Doorbell(t, 0) for t in ids])
         rows = await db.wait_final(database_url, ids, timeout=30)
     finally:
