@@ -906,14 +906,15 @@ class Bench:
             ready = await child.ready()
             while child.running():
                 sample = proc_memory_kb(child.pid)
-                done = n - int(await self.redis.zcard(queue))
-                if at_mark is None and done >= mark and sample:
-                    at_mark = {**sample, "done": done}
+                # A started doorbell leaves the queue: what is off it has started (or ended).
+                started = n - int(await self.redis.zcard(queue))
+                if at_mark is None and started >= mark and sample:
+                    at_mark = {**sample, "started": started}
                 await asyncio.sleep(0.2)
             summary = await child.summary(within=60)
         await self.check_completed(ids)
         if at_mark is None:
-            raise BenchError("memory: no sample at 20 % done")
+            raise BenchError("memory: no sample at 20 % started")
         growth = 100.0 * (summary["VmRSS"] - at_mark["VmRSS"]) / at_mark["VmRSS"]
         self.results.add("memory.start_mb", ready["VmRSS"] / 1024)
         self.results.add("memory.mark_mb", at_mark["VmRSS"] / 1024)
@@ -923,7 +924,7 @@ class Bench:
         self.results.add("memory.rate", n / summary["seconds"])
         say(
             f"memory: RSS {ready['VmRSS'] / 1024:.0f} MB at start, "
-            f"{at_mark['VmRSS'] / 1024:.0f} MB at {at_mark['done']:,} done, "
+            f"{at_mark['VmRSS'] / 1024:.0f} MB at {at_mark['started']:,} started, "
             f"{summary['VmRSS'] / 1024:.0f} MB at {n:,}; peak {summary['VmHWM'] / 1024:.0f} MB;"
             f" {n / summary['seconds']:,.0f} tasks/s"
         )

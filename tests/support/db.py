@@ -67,11 +67,14 @@ async def _read_and_keep(
 ) -> list[asyncpg.Record]:
     try:
         rows = list(await conn.fetch(sql, *args))
-    except _GONE:
-        conn.terminate()
+    except asyncpg.PostgresError as exc:
+        if isinstance(exc, _GONE):
+            conn.terminate()
+        else:
+            _keep(conn, url)  # an error in the SQL leaves the connection as good as it was
         raise
     except BaseException:
-        _keep(conn, url)  # an error in the SQL leaves the connection as good as it was
+        conn.terminate()  # lost, or cancelled mid-read: not to be used again
         raise
     _keep(conn, url)
     return rows

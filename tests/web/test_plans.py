@@ -61,17 +61,14 @@ SELECT md5('t' || i)::uuid,
        CASE WHEN s.status = 'failed' THEN 'upstream timeout after 30s (' || (i % 97) || ')' END,
        CASE WHEN s.status IN ('completed', 'failed', 'running') THEN 1 ELSE 0 END,
        3,
-       created + CASE WHEN s.status = 'pending' AND i % 2 = 0
-                      THEN interval '30 days' ELSE interval '0' END,
+       d.due,
        created,
        CASE WHEN s.status NOT IN ('pending') THEN created + interval '1 second' END,
        CASE WHEN s.status IN ('completed', 'failed', 'cancelled')
             THEN created + interval '3 seconds' END,
        CASE WHEN s.status = 'running' THEN 'worker-' || (i % 5) END,
        CASE WHEN s.status = 'running' THEN now() + interval '30 seconds' END,
-       '',
-       created + CASE WHEN s.status = 'pending' AND i % 2 = 0
-                      THEN interval '30 days' ELSE interval '0' END
+       '', d.due  -- priority 0: the due rank is the due time
 FROM generate_series(0, :n - 1) AS i,
      LATERAL (SELECT now() - (:n - i) * interval '864 milliseconds' AS created) AS c,
      LATERAL (SELECT CASE
@@ -81,7 +78,9 @@ FROM generate_series(0, :n - 1) AS i,
          WHEN i % 1000 < 970 THEN 'pending'
          WHEN i % 1000 < 990 THEN 'waiting'
          WHEN i % 250000 < 10000 THEN 'running'
-         ELSE 'completed' END AS status) AS s
+         ELSE 'completed' END AS status) AS s,
+     LATERAL (SELECT created + CASE WHEN s.status = 'pending' AND i % 2 = 0
+                                    THEN interval '30 days' ELSE interval '0' END AS due) AS d
 """,
     """
 INSERT INTO task_attempts (task_id, run, attempt, worker_id, started_at, finished_at, outcome,
