@@ -12,6 +12,7 @@ from uuid import UUID
 import asyncpg
 
 from persistence import pg
+from persistence.errors import CONNECTION_ERRORS
 
 T = TypeVar("T")
 
@@ -23,15 +24,6 @@ T = TypeVar("T")
 # open their own.
 _reusing: set[asyncio.AbstractEventLoop] = set()
 _kept: dict[tuple[asyncio.AbstractEventLoop, str], asyncpg.Connection] = {}
-# What a kept connection raises once its backend is gone (terminated, restarted, dropped with
-# its database): the read is made again on a new connection, as it always was.
-_GONE = (
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.AdminShutdownError,
-    ConnectionError,
-)
 
 
 @contextlib.asynccontextmanager
@@ -57,7 +49,9 @@ async def query(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
             await conn.close()
     kept = _kept.pop((loop, url), None)  # taken while in use: concurrent reads open their own
     if kept is not None and not kept.is_closed():
-        with contextlib.suppress(*_GONE):
+        # Its backend gone (terminated, restarted, dropped with its database): the read is made
+        # again on a new connection, as it always was.
+        with contextlib.suppress(*CONNECTION_ERRORS):
             return await _read_and_keep(kept, url, sql, args)
     return await _read_and_keep(await pg.connect(url), url, sql, args)
 
@@ -67,14 +61,11 @@ async def _read_and_keep(
 ) -> list[asyncpg.Record]:
     try:
         rows = list(await conn.fetch(sql, *args))
-    except asyncpg.PostgresError as exc:
-        if isinstance(exc, _GONE):
-            conn.terminate()
-        else:
+    except BaseException as exc:
+        if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, CONNECTION_ERRORS):
             _keep(conn, url)  # an error in the SQL leaves the connection as good as it was
-        raise
-    except BaseException:
-        conn.terminate()  # lost, or cancelled mid-read: not to be used again
+        else:
+            conn.terminate()  # lost, or cancelled mid-read: not to be used again
         raise
     _keep(conn, url)
     return rows
